@@ -1,0 +1,37 @@
+# mmfusion: `make demo` runs the main job, `make test` runs every check; both build .venv from nothing.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+export HF_HUB_OFFLINE := 1
+export MPLBACKEND := Agg
+export PYTHONHASHSEED := 0
+
+.PHONY: install install-dev demo test data docs clean-venv
+
+$(VENV)/.installed: setup.py settings.ini
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(VENV)/bin/mmfusion demo --root data --out runs/demo
+
+data: install
+	$(VENV)/bin/mmfusion data generate --root data
+
+test: install-dev
+	$(VENV)/bin/nbdev_export
+	@if [ -n "$$(git status --porcelain -- mmfusion)" ]; then echo "nbdev_export changed mmfusion/ (the library and the notebooks disagree):"; git status --short -- mmfusion; exit 1; fi
+	$(VENV)/bin/nbdev_clean
+	@if [ -n "$$(git status --porcelain -- nbs)" ]; then echo "nbdev_clean changed nbs/ (notebooks are not clean):"; git status --short -- nbs; exit 1; fi
+	$(VENV)/bin/nbdev_test --n_workers 2
+	$(VENV)/bin/pytest tests/ -p no:cacheprovider
