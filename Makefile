@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
-.PHONY: install install-dev demo test data docs clean-venv
+.PHONY: install install-dev demo test data readme
 
 $(VENV)/.installed: setup.py settings.ini
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,6 @@ test: install-dev
 	@if [ -n "$$(git status --porcelain -- nbs)" ]; then echo "nbdev_clean changed nbs/ (notebooks are not clean):"; git status --short -- nbs; exit 1; fi
 	$(VENV)/bin/nbdev_test --n_workers 2
 	$(VENV)/bin/pytest tests/ -p no:cacheprovider
+
+readme: install-dev
+	$(PY) .ci/render_readme.py
