@@ -33,7 +33,7 @@ test: install-dev
 	@if [ -n "$$(git status --porcelain -- mmfusion)" ]; then echo "nbdev_export changed mmfusion/ (the library and the notebooks disagree):"; git status --short -- mmfusion; exit 1; fi
 	$(VENV)/bin/nbdev_clean
 	@if [ -n "$$(git status --porcelain -- nbs)" ]; then echo "nbdev_clean changed nbs/ (notebooks are not clean):"; git status --short -- nbs; exit 1; fi
-	$(VENV)/bin/nbdev_test --n_workers 2
+	OMP_NUM_THREADS=1 $(VENV)/bin/nbdev_test --n_workers 2
 	$(VENV)/bin/pytest tests/ -p no:cacheprovider
 
 readme: install-dev

@@ -4,30 +4,17 @@
 
 # %% ../nbs/09_cli.ipynb #3c8dc8b4
 from __future__ import annotations
-import argparse, os, sys, tempfile, time
+import argparse, sys, tempfile, time
 from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 from .data import SAMPLE_SETS, make_sample_data, sample_splits, show_sample, summarize_splits
+from .evaluation import write_figure
 
 # %% auto #0
-__all__ = ['save_figure', 'data_summary', 'demo', 'main']
+__all__ = ['data_summary', 'demo', 'main']
 
 # %% ../nbs/09_cli.ipynb #88df9607
-def save_figure(fig, path) -> Path:
-    "Save a matplotlib figure atomically (temporary file in the same folder, then rename) and close it"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches='tight')
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp): os.remove(tmp)
-    return path
-
 def data_summary(root='data', # folder holding the sample datasets (night, weld, inspection, solar)
                  out='runs/data', # where the pictures go
                  names=tuple(SAMPLE_SETS), # which sample sets to summarise
@@ -42,7 +29,7 @@ def data_summary(root='data', # folder holding the sample datasets (night, weld,
         text = summarize_splits(splits)
         train = next(iter(splits.values()))
         fig = show_sample(train[0], list(train.modalities), train.class_names)
-        pic = save_figure(fig, Path(out)/f"{name}.png")
+        pic = write_figure(fig, Path(out)/f"{name}.png")
         results[name] = (text, pic)
         if verbose: print(f"{name} ({root/SAMPLE_SETS[name]}, {time.time() - t0:.1f}s)\n{text}\n  picture: {pic}\n", flush=True)
     if not results: raise FileNotFoundError(f"no sample dataset ({', '.join(names)}) under {root}; create them with `mmfusion data generate --root {root}`")

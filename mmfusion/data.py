@@ -300,7 +300,7 @@ def tiny_dataset(n:int=48, # number of samples (classes cycle 0, 1, 2)
     audio = g.normal(0, 1, (n, 1, 16, 24)).astype('f4')
     present = {'audio': [i % 6 != 5 for i in range(n)]}
     return from_arrays({'image': img, 'audio': audio, 'series': series, 'tabular': tab}, y.tolist(),
-                       ids=[f"tiny_{i:03d}" for i in range(n)], present=present, class_names=['square', 'fast_wave', 'both'],
+                       ids=[f"tiny{seed}_{i:03d}" for i in range(n)], present=present, class_names=['square', 'fast_wave', 'both'],
                        name=f'tiny(seed={seed})')
 
 # %% ../nbs/00_data.ipynb #347e415f

@@ -6,15 +6,15 @@
 from __future__ import annotations
 import copy, fnmatch, os, pickle, tempfile
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
 from .encoders import ENCODERS, Encoder, EncoderOutput, Registry
 from .fusion import FUSIONS
 
 # %% auto #0
 __all__ = ['HEADS', 'ClassificationHead', 'RegressionHead', 'EmbeddingHead', 'IdentityHead', 'MultiTaskHead', 'ModelOutput',
-           'MultiModalModel', 'build_model', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'save_model',
-           'load_model']
+           'MultiModalModel', 'build_model', 'CheckpointError', 'atomic_write', 'save_checkpoint', 'load_checkpoint',
+           'save_model', 'load_model']
 
 # %% ../nbs/03_model.ipynb #ab697f68
 HEADS = Registry('head')
@@ -189,22 +189,27 @@ def build_model(cfg:Mapping, # {'encoders': {modality: cfg}, 'fusion': cfg, 'hea
 class CheckpointError(RuntimeError):
     "A checkpoint that cannot or must not be loaded"
 
-def save_checkpoint(obj:Mapping, # tensors and plain containers only
-                    path, # destination; its folder is created
-                   ) -> Path:
-    "Write `obj` with `torch.save` atomically: a temporary file in the same folder, flushed, then renamed over `path`"
+def atomic_write(path, # the file to (re)write; its folder is created
+                 write:Callable, # `write(tmp_path)` writes the whole content to the temporary path it is given
+                ) -> Path:
+    "Write a file through a temporary file in the same folder, flushed to disk, then `os.replace`d onto `path`"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix='.tmp', dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush(); os.fsync(f.fileno())
+        write(tmp)
+        with open(tmp, 'rb+') as f: os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp): os.remove(tmp)
-        raise
     return path
+
+def save_checkpoint(obj:Mapping, # tensors and plain containers only
+                    path, # destination
+                   ) -> Path:
+    "Write `obj` with `torch.save` atomically (see `atomic_write`): a crash mid-write leaves the previous file intact"
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 def load_checkpoint(path, # checkpoint file
                     map_location='cpu', # where tensors go

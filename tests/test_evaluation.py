@@ -1,0 +1,219 @@
+"Checks of mmfusion.evaluation: written files exist and parse, numbers are finite and consistent, NaN is an error, writes are atomic"
+import json, math, os, warnings
+from pathlib import Path
+
+import numpy as np, pandas as pd, pytest, torch, torch.nn as nn, torch.nn.functional as F
+from sklearn import metrics as skm
+
+from mmfusion.data import MultiModalDataset, sample_splits, tiny_dataset
+from mmfusion.encoders import TINY_CONFIGS
+from mmfusion.evaluation import (ConvAutoencoder, NonFiniteError, Predictions, anomaly_metrics, atomic_write, bootstrap_ci,
+                                 classification_metrics, collect, evaluate_model, evaluate_predictions, fit_autoencoder,
+                                 headline_metric, knn_predict, mask_modalities, measure_speed, modality_ablation,
+                                 regression_metrics, select_threshold, write_json, write_report)
+from mmfusion.model import build_model
+
+DATA = Path(__file__).resolve().parents[1]/'data'
+ENCODERS_CFG = {'image': TINY_CONFIGS['small_cnn'], 'audio': {'name': 'small_cnn', 'in_channels': 1, 'widths': [8]},
+                'series': TINY_CONFIGS['series_cnn'], 'tabular': TINY_CONFIGS['tabular_mlp']}
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    "Tiny models run fastest on one thread, and several threads on a busy machine slow them tenfold"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def finite_numbers(obj):
+    "Every number in a parsed JSON document"
+    if isinstance(obj, dict): return [x for v in obj.values() for x in finite_numbers(v)]
+    if isinstance(obj, list): return [x for v in obj for x in finite_numbers(v)]
+    return [obj] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
+
+
+@pytest.fixture(scope='module')
+def splits():
+    full = tiny_dataset(78)
+    part = lambda recs, name: MultiModalDataset(recs, list(full.modalities.values()), full.task, full.class_names, name=name)
+    return part(full.records[:48], 'train'), part(full.records[48:], 'test')
+
+
+def trained(head, splits, loss):
+    torch.manual_seed(0)
+    model = build_model({'encoders': ENCODERS_CFG, 'fusion': {'name': 'concat', 'dim': 16}, 'head': head})
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for epoch in range(8):
+        for b in splits[0].loader(batch_size=16, shuffle=True, seed=epoch):
+            l = loss(model(b['inputs'], b['present'], b['masks']).output, b['target'])
+            opt.zero_grad(); l.backward(); opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope='module')
+def classifier(splits):
+    return trained({'name': 'classification', 'n_classes': 3}, splits, F.cross_entropy)
+
+
+def loaders(splits):
+    return {'train': splits[0].loader(batch_size=8), 'test': splits[1].loader(batch_size=8)}
+
+
+def no_temp_files(d:Path):
+    return [p.name for p in d.rglob('*') if p.name.startswith('.') or p.suffix == '.tmp']
+
+
+def test_classification_report_files_parse_and_agree(classifier, splits, tmp_path):
+    m = evaluate_model(classifier, loaders(splits), 'classification', tmp_path, n_boot=100, checkpoint='best.pt',
+                       config_hash='abc123', progress=False)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {'metrics.json', 'summary.md', 'predictions.csv', 'confusion.png', 'ablation.png'} <= names
+    assert no_temp_files(tmp_path) == []
+    saved = json.loads((tmp_path/'metrics.json').read_text())  # strict JSON: NaN would not parse back as a number
+    assert all(math.isfinite(x) for x in finite_numbers(saved))
+    n = len(splits[1])
+    cm = np.array(saved['metrics']['confusion'])
+    assert cm.sum() == n and saved['metrics']['n'] == n
+    assert sum(c['support'] for c in saved['metrics']['per_class'].values()) == n
+    assert saved['split_sizes'] == {'train': 48, 'test': 30}
+    assert (saved['checkpoint'], saved['config_hash']) == ('best.pt', 'abc123') and saved['timestamp']
+    assert saved['metrics']['accuracy'] == pytest.approx(np.trace(cm) / n)
+    head = saved['metrics']['headline']
+    assert head['name'] == 'f1_macro' and head['low'] <= head['value'] <= head['high']
+    ablation = pd.DataFrame(saved['metrics']['ablation']).set_index('setting')
+    assert len(ablation) == 9 and ablation.loc['all', 'change'] == 0
+    assert ablation.loc['all', 'metric'] == pytest.approx(head['value'])
+    speed = saved['metrics']['speed']
+    assert speed['latency_ms']['median'] > 0 and speed['throughput']['median'] > 0
+    preds = pd.read_csv(tmp_path/'predictions.csv')
+    assert len(preds) == n and set(preds['id']) == {r.id for r in splits[1].records}
+    assert (preds['predicted'] == preds['target']).mean() == pytest.approx(saved['metrics']['accuracy'])
+    for png in saved['figures']: assert (tmp_path/png).read_bytes()[:4] == b'\x89PNG'
+    summary = (tmp_path/'summary.md').read_text()
+    assert 'f1_macro' in summary and '![confusion](confusion.png)' in summary and 'abc123' in summary
+    assert m['accuracy'] == saved['metrics']['accuracy']
+
+
+def test_embedding_task_uses_knn_on_train(splits, tmp_path):
+    def first_dims_as_logits(out, y): return F.cross_entropy(out[:, :3] * 10, y)  # pulls the classes apart
+    model = trained({'name': 'embedding', 'dim': 8}, splits, first_dims_as_logits)
+    m = evaluate_model(model, loaders(splits), 'embedding', tmp_path, k=5, knn_metric='euclidean', n_boot=50, speed=False, progress=False)
+    assert (m['k'], m['metric']) == (5, 'euclidean')
+    assert np.array(m['confusion']).sum() == len(splits[1])
+    assert (tmp_path/'embeddings.png').exists() and no_temp_files(tmp_path) == []
+
+
+def test_knn_refuses_a_sample_in_both_splits():
+    X = np.random.default_rng(0).normal(size=(6, 3))
+    with pytest.raises(ValueError, match='in both train and test'):
+        knn_predict(X, [0, 1, 0, 1, 0, 1], X[:2], k=3, train_ids=list('abcdef'), test_ids=['a', 'z'])
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_classification_matches_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    y, s = rng.integers(0, 4, 50), rng.normal(size=(50, 4))
+    m, p = classification_metrics(y, s), s.argmax(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        assert m['f1_macro'] == pytest.approx(skm.f1_score(y, p, average='macro', zero_division=0))
+        assert m['recall_weighted'] == pytest.approx(skm.recall_score(y, p, average='weighted', zero_division=0))
+        assert m['balanced_accuracy'] == pytest.approx(skm.balanced_accuracy_score(y, p))
+    if len(set(y)) == 4:
+        probs = np.exp(s) / np.exp(s).sum(1, keepdims=True)
+        assert m['roc_auc_ovr'] == pytest.approx(skm.roc_auc_score(y, probs, multi_class='ovr'))
+
+
+def test_nan_scores_and_thresholds_raise():
+    s, y = np.array([.1, .4, .35, .8]), np.array([0, 0, 1, 1])
+    with pytest.raises(NonFiniteError, match='anomaly threshold'): anomaly_metrics(s, y, {'threshold': float('nan')})
+    with pytest.raises(NonFiniteError, match='anomaly threshold'): anomaly_metrics(s, y, float('inf'))
+    with pytest.raises(NonFiniteError, match="samples \\['c'\\]"): anomaly_metrics([.1, .4, np.nan, .8], y, .3, ids=list('abcd'))
+    with pytest.raises(NonFiniteError): select_threshold([.1, np.nan, .3])
+    bad = Predictions(y, np.array([.1, np.nan, .35, .8]), list('abcd'))
+    with pytest.raises(NonFiniteError): evaluate_predictions('anomaly', bad, threshold=.3, n_boot=0)
+    with pytest.raises(NonFiniteError, match='classification outputs'): classification_metrics([0, 1], [[0., np.nan], [1., 0.]])
+
+
+def test_report_with_nan_writes_nothing(tmp_path):
+    with pytest.raises(NonFiniteError, match='metrics.r2 is nan'): write_report(tmp_path/'out', {'mae': .1, 'r2': float('nan')})
+    assert not (tmp_path/'out').exists() or list((tmp_path/'out').iterdir()) == []
+
+
+def test_atomic_write_keeps_old_file_and_leaves_no_temp(tmp_path):
+    path = write_json({'accuracy': .9}, tmp_path/'metrics.json')
+    def crash(tmp): Path(tmp).write_text('{"acc'); raise RuntimeError('disk full')
+    with pytest.raises(RuntimeError): atomic_write(path, crash)
+    assert json.loads(path.read_text()) == {'accuracy': .9}
+    assert sorted(os.listdir(tmp_path)) == ['metrics.json']
+
+
+def test_regression_collapse_is_flagged_and_written(tmp_path):
+    y = np.linspace(-3, 3, 40)[:, None]
+    const = Predictions(y, np.full_like(y, -.2), [str(i) for i in range(40)])
+    with pytest.warns(UserWarning, match='barely vary'):
+        m, figs = evaluate_predictions('regression', const, output_names=['dst'], n_boot=100)
+    assert m['collapsed_outputs'] == ['dst'] and m['per_output']['dst']['pearson_r'] is None
+    assert m['mae'] == pytest.approx(np.abs(y + .2).mean())
+    write_report(tmp_path, m, figs)
+    assert json.loads((tmp_path/'metrics.json').read_text())['metrics']['pearson_r'] is None
+
+
+def test_bootstrap_is_seeded():
+    y, p = np.arange(40) % 3, (np.arange(40) * 7) % 3
+    acc = lambda a, b: (a == b).mean()
+    assert bootstrap_ci(acc, y, p, n_boot=300, seed=1) == bootstrap_ci(acc, y, p, n_boot=300, seed=1)
+    assert bootstrap_ci(acc, y, p, n_boot=300, seed=1) != bootstrap_ci(acc, y, p, n_boot=300, seed=2)
+
+
+class ImageOnly(nn.Module):
+    "Uses the image alone; the other modalities must not matter"
+    modalities = ['image', 'audio', 'series', 'tabular']
+    def __init__(self):
+        super().__init__(); self.lin = nn.Linear(3, 3)
+    def forward(self, inputs, present, masks=None):
+        return self.lin(inputs['image'].mean((2, 3)) * present[:, :1])
+
+
+def test_ablation_of_an_ignored_modality_changes_nothing(splits):
+    torch.manual_seed(0)
+    table = modality_ablation(ImageOnly(), splits[1].loader(batch_size=8), headline_metric('classification', 'accuracy'))
+    for m in ('audio', 'series', 'tabular'): assert table.loc[f'without {m}', 'change'] == 0
+    assert table.loc['only image', 'metric'] == table.loc['all', 'metric']
+    b = next(iter(splits[1].loader(batch_size=4)))
+    assert not mask_modalities(b, ['image'])['present'][:, 0].any() and mask_modalities(b, ['image'])['inputs']['image'].abs().sum() == 0
+
+
+def test_speed_numbers_are_ordered(classifier, splits):
+    b = next(iter(splits[1].loader(batch_size=4)))
+    s = measure_speed(classifier, b, batch_size=8, n_warmup=1, n_runs=5)
+    for part in (s['latency_ms'], s['throughput']): assert 0 < part['p10'] <= part['median'] <= part['p90']
+    assert s['throughput']['batch_size'] == 8 and not classifier.training
+
+
+def test_reference_autoencoder_finds_defects_and_keeps_its_threshold(tmp_path):
+    anom = sample_splits('inspection_anomaly', DATA)
+    torch.manual_seed(0)
+    ae = ConvAutoencoder()
+    losses = fit_autoencoder(ae, anom['train'].loader(batch_size=8, shuffle=True), epochs=25)
+    assert all(math.isfinite(l) for l in losses) and losses[-1] < losses[0]
+    lo = {s: anom[s].loader(batch_size=16) for s in ('train', 'test')}
+    m = evaluate_model(ae, lo, 'anomaly', tmp_path, n_boot=100, progress=False)  # threshold: 95th percentile of train scores
+    assert m['roc_auc'] > 0.8 and m['threshold_rule']['method'] == 'percentile'
+    assert m['n'] == len(anom['test']) and {'metrics.json', 'anomaly.png', 'summary.md'} <= {p.name for p in tmp_path.iterdir()}
+    ae.threshold = m['threshold_rule']
+    ae2 = ConvAutoencoder(); ae2.load_state_dict(ae.state_dict())
+    assert ae2.threshold == ae.threshold
+
+
+def test_collect_keeps_rows_aligned_and_restores_mode(classifier, splits):
+    classifier.train()
+    a = collect(classifier, splits[1].loader(batch_size=8), progress=False)
+    b = collect(classifier, splits[1].loader(batch_size=8, shuffle=True, seed=3), keep_fused=True, progress=False)
+    assert classifier.training
+    classifier.eval()
+    order = [b.ids.index(i) for i in a.ids]
+    assert np.array_equal(b.targets[order], a.targets) and np.allclose(b.outputs[order], a.outputs, atol=1e-5)
+    assert b.fused.shape == (len(splits[1]), 16) and a.fused is None
