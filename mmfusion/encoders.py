@@ -17,9 +17,9 @@ from ultralytics.nn.tasks import DetectionModel, torch_safe_load, yaml_model_loa
 # %% auto #0
 __all__ = ['ENCODERS', 'COMMON_PREFIXES', 'TINY_DINOV2', 'TINY_AST', 'TINY_VJEPA2', 'TINY_CONFIGS', 'Registry', 'EncoderOutput',
            'Encoder', 'check_encoder', 'SmallCNN', 'SeriesTransformer', 'SeriesCNN', 'TabularMLP', 'ConvLSTM',
-           'PrecomputedEmbedding', 'ImageSetEncoder', 'StateDictReport', 'load_state_dict_matching', 'TorchvisionCNN',
-           'load_yolo_model', 'YOLOBackbone', 'PretrainedUnavailableError', 'load_hf_model', 'HFEncoder',
-           'Dinov2Encoder', 'ASTEncoder', 'VJEPA2Encoder']
+           'PrecomputedEmbedding', 'Standardized', 'ImageSetEncoder', 'StateDictReport', 'load_state_dict_matching',
+           'TorchvisionCNN', 'load_yolo_model', 'YOLOBackbone', 'PretrainedUnavailableError', 'load_hf_model',
+           'HFEncoder', 'Dinov2Encoder', 'ASTEncoder', 'VJEPA2Encoder']
 
 # %% ../nbs/01_encoders.ipynb #4f2f3c98
 class Registry:
@@ -307,6 +307,21 @@ class PrecomputedEmbedding(Encoder):
         if x.shape[-1] != self.in_dim: raise ValueError(f"embeddings are {x.shape[-1]} wide, expected in_dim={self.in_dim}")
         tokens = self.proj(x.unsqueeze(1) if x.ndim == 2 else x)
         return EncoderOutput(tokens, _masked_mean(tokens, mask), mask)
+
+# %% ../nbs/01_encoders.ipynb #67ba5579
+@ENCODERS.register('standardize')
+class Standardized(Encoder):
+    "Standardise the input per channel with fixed statistics (fitted on the training split), then run the wrapped encoder"
+    def __init__(self, encoder:Mapping|Encoder, # the encoder to feed (a config or a module)
+                 mean:Sequence[float], std:Sequence[float], # per-channel statistics
+                 channel_dim:int=-1): # channel axis: -1 for series (B, T, C) and tabular, -3 for images (..., C, H, W)
+        super().__init__()
+        self.encoder = encoder if isinstance(encoder, nn.Module) else ENCODERS.build(encoder)
+        shape = [-1] + [1] * (-channel_dim - 1)
+        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(shape))
+        self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(shape))
+        self.out_dim = self.encoder.out_dim
+    def forward(self, x, mask=None): return self.encoder((x - self.mean) / self.std, mask)
 
 # %% ../nbs/01_encoders.ipynb #22a36915
 @ENCODERS.register('image_set')
@@ -700,4 +715,5 @@ TINY_CONFIGS = {
     'dinov2': {'name': 'dinov2', 'config': TINY_DINOV2},
     'ast': {'name': 'ast', 'config': TINY_AST},
     'vjepa2': {'name': 'vjepa2', 'config': TINY_VJEPA2},
+    'standardize': {'name': 'standardize', 'encoder': {'name': 'series_cnn', 'in_channels': 4, 'dim': 16}, 'mean': [0.] * 4, 'std': [2.] * 4},
 }  # name -> tiny config of every registered encoder

@@ -91,7 +91,11 @@ class MultiModalModel(nn.Module):
                 present:torch.Tensor|None=None, # (B, M) presence mask; default: a modality is present when it is in `inputs`
                 masks:Mapping|None=None, # modality -> (B, T) padding mask
                ) -> ModelOutput:
-        if 'inputs' in inputs: inputs, present, masks = inputs['inputs'], inputs['present'], inputs.get('masks')
+        if 'inputs' in inputs:  # a batch dict: take its `present` columns by modality name
+            batch, inputs, present, masks = inputs, inputs['inputs'], inputs['present'], inputs.get('masks')
+            cols = list(batch.get('modalities') or self.modalities)
+            if cols != self.modalities:
+                present = torch.stack([present[:, cols.index(m)] if m in cols else present.new_zeros(len(present)) for m in self.modalities], 1)
         masks = masks or {}
         encoded = {m: enc(inputs[m], masks.get(m)) for m, enc in self.encoders.items() if m in inputs}
         if not encoded: raise ValueError(f"no input for any modality of this model ({self.modalities}); got {list(inputs)}")

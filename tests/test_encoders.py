@@ -32,6 +32,7 @@ def tiny_input(name, batch):
         'dinov2': (torch.rand(2, 3, 28, 28), None),
         'ast': (inp['audio'], None),
         'vjepa2': (torch.rand(2, 4, 3, 32, 32), None),
+        'standardize': (inp['series'], masks['series']),
     }[name]
 
 

@@ -1,0 +1,262 @@
+"Positive controls for mmfusion.diagnosis: each check flags a purpose-built broken model or dataset, and a healthy model gets no problem"
+import json
+
+import numpy as np, pytest, torch, torch.nn as nn
+
+from mmfusion.data import MultiModalDataset, StratifiedBatchSampler, TINY_TABULAR, tiny_dataset
+from mmfusion.diagnosis import (CHECKS, as_batches, channel_importance, class_balance, contrastive_batches, default_loss, diagnose,
+                                diagnose_run, feature_magnitudes, finite_inputs, fusion_attention, gradient_flow, lr_schedule,
+                                modality_contribution, output_dependence, saliency, shapley_values, solar_toy_dataset, split_leakage,
+                                temporal_behaviour)
+from mmfusion.model import build_model
+
+TINY_CFG = {'encoders': {'image': {'name': 'small_cnn', 'in_channels': 3, 'widths': [8, 16]},
+                         'audio': {'name': 'small_cnn', 'in_channels': 1, 'widths': [4]},
+                         'series': {'name': 'series_transformer', 'in_channels': 4, 'dim': 8, 'heads': 2, 'depth': 1, 'dropout': 0.0},
+                         'tabular': {'name': 'tabular_mlp', **TINY_TABULAR, 'dim': 8, 'hidden': 16}},
+            'fusion': {'name': 'concat', 'dim': 16}, 'head': {'name': 'classification', 'n_classes': 3},
+            'aux_heads': {'weight': 0.3}}
+SOLAR_CFG = {'encoders': {'frames': {'name': 'conv_lstm', 'in_channels': 3, 'hidden': 8},
+                          'wind': {'name': 'series_transformer', 'in_channels': 4, 'dim': 8, 'heads': 2, 'depth': 1, 'dropout': 0.0}},
+             'fusion': {'name': 'concat', 'dim': 16}, 'head': {'name': 'regression', 'n_outputs': 1}}
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def fit(model, ds, epochs, lr=1e-2, seed=0):
+    "A few epochs of AdamW with the library's default loss (main + auxiliary heads)"
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for b in ds.loader(batch_size=8, shuffle=True, seed=seed):
+            opt.zero_grad(); default_loss(model(b), b).backward(); opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope='module')
+def healthy():
+    torch.manual_seed(0)
+    return fit(build_model(TINY_CFG), tiny_dataset(48), 12)
+
+
+@pytest.fixture(scope='module')
+def tiny_batches():
+    return as_batches(tiny_dataset(24, seed=2), batch_size=12)
+
+
+@pytest.fixture(scope='module')
+def solar():
+    return as_batches(solar_toy_dataset(16, steps=5, seed=1), batch_size=8)
+
+
+def solar_model(seed=0):
+    torch.manual_seed(seed)
+    return build_model(SOLAR_CFG).eval()
+
+
+@pytest.fixture(scope='module')
+def solar_trained():
+    return fit(solar_model(), solar_toy_dataset(32), 15, lr=3e-3)
+
+
+def by(findings, check, subject=None):
+    return [f for f in findings if f.check == check and (subject is None or f.subject == subject)]
+
+
+def severity(findings, check, subject=None):
+    fs = by(findings, check, subject)
+    assert fs, f"no {check} finding for {subject}"
+    return max((f.severity for f in fs), key=['ok', 'warning', 'problem'].index)
+
+
+# --- negative control
+def test_healthy_model_has_no_problem(healthy, tiny_batches):
+    d = diagnose(healthy, tiny_batches, splits={'train': tiny_dataset(48), 'test': tiny_dataset(24, seed=2)}, train_labels=tiny_dataset(48).targets)
+    print(d)
+    assert not d.problems, repr(d)
+    checks = {f.check for f in d.findings}
+    assert {'output_dependence', 'modality_contribution', 'feature_magnitude', 'gradient_flow', 'temporal', 'channel_importance',
+            'saliency', 'finite_inputs', 'class_balance', 'split_leakage'} <= checks
+    assert all(np.isfinite(f.evidence.get('score_all', 0.)) for f in d.findings)
+
+
+# --- 1. constant output
+def test_constant_regressor_flagged(solar, solar_trained):
+    m = solar_model(); m.load_state_dict(solar_trained.state_dict())  # a copy (deepcopy fails on the ConvLSTM's kept hidden states)
+    with torch.no_grad(): m.head.net[-1].weight.zero_()  # the output is the bias: the same for every input
+    f = output_dependence(m, solar)[0]
+    assert f.severity == 'problem' and f.evidence['spread_ratio'] < 1e-6 and f.evidence['swap_change'] < 1e-6
+    assert severity(output_dependence(solar_trained, solar), 'output_dependence') == 'ok'
+
+
+# --- 2. modality contribution
+def test_dropped_modality_flagged(healthy, tiny_batches):
+    h = healthy.fusion.register_forward_pre_hook(lambda mod, args: ({k: v for k, v in args[0].items() if k != 'image'}, *args[1:]))
+    try:
+        fs = modality_contribution(healthy, tiny_batches)
+    finally: h.remove()
+    img = by(fs, 'modality_contribution', 'image')[0]
+    assert img.severity == 'problem' and abs(img.evidence['shapley']) < 1e-9
+    assert all(abs(v) < 1e-9 for v in img.evidence['drop'].values())
+    assert severity(modality_contribution(healthy, tiny_batches), 'modality_contribution', 'image') == 'ok'
+
+
+def test_shapley_is_exact_on_an_additive_game():
+    w = {'a': 1., 'b': 2., 'c': 0.}
+    phi = shapley_values(lambda S: sum(w[p] for p in S) + (3. if {'a', 'b'} <= S else 0.), list(w))
+    assert phi == pytest.approx({'a': 2.5, 'b': 3.5, 'c': 0.})
+
+
+# --- 3. feature magnitude
+def test_feature_imbalance_flagged(solar):
+    m = solar_model()
+    m.encoders['wind'].register_forward_hook(lambda mod, i, o: o._replace(tokens=o.tokens * 1000, pooled=o.pooled * 1000))
+    f = feature_magnitudes(m, solar)[0]
+    assert f.severity == 'problem' and f.subject == 'frames' and f.evidence['ratio'] > 100
+    normed = build_model({**SOLAR_CFG, 'fusion': {'name': 'concat', 'dim': 16, 'norm_before_fusion': True}}).eval()
+    normed.encoders['wind'].register_forward_hook(lambda mod, i, o: o._replace(tokens=o.tokens * 1000, pooled=o.pooled * 1000))
+    assert feature_magnitudes(normed, solar)[0].severity == 'ok'
+
+
+# --- 4. gradient flow
+def test_frozen_by_mistake_flagged(tiny_batches):
+    torch.manual_seed(0); m = build_model(TINY_CFG)
+    for p in m.encoders['image'].parameters(): p.requires_grad_(False)
+    f = by(gradient_flow(m, tiny_batches), 'gradient_flow', 'image')[0]
+    assert f.severity == 'problem' and 'by mistake' in f.summary
+    torch.manual_seed(0); ok = build_model({**TINY_CFG, 'freeze': ['encoders.image']})
+    assert by(gradient_flow(ok, tiny_batches), 'gradient_flow', 'image')[0].severity == 'ok'
+
+
+def test_dead_encoder_flagged(tiny_batches):
+    torch.manual_seed(0); m = build_model({k: v for k, v in TINY_CFG.items() if k != 'aux_heads'})
+    m.fusion.register_forward_pre_hook(lambda mod, args: ({k: v for k, v in args[0].items() if k != 'image'}, *args[1:]))
+    f = by(gradient_flow(m, tiny_batches), 'gradient_flow', 'image')[0]
+    assert f.severity == 'problem' and f.evidence['no_grad_fraction'] == 1
+
+
+def test_gradient_check_leaves_grads_untouched(tiny_batches):
+    torch.manual_seed(0); m = build_model(TINY_CFG)
+    gradient_flow(m, tiny_batches)
+    assert all(p.grad is None for p in m.parameters())
+
+
+# --- 5. temporal
+class Forgetful(nn.Module):
+    "A ConvLSTM cell that starts from a zero state at every step: its output never depends on earlier steps"
+    def __init__(self, cell): super().__init__(); self.cell = cell
+    def forward(self, x, h, c): return self.cell(x, torch.zeros_like(h), torch.zeros_like(c))
+
+
+def test_convlstm_without_state_flagged(solar):
+    m = solar_model()
+    enc = m.encoders['frames']
+    enc.cells = nn.ModuleList(Forgetful(c) for c in enc.cells)
+    fs = temporal_behaviour(m, solar, 'frames')
+    assert any(f.severity == 'problem' and 'not carried' in f.summary for f in fs)
+    assert fs[0].evidence['memory'] < 1e-6
+    healthy = temporal_behaviour(solar_model(), solar, 'frames')
+    assert not [f for f in healthy if 'not carried' in f.summary] and healthy[0].evidence['memory'] > 0.01
+
+
+# --- 6. channels
+def test_unused_channel_flagged(solar, solar_trained):
+    m = solar_model(); m.load_state_dict(solar_trained.state_dict())  # a copy (deepcopy fails on the ConvLSTM's kept hidden states)
+    with torch.no_grad(): m.encoders['frames'].stem[0].weight[:, 2] = 0
+    f = channel_importance(m, solar, 'frames', ['193', '211', 'magnetogram'])[0]
+    assert f.severity == 'warning' and f.evidence['importance']['magnetogram'] == 0
+    assert channel_importance(solar_trained, solar, 'frames')[0].severity == 'ok'
+
+
+# --- 7. saliency
+def test_fixed_saliency_flagged(healthy, tiny_batches):
+    ramp = torch.linspace(0, 1, 16).expand(16, 16)
+    h = healthy.encoders['image'].body.register_forward_pre_hook(lambda mod, args: (ramp.expand_as(args[0]).clone() + 0 * args[0],))
+    try: f = saliency(healthy, tiny_batches, 'image')[0]
+    finally: h.remove()
+    assert f.severity == 'problem' and f.evidence['correlation_across_inputs'] > 0.95
+    assert saliency(healthy, tiny_batches, 'image')[0].severity == 'ok'
+
+
+def test_gradcam_per_step_for_convlstm(solar):
+    f = saliency(solar_model(), solar, 'frames')[0]
+    assert f.evidence['map_shape'][0] == 5 and f.figures
+
+
+# --- 8. fusion attention
+def test_starved_attention_flagged(tiny_batches):
+    torch.manual_seed(0)
+    m = build_model({**TINY_CFG, 'fusion': {'name': 'weighted', 'dim': 16}}).eval()
+    with torch.no_grad(): m.fusion.weights['tabular'].fill_(-20.)
+    f = fusion_attention(m, tiny_batches)[0]
+    assert f.severity == 'warning' and f.subject == 'tabular'
+    assert m.fusion.return_attention is False  # restored
+    torch.manual_seed(0)
+    assert fusion_attention(build_model({**TINY_CFG, 'fusion': {'name': 'weighted', 'dim': 16}}), tiny_batches)[0].severity == 'ok'
+
+
+# --- 9. training set-up
+def test_supcon_batches_without_positives_flagged():
+    labels = np.repeat(np.arange(40), 2)
+    random_batches = np.random.default_rng(0).permutation(len(labels)).reshape(-1, 8).tolist()
+    assert contrastive_batches(labels, random_batches)[0].severity == 'problem'
+    stratified = StratifiedBatchSampler(labels, 8, k=2, seed=0).global_batches()
+    assert contrastive_batches(labels, stratified)[0].severity == 'ok'
+
+
+def test_leakage_flagged():
+    train, test = tiny_dataset(24, seed=0), tiny_dataset(12, seed=0)  # same seed: the test samples are train samples
+    f = split_leakage({'train': train, 'test': test})[0]
+    assert f.severity == 'problem' and f.evidence['shared_ids'] == 12
+    assert split_leakage({'train': train, 'test': tiny_dataset(12, seed=5)})[0].severity == 'ok'
+
+
+def test_balance_nan_and_schedule_flagged(tiny_batches):
+    assert class_balance([0] * 95 + [1] * 5)[0].severity == 'problem'
+    assert class_balance([0, 1, 2] * 10)[0].severity == 'ok'
+    bad = {**tiny_batches[0], 'inputs': {**tiny_batches[0]['inputs'], 'image': tiny_batches[0]['inputs']['image'].clone()}}
+    bad['inputs']['image'][3, 0, 0, 0] = float('nan')
+    f = finite_inputs([bad])[0]
+    assert f.severity == 'problem' and f.evidence['samples'] == [bad['ids'][3]]
+    assert finite_inputs(tiny_batches)[0].severity == 'ok'
+    flat = [{'epoch': e, 'lr': 1e-3} for e in range(5)]
+    assert lr_schedule(flat, {'name': 'cosine'})[0].severity == 'problem'
+    assert lr_schedule([{'epoch': e, 'lr': 1e-3 * (5 - e)} for e in range(5)], {'name': 'cosine'})[0].severity == 'ok'
+
+
+# --- 10. detection seam
+def test_detection_is_skipped_through_a_seam():
+    assert 'detection' in CHECKS
+    batch = {'inputs': {'x': torch.zeros(2, 3)}, 'present': torch.ones(2, 1, dtype=torch.bool), 'masks': {}, 'ids': ['a', 'b'],
+             'modalities': ['x'], 'target': [{'boxes': torch.zeros(0, 4)}] * 2}
+    d = diagnose(nn.Identity(), [batch])
+    assert [f.check for f in d.findings] == ['detection'] and d.findings[0].evidence['skipped']
+
+
+# --- reports
+def test_report_files(solar, solar_trained, tmp_path):
+    d = diagnose(solar_trained, solar, out=tmp_path, title='solar toy')
+    rec = json.loads((tmp_path/'findings.json').read_text())
+    assert rec['title'] == 'solar toy' and len(rec['findings']) == len(d.findings)
+    assert all(f['severity'] in ('ok', 'warning', 'problem') and 'evidence' in f and 'remedies' in f for f in rec['findings'])
+    page = (tmp_path/'report.html').read_text()
+    assert page.count('data:image/png;base64,') >= 3
+    md = (tmp_path/'report.md').read_text()
+    assert '## [' in md and all((tmp_path/l.split('(')[1].rstrip(')')).is_file() for l in md.splitlines() if l.startswith('!['))
+    assert not list(tmp_path.glob('.*.tmp'))  # atomic writes leave no temporary file
+
+
+def test_diagnose_run(tmp_path):
+    from mmfusion.training import train
+    run = train('configs/smoke.yaml', ['training.epochs=1', f'runs_dir={tmp_path}', 'training.tensorboard=false', 'training.progress=false'], verbose=False)
+    d = diagnose_run(run.dir, max_samples=24)
+    assert (run.dir/'diagnosis'/'findings.json').is_file() and (run.dir/'diagnosis'/'report.html').is_file()
+    checks = {f.check for f in d.findings}
+    assert {'lr_schedule', 'split_leakage', 'class_balance', 'gradient_flow'} <= checks
+    assert severity(d.findings, 'split_leakage') == 'ok'
