@@ -4,15 +4,18 @@
 
 # %% ../nbs/09_cli.ipynb #3c8dc8b4
 from __future__ import annotations
-import argparse, sys, tempfile, time
+import argparse, sys, time
+from typing import Sequence
 from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 from .data import SAMPLE_SETS, make_sample_data, sample_splits, show_sample, summarize_splits
-from .evaluation import write_figure
+from .evaluation import evaluate_run, write_figure
+from .training import add_train_arguments, train
+from .diagnosis import diagnose_run
 
 # %% auto #0
-__all__ = ['data_summary', 'demo', 'main']
+__all__ = ['SCENARIOS', 'data_summary', 'run_scenario', 'demo', 'main']
 
 # %% ../nbs/09_cli.ipynb #88df9607
 def data_summary(root='data', # folder holding the sample datasets (night, weld, inspection, solar)
@@ -36,14 +39,39 @@ def data_summary(root='data', # folder holding the sample datasets (night, weld,
     return results
 
 # %% ../nbs/09_cli.ipynb #99868548
+SCENARIOS = {'weld': 'configs/weld.yaml', 'inspection': 'configs/inspection.yaml', 'solar': 'configs/solar.yaml'}  # demo scenario -> config
+
+def run_scenario(config, # a YAML config
+                 root='data', # the sample datasets
+                 runs_dir='runs/demo', # where the run folder goes
+                 overrides:Sequence[str]=(), # more `key=value` config overrides
+                ) -> dict:
+    "Train, evaluate and diagnose one config end to end, printing the headline numbers; returns the run, metrics and diagnosis"
+    t0 = time.time()
+    run = train(config, [f'data.root={root}', f'runs_dir={runs_dir}', *overrides])
+    ev = evaluate_run(run.dir)
+    diag = diagnose_run(run.dir)
+    h, p = ev['headline'], run.metrics['primary']
+    print(f"\n{Path(config).stem}: held-out {h['name']} = {h['value']:.3f} (95% CI {h['low']:.3f}-{h['high']:.3f}); "
+          f"trivial baseline {p['baseline']:.3f}")
+    print(f"diagnosis: {len(diag.problems)} problem(s), {sum(f.severity == 'warning' for f in diag.findings)} warning(s)")
+    for f in diag.findings:
+        if f.severity != 'ok': print(f"  [{f.severity}] {f.check}: {f.summary}")
+    print(f"run folder: {run.dir}\n  evaluation: {run.dir/'eval'/'summary.md'}\n  diagnosis:  {run.dir/'diagnosis'/'report.html'}\n"
+          f"  ({time.time() - t0:.0f} s)", flush=True)
+    return {'run': run, 'evaluation': ev, 'diagnosis': diag}
+
 def demo(root='data', # sample datasets
          out='runs/demo', # where results go
+         scenario:str='weld', # a key of `SCENARIOS`, or 'all'
         ) -> dict:
-    "The main job: summarise every sample dataset and draw one sample of each"
+    "The main job: summarise the sample data, then train, evaluate and diagnose a scenario end to end"
+    names = list(SCENARIOS) if scenario == 'all' else [scenario]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown: raise ValueError(f"unknown scenario {unknown[0]!r}; choose from {list(SCENARIOS)} or 'all'")
     print(f"mmfusion demo: sample datasets in {Path(root).resolve()}\n", flush=True)
-    res = data_summary(root, out)
-    print(f"pictures written to {Path(out).resolve()}")
-    return res
+    data_summary(root, Path(out)/'data')
+    return {n: run_scenario(SCENARIOS[n], root, out) for n in names}
 
 # %% ../nbs/09_cli.ipynb #350b2965
 def _parser() -> argparse.ArgumentParser:
@@ -54,8 +82,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument('--root', default='data'); g.add_argument('--seed', type=int, default=0)
     s = d.add_parser('summary', help='print a summary and save a picture per dataset')
     s.add_argument('--root', default='data'); s.add_argument('--out', default='runs/data')
+    add_train_arguments(sub.add_parser('train', help='train a model from a YAML config (or resume a run)'))
+    e = sub.add_parser('evaluate', help='evaluate a run folder: RUN_DIR/eval/{metrics.json, summary.md, *.png}')
+    e.add_argument('run_dir'); e.add_argument('--split', default=None)
+    e.add_argument('--checkpoint', default='best', choices=['best', 'last']); e.add_argument('--out', default=None)
+    g = sub.add_parser('diagnose', help='diagnose a run folder: RUN_DIR/diagnosis/{findings.json, report.md, report.html}')
+    g.add_argument('run_dir'); g.add_argument('--split', default='test')
+    g.add_argument('--checkpoint', default='best', choices=['best', 'last']); g.add_argument('--out', default=None)
     m = sub.add_parser('demo', help='the main job on the sample data')
     m.add_argument('--root', default='data'); m.add_argument('--out', default='runs/demo')
+    m.add_argument('--scenario', default='weld', choices=[*SCENARIOS, 'all'])
     return p
 
 def main(argv:list|None=None, # arguments (default: sys.argv[1:])
@@ -63,7 +99,20 @@ def main(argv:list|None=None, # arguments (default: sys.argv[1:])
     "Entry point of the `mmfusion` command"
     if 'ipykernel' not in sys.modules: matplotlib.use('Agg')  # a terminal has no display; a notebook keeps its inline plots
     a = _parser().parse_args(argv)
-    if a.command == 'data' and a.action == 'generate':
-        for name, path in make_sample_data(a.root, a.seed).items(): print(f"{name}: {path}")
-    elif a.command == 'data': data_summary(a.root, a.out)
-    elif a.command == 'demo': demo(a.root, a.out)
+    try:
+        if a.command == 'data' and a.action == 'generate':
+            for name, path in make_sample_data(a.root, a.seed).items(): print(f"{name}: {path}")
+        elif a.command == 'data': data_summary(a.root, a.out)
+        elif a.command == 'train':
+            if bool(a.config) == bool(a.resume): sys.exit("mmfusion train: give a CONFIG or --resume RUN_DIR (one of them)")
+            train(a.config, a.overrides, a.resume, verbose=not a.quiet)
+        elif a.command == 'evaluate':
+            ev = evaluate_run(a.run_dir, a.split, a.checkpoint, a.out)
+            h = ev['headline']
+            print(f"{h['name']} = {h['value']:.4f} (95% CI {h['low']:.4f}-{h['high']:.4f}); report in {a.out or Path(a.run_dir)/'eval'}")
+        elif a.command == 'diagnose':
+            d = diagnose_run(a.run_dir, a.split, a.out, a.checkpoint)
+            print(d); print(f"report in {a.out or Path(a.run_dir)/'diagnosis'}")
+        elif a.command == 'demo': demo(a.root, a.out, a.scenario)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+        sys.exit(f"mmfusion {a.command}: {type(e).__name__}: {e}")

@@ -181,7 +181,7 @@ def output_dependence(model:nn.Module, # a model with the library's call
                       min_ratio:float=0.1, # flag a prediction spread below this fraction of the target spread
                       min_change:float=0.05, # flag an output change (swapped inputs) below this fraction of the target spread
                      ) -> list:
-    "Is the output constant, or independent of the input? Spread of predictions vs targets, and the change when every input is another sample's"
+    "Is the output constant, or independent of the input? Spread of predictions (classes: distinct decisions) vs targets, and the change when every input is another sample's"
     task, y = task_of(model, batches), targets_of(batches)
     out = predict(model, batches)
     swapped = predict(model, batches, lambda b: shuffle_modalities(b, list(b['inputs']), seed=1))
@@ -196,7 +196,11 @@ def output_dependence(model:nn.Module, # a model with the library's call
     ev = {'task': task, 'n': len(out), 'prediction_std': float(spread_p), 'target_std': spread_t,
           'spread_ratio': float(spread_p) / spread_t, 'swap_change': float(change), 'swap_change_ratio': float(change) / spread_t}
     if task == 'regression': ev['per_output'] = check_prediction_spread(y.float().reshape(out.shape).numpy(), out.numpy(), min_ratio=min_ratio)
-    bad = ev['spread_ratio'] < min_ratio or ev['swap_change_ratio'] < min_change
+    if task == 'classification':  # flat-but-varying probabilities are a calibration matter: judge the decisions instead
+        ev['predicted_classes'] = int(out.argmax(-1).unique().numel())
+        constant = ev['predicted_classes'] == 1 < int(y.long().unique().numel())
+    else: constant = ev['spread_ratio'] < min_ratio
+    bad = constant or ev['swap_change_ratio'] < min_change
     text = (f"predictions barely depend on the input: their spread is {ev['spread_ratio']:.3g} of the targets', and giving every sample "
             f"another sample's inputs changes them by {ev['swap_change_ratio']:.3g} of the target spread" if bad else
             f"predictions vary with the input (spread {ev['spread_ratio']:.3g} of the targets'; swapped inputs change them by {ev['swap_change_ratio']:.3g})")

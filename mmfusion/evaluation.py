@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_evaluation.ipynb #703ffd0b
 from __future__ import annotations
-import json, math, os, tempfile, time, warnings
+import hashlib, json, math, os, tempfile, time, warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +17,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.neighbors import KNeighborsClassifier
 from tqdm import tqdm
 from .data import batch_to
-from .model import atomic_write
+from .model import EmbeddingHead, MultiTaskHead, atomic_write, load_model
 
 # %% auto #0
 __all__ = ['KNN_METRICS', 'THRESHOLD_METHODS', 'TASKS', 'HEADLINE_METRICS', 'NonFiniteError', 'check_finite', 'Predictions',
@@ -26,7 +26,7 @@ __all__ = ['KNN_METRICS', 'THRESHOLD_METHODS', 'TASKS', 'HEADLINE_METRICS', 'Non
            'ConvAutoencoder', 'fit_autoencoder', 'anomaly_scores', 'select_threshold', 'anomaly_metrics',
            'plot_anomaly_scores', 'check_prediction_spread', 'regression_metrics', 'plot_regression', 'headline_metric',
            'bootstrap_ci', 'modality_ablation', 'plot_ablation', 'measure_speed', 'to_jsonable', 'write_json',
-           'write_figure', 'scalar_metrics', 'write_report', 'evaluate_predictions', 'evaluate_model']
+           'write_figure', 'scalar_metrics', 'write_report', 'evaluate_predictions', 'evaluate_model', 'evaluate_run']
 
 # %% ../nbs/05_evaluation.ipynb #c1a95afe
 class NonFiniteError(ValueError):
@@ -778,3 +778,46 @@ def evaluate_model(model:nn.Module, # a model with the library's call, or a `Rec
         write_report(out_dir, metrics, figs, tables, checkpoint, config_hash,
                      {s: len(l.dataset) for s, l in loaders.items()}, title=f'Evaluation ({task})')
     return to_jsonable(metrics)
+
+# %% ../nbs/05_evaluation.ipynb #2e9842f9
+class _OneHead(nn.Module):
+    "A multi-task model seen through one of its heads"
+    def __init__(self, model:nn.Module, head:str): super().__init__(); self.model, self.head = model, head
+    @property
+    def modalities(self): return self.model.modalities
+    def forward(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        return out._replace(output=out.output[self.head])
+
+def evaluate_run(run_dir, # a run folder written by `mmfusion train`
+                 split:str|None=None, # split to score (default: the config's `evaluation.split`)
+                 checkpoint:str='best', # 'best' or 'last' (falls back to 'last' when there is no best)
+                 out=None, # where the report goes (default: RUN_DIR/eval)
+                 n_boot:int=1000, # bootstrap resamples for the confidence interval
+                 progress:bool=True, # progress bars
+                ) -> dict:
+    "Evaluate a trained run on a split and write metrics.json, plots and a Markdown summary: the metrics dict"
+    from mmfusion.training import build_splits, load_config  # training imports this module: import it when called
+    run_dir = Path(run_dir)
+    if not (run_dir/'config.yaml').is_file(): raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml); train one with `mmfusion train CONFIG`")
+    cfg = load_config(run_dir/'config.yaml')
+    if checkpoint not in ('best', 'last'): raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    ck = run_dir/'checkpoints'/f'{checkpoint}.pt'
+    if not ck.is_file() and checkpoint == 'best': ck = run_dir/'checkpoints'/'last.pt'
+    model = load_model(ck).eval()
+    data = {**cfg['data'], 'augment': None}
+    split = split or cfg['evaluation']['split']
+    splits = build_splits(data, cfg.get('seed', 0))
+    if split not in splits: raise KeyError(f"split {split!r} not in this run's data ({list(splits)})")
+    test_ds, train_ds = splits[split], splits[data['train']]
+    head = model.head
+    if isinstance(head, MultiTaskHead):  # score one head: the embedding (k-NN protocol) when there is one
+        name = 'embedding' if 'embedding' in head.heads else next(iter(head.heads))
+        head, model = head.heads[name], _OneHead(model, name)
+    task = 'embedding' if isinstance(head, EmbeddingHead) else test_ds.task
+    bs = data.get('batch_size', 32)
+    loaders = {'train': train_ds.loader(batch_size=bs), 'test': test_ds.loader(batch_size=bs)}
+    knn = cfg.get('evaluation', {}).get('knn') or {}
+    config_hash = hashlib.sha256((run_dir/'config.yaml').read_bytes()).hexdigest()[:12]
+    return evaluate_model(model, loaders, task, Path(out) if out else run_dir/'eval', checkpoint=str(ck), config_hash=config_hash,
+                          n_boot=n_boot, progress=progress, k=knn.get('k', 5), knn_metric=knn.get('metric', 'cosine'))
