@@ -22,7 +22,7 @@ import albumentations as A
 from .data import (AlignedAugment, MultiModalDataset, StratifiedBatchSampler, batch_to, class_folders, manifest_dataset,
                            paired_folders, sample_splits, sequence_dataset, split_file_datasets, tiny_dataset)
 from .encoders import ENCODERS, Encoder, Registry
-from .evaluation import classification_metrics, knn_evaluate, regression_metrics
+from .evaluation import classification_metrics, knn_evaluate, regression_metrics, write_figure
 from .fusion import drop_modalities
 from .model import (CheckpointError, EmbeddingHead, ModelOutput, MultiTaskHead, RegressionHead, atomic_write, build_model,
                             load_checkpoint, save_checkpoint)
@@ -1073,10 +1073,6 @@ def plot_history(history:Sequence[Mapping]) -> plt.Figure:
     fig.tight_layout()
     return fig
 
-def _save_figure(fig, path) -> Path:
-    try: return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format='png'))
-    finally: plt.close(fig)
-
 # %% ../nbs/04_training.ipynb #88a45fce
 def training_callbacks(cfg:Mapping, # the resolved config
                        run_dir:Path|None=None, # where checkpoints and logs go (None: no files)
@@ -1226,7 +1222,7 @@ def train(config_or_path:str|Path|Mapping|None=None, # a YAML file or a config m
         metrics_out = {'status': 'completed', 'stop_reason': learn.stop_reason, 'epochs': len(learn.history), 'train_seconds': round(seconds, 1),
                        'checkpoint': evaluated, **evaluate_learner(learn, splits, cfg)}
         write_json_atomic(metrics_out, run_dir/'metrics.json')
-        _save_figure(plot_history(learn.history), run_dir/'curves.png')
+        write_figure(plot_history(learn.history), run_dir/'curves.png')
         p = metrics_out['primary']
         say(f"held-out {p['name']} on {metrics_out['split']} ({metrics_out['n']} samples): {p['value']:.4f}  "
             f"(trivial baseline: {p['baseline']:.4f}, {metrics_out['baseline_kind']}); {seconds:.0f}s training\nrun folder: {run_dir}")
