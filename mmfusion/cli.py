@@ -13,6 +13,7 @@ from .data import SAMPLE_SETS, make_sample_data, sample_splits, show_sample, sum
 from .evaluation import evaluate_run, write_figure
 from .training import add_train_arguments, train
 from .diagnosis import diagnose_run
+from .detection import predict_cli
 
 # %% auto #0
 __all__ = ['SCENARIOS', 'data_summary', 'run_scenario', 'demo', 'main']
@@ -89,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser('diagnose', help='diagnose a run folder: RUN_DIR/diagnosis/{findings.json, report.md, report.html}')
     g.add_argument('run_dir'); g.add_argument('--split', default='test')
     g.add_argument('--checkpoint', default='best', choices=['best', 'last']); g.add_argument('--out', default=None)
+    r = sub.add_parser('predict', help='detect with a trained multi-modal YOLO run: boxes as JSON + drawn images')
+    r.add_argument('run_dir')
+    r.add_argument('--thermal'); r.add_argument('--nvg'); r.add_argument('--visual', dest='visual_enhanced', metavar='VISUAL')
+    r.add_argument('--input', action='append', default=[], metavar='MODALITY=PATH', help='any other modality: an image or a folder')
+    r.add_argument('--out', default=None, help='default: RUN_DIR/predictions'); r.add_argument('--conf', type=float, default=0.25)
     m = sub.add_parser('demo', help='the main job on the sample data')
     m.add_argument('--root', default='data'); m.add_argument('--out', default='runs/demo')
     m.add_argument('--scenario', default='weld', choices=[*SCENARIOS, 'all'])
@@ -113,6 +119,13 @@ def main(argv:list|None=None, # arguments (default: sys.argv[1:])
         elif a.command == 'diagnose':
             d = diagnose_run(a.run_dir, a.split, a.out, a.checkpoint)
             print(d); print(f"report in {a.out or Path(a.run_dir)/'diagnosis'}")
+        elif a.command == 'predict':
+            files = {m: getattr(a, m) for m in ('thermal', 'nvg', 'visual_enhanced') if getattr(a, m)}
+            for kv in a.input:
+                if '=' not in kv: sys.exit(f"mmfusion predict: --input wants MODALITY=PATH, got {kv!r}")
+                k, v = kv.split('=', 1); files[k] = v
+            if not files: sys.exit("mmfusion predict: give at least one of --thermal, --nvg, --visual, --input MODALITY=PATH")
+            print(f"detections: {predict_cli(a.run_dir, files, a.out or Path(a.run_dir)/'predictions', a.conf)}")
         elif a.command == 'demo': demo(a.root, a.out, a.scenario)
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
         sys.exit(f"mmfusion {a.command}: {type(e).__name__}: {e}")
