@@ -53,8 +53,8 @@ def run_scenario(config, # a YAML config
     ev = evaluate_run(run.dir)
     diag = diagnose_run(run.dir)
     h, p = ev['headline'], run.metrics['primary']
-    print(f"\n{Path(config).stem}: held-out {h['name']} = {h['value']:.3f} (95% CI {h['low']:.3f}-{h['high']:.3f}); "
-          f"trivial baseline {p['baseline']:.3f}")
+    print(f"\n{Path(config).stem}: held-out {p['name']} = {p['value']:.3f} vs trivial baseline {p['baseline']:.3f}; "
+          f"{h['name']} = {h['value']:.3f} (bootstrap 95% CI {h['low']:.3f}-{h['high']:.3f})")
     print(f"diagnosis: {len(diag.problems)} problem(s), {sum(f.severity == 'warning' for f in diag.findings)} warning(s)")
     for f in diag.findings:
         if f.severity != 'ok': print(f"  [{f.severity}] {f.check}: {f.summary}")
