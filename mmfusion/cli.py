@@ -8,7 +8,6 @@ import argparse, sys, time
 from typing import Sequence
 from pathlib import Path
 import matplotlib
-import matplotlib.pyplot as plt
 from .data import SAMPLE_SETS, make_sample_data, sample_splits, show_sample, summarize_splits
 from .evaluation import evaluate_run, write_figure
 from .training import add_train_arguments, train

@@ -4,12 +4,12 @@
 
 # %% ../nbs/00_data.ipynb #62f30165
 from __future__ import annotations
-import hashlib, json, math, re, shutil, tempfile, warnings, xml.etree.ElementTree as ET
+import hashlib, math, re, shutil, warnings, xml.etree.ElementTree as ET
 from functools import partial
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import albumentations as A, av, cv2, soundfile as sf, matplotlib.pyplot as plt, numpy as np, pandas as pd, torch
 from matplotlib.patches import Rectangle

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt, numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
-from .data import StratifiedBatchSampler, batch_to, check_splits, from_arrays
+from .data import MultiModalDataset, StratifiedBatchSampler, batch_to, check_splits, from_arrays
 from .encoders import ConvLSTM, ImageSetEncoder, PrecomputedEmbedding, Registry, Standardized
 from .evaluation import check_prediction_spread, mask_modalities, to_jsonable, write_json
 from .model import EmbeddingHead, atomic_write, load_model

@@ -9,7 +9,7 @@ from collections import defaultdict
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 import torch, torch.nn as nn, torch.nn.functional as F
 import torchvision, transformers, huggingface_hub
 from ultralytics.nn.tasks import DetectionModel, torch_safe_load, yaml_model_load

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_evaluation.ipynb #703ffd0b
 from __future__ import annotations
-import hashlib, json, math, os, tempfile, time, warnings
+import hashlib, json, math, time, warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path

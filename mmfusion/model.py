@@ -8,7 +8,7 @@ import copy, fnmatch, os, pickle, tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
-from .encoders import ENCODERS, Encoder, EncoderOutput, Registry
+from .encoders import ENCODERS, Encoder, Registry
 from .fusion import FUSIONS
 
 # %% auto #0

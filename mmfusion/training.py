@@ -21,7 +21,7 @@ from sklearn.metrics import f1_score
 import albumentations as A
 from .data import (AlignedAugment, MultiModalDataset, StratifiedBatchSampler, batch_to, class_folders, manifest_dataset,
                            paired_folders, sample_splits, sequence_dataset, split_file_datasets, tiny_dataset)
-from .encoders import ENCODERS, Encoder, Registry
+from .encoders import Registry
 from .evaluation import classification_metrics, knn_evaluate, regression_metrics, write_figure
 from .fusion import drop_modalities
 from .model import (CheckpointError, EmbeddingHead, ModelOutput, MultiTaskHead, RegressionHead, atomic_write, build_model,

@@ -1,3 +1,14 @@
 import os
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('MPLBACKEND', 'Agg')
+
+import pytest, torch
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    "Tiny models lose more to thread contention than they gain from threads on a 2-core machine"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

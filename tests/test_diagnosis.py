@@ -21,13 +21,6 @@ SOLAR_CFG = {'encoders': {'frames': {'name': 'conv_lstm', 'in_channels': 3, 'hid
              'fusion': {'name': 'concat', 'dim': 16}, 'head': {'name': 'regression', 'n_outputs': 1}}
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def fit(model, ds, epochs, lr=1e-2, seed=0):
     "A few epochs of AdamW with the library's default loss (main + auxiliary heads)"
     torch.manual_seed(seed)

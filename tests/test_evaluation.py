@@ -18,14 +18,6 @@ ENCODERS_CFG = {'image': TINY_CONFIGS['small_cnn'], 'audio': {'name': 'small_cnn
                 'series': TINY_CONFIGS['series_cnn'], 'tabular': TINY_CONFIGS['tabular_mlp']}
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny models run fastest on one thread, and several threads on a busy machine slow them tenfold"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def finite_numbers(obj):
     "Every number in a parsed JSON document"

@@ -19,14 +19,6 @@ TRAIN = 'import sys; from mmfusion.training import main_train; main_train(sys.ar
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONHASHSEED': '0'}
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny models lose more to thread contention than they gain from threads (the subprocesses get OMP_NUM_THREADS=1 too)"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def overrides(tmp_path, *extra):
     return [f'runs_dir={tmp_path}', 'training.progress=false', 'training.tensorboard=false', *extra]
