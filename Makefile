@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
-.PHONY: install install-dev demo test data readme
+.PHONY: install install-dev browser demo test data readme
 
 $(VENV)/.installed: setup.py settings.ini
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,13 +22,19 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# headless Chromium for the report/docs screenshot tests (Debian's package; needs root or an existing install)
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@chromium --version 2>/dev/null | head -n 1
+
+SCENARIO ?= weld
 demo: install
-	$(VENV)/bin/mmfusion demo --root data --out runs/demo
+	$(VENV)/bin/mmfusion demo --root data --out runs/demo --scenario $(SCENARIO)
 
 data: install
 	$(VENV)/bin/mmfusion data generate --root data
 
-test: install-dev
+test: install-dev browser
 	$(VENV)/bin/nbdev_export
 	@if [ -n "$$(git status --porcelain -- mmfusion)" ]; then echo "nbdev_export changed mmfusion/ (the library and the notebooks disagree):"; git status --short -- mmfusion; exit 1; fi
 	$(VENV)/bin/nbdev_clean

@@ -12,3 +12,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='session')
+def browser():
+    "A headless Chromium shared by the browser tests (see tests/browser.py)"
+    from browser import Browser
+    b = Browser()
+    yield b
+    b.close()
