@@ -44,3 +44,8 @@ test: install-dev browser
 
 readme: install-dev
 	$(PY) .ci/render_readme.py
+
+# the docs site in _docs/: nbdev's Quarto pipeline where `quarto` exists, else the same pages via mkdocs (.ci/build_docs.py)
+.PHONY: docs
+docs: install-dev
+	$(PY) .ci/build_docs.py
