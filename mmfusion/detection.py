@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Mapping, Sequence
 
-import albumentations as A, cv2, numpy as np, pandas as pd, torch, torch.nn as nn, yaml
+import albumentations as A, cv2, matplotlib.pyplot as plt, numpy as np, pandas as pd, torch, torch.nn as nn, yaml
 import ultralytics.data.utils as ultralytics_data_utils
 from ultralytics import YOLO
 from ultralytics.cfg import get_cfg
@@ -24,6 +24,7 @@ from ultralytics.utils.nms import non_max_suppression
 from ultralytics.utils.ops import xywh2xyxy
 
 from .data import IMAGE_EXTS, NIGHT_MODALITIES, AlignedAugment, batch_to, detection_augment, paired_folders, read_image
+from .diagnosis import CHECKS, DETECTION_CHECKS, Diagnosis, Finding, diagnose, remedies
 from .encoders import YOLOBackbone, _adapt_in_channels
 from .fusion import FUSIONS
 from .model import MultiModalModel, load_checkpoint, save_checkpoint
@@ -33,7 +34,8 @@ from .training import (Callback, Checkpoint, CSVLogger, DeviceCB, GradientClip, 
 # %% auto #0
 __all__ = ['MultiModalYOLO', 'fit_size', 'detection_splits', 'DetectionLoss', 'postprocess_detections', 'validate_detection',
            'DetectionValidation', 'fit_detector', 'yolo_dataset_view', 'train_baseline', 'ablation_table',
-           'draw_detections', 'load_detector', 'predict_detections', 'predict_cli', 'DetectionRun', 'run_detection']
+           'draw_detections', 'load_detector', 'predict_detections', 'predict_cli', 'DetectionRun', 'run_detection',
+           'detection_contribution', 'diagnose_detection_run']
 
 # %% ../nbs/07_detection.ipynb #9a19d80b
 def _read_yolo_checkpoint(path) -> DetectionModel:
@@ -581,3 +583,69 @@ def run_detection(config:str|Path|Mapping='configs/night_person.yaml', # a YAML 
     dets = torch.tensor([[*r['box_xyxy'], r['confidence'], r['class']] for r in recs[0]['detections']]).view(-1, 6)
     cv2.imwrite(str(run_dir/'predictions.png'), cv2.cvtColor(draw_detections(s.inputs, dets, s.target['boxes'], model.names, scale=2), cv2.COLOR_RGB2BGR))
     return DetectionRun(run_dir, baseline, table, learn.history, model)
+
+# %% ../nbs/07_detection.ipynb #7cc2d5af
+def detection_contribution(model:MultiModalYOLO, # the fused detector
+                           loader, # the evaluation split's batches
+                           baselines:Mapping[str, nn.Module]|None=None, # name -> single-modality detector on the same data (e.g. the Phase-1 baseline)
+                           metric:str='mAP50-95', # the metric compared
+                           min_gain:float=0.0, # a modality (or the fusion) must add more than this to count
+                           **kwargs, # `validate_detection` settings
+                          ) -> list:
+    "Per-modality ablation mAP (each modality removed, each alone) and the fused model against its best single modality; `Finding`s"
+    mods = model.modalities
+    full = validate_detection(model, loader, **kwargs)
+    without = {m: validate_detection(model, loader, drop=[m], **kwargs) for m in mods} if len(mods) > 1 else {}
+    singles = {f'fused model, {m} alone': validate_detection(model, loader, drop=[o for o in mods if o != m], **kwargs) for m in without}
+    singles.update({name: validate_detection(b, loader, **kwargs) for name, b in (baselines or {}).items()})
+    rows = {'fused: all modalities': full, **{f'fused without {m}': r for m, r in without.items()}, **singles}
+    ev = {'metric': metric, 'table': {k: {c: v[c] for c in _COLUMNS} for k, v in rows.items()}, 'images': full['images']}
+    findings = []
+    for m, r in without.items():
+        gain = full[metric] - r[metric]
+        e = {**ev, 'contribution': gain, f'{metric}_all': full[metric], f'{metric}_without': r[metric]}
+        if gain > min_gain: findings.append(Finding('detection', 'ok', f"{m} contributes: removing it costs {gain:.3g} {metric}", e, subject=m))
+        else: findings.append(Finding('detection', 'problem', f"the fused detector gains nothing from {m}: removing it changes {metric} by {r[metric] - full[metric]:+.3g}", e,
+                                      remedies('lr_mult', 'modality_dropout', m=m) + [
+                                          f"fine-tune longer, or let the zero-initialised fusion paths learn faster: `training.lr_mult: {{fusions: 10.0}}`"], m))
+    if singles:
+        best = max(singles, key=lambda k: singles[k][metric])
+        e = {**ev, 'fused': full[metric], 'best_single': best, 'best_single_value': singles[best][metric], 'margin': full[metric] - singles[best][metric]}
+        if e['margin'] > min_gain: findings.append(Finding('detection', 'ok', f"the fused detector beats its best single modality ({best}) by {e['margin']:.3g} {metric}", e))
+        else: findings.append(Finding('detection', 'problem', f"the fused detector ({metric} {full[metric]:.3g}) is not better than its best single modality, "
+                                      f"{best} ({singles[best][metric]:.3g})", e,
+                                      ["start from the best single-modality model and add the others through zero-initialised paths (`model.base`, `model.init: all`), "
+                                       "so fine-tuning begins at the baseline", "keep the base branch frozen first: `training.freeze_base_epochs: 5`",
+                                       "if a modality only adds noise, leave it out (`data.modalities`)"]))
+    df = pd.DataFrame(ev['table']).T
+    fig, ax = plt.subplots(figsize=(5.5, 0.6 + 0.4 * len(df)))
+    df[['mAP50', 'mAP50-95']].iloc[::-1].plot.barh(ax=ax); ax.set(xlabel='test metric', title='detection ablation'); fig.tight_layout()
+    findings[0].figures['detection_ablation'] = fig
+    return findings
+
+@CHECKS.register('detection')
+def _check_detection(s): return detection_contribution(s.model, s.batches, s.baselines)
+
+def diagnose_detection_run(run_dir, # a run folder written by `run_detection`
+                           split:str|None=None, # the split folder to diagnose on (default: the config's evaluation split)
+                           out=None, # report folder (default RUN_DIR/diagnosis)
+                           checkpoint:str='best', # 'best' or 'last'
+                           checks:Sequence[str]|None=None, # names in `CHECKS` (default `DETECTION_CHECKS`)
+                           max_samples:int=64, # diagnose on at most this many frames
+                          ) -> Diagnosis:
+    "Load a detection run folder (config, fused checkpoint, Phase-1 baseline, history) and diagnose it; the report goes to RUN_DIR/diagnosis"
+    run = Path(run_dir)
+    cfg = yaml.safe_load((run/'config.yaml').read_text())
+    d, b = cfg['data'], cfg['baseline']
+    split = split or cfg.get('evaluation', {}).get('split', 'test')
+    ck = run/'checkpoints'/f'{checkpoint}.pt'
+    model = load_detector(ck if ck.is_file() else run/'checkpoints'/'last.pt')
+    mods, names = {k: int(v) for k, v in d['modalities'].items()}, d.get('class_names', ['person'])
+    splits = detection_splits(d['root'], d['imgsz'], mods, augment=False, seed=cfg.get('seed', 0), class_names=names)
+    if split not in splits: raise KeyError(f"split {split!r} not in this run's data ({list(splits)})")
+    made = json.loads((run/'metrics.json').read_text()).get('baseline') if (run/'metrics.json').is_file() else None
+    pt = next((Path(p) for p in (b.get('weights'), made, run/'baseline'/b['modality']/'weights'/'best.pt') if p and Path(p).is_file()), None)
+    baselines = {f"{b['modality']} only (baseline)": MultiModalYOLO({b['modality']: mods[b['modality']]}, pt, fusion=None, names=names)} if pt else {}
+    hist = pd.read_csv(run/'history.csv').to_dict('records') if (run/'history.csv').is_file() else None
+    return diagnose(model, splits[split], checks or DETECTION_CHECKS, out if out is not None else run/'diagnosis', max_samples, d['batch_size'],
+                    f'Diagnosis of {run.name} ({split} split, {ck.name})', splits=splits, baselines=baselines, history=hist, config=cfg)

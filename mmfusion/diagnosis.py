@@ -4,25 +4,27 @@
 
 # %% ../nbs/06_diagnosis.ipynb #808364b2
 from __future__ import annotations
-import base64, fnmatch, html, io, itertools, json, math
+import base64, fnmatch, html, importlib, io, itertools, json, math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt, numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
-from .data import MultiModalDataset, StratifiedBatchSampler, batch_to, check_splits, from_arrays
+from .data import (MultiModalDataset, StratifiedBatchSampler, batch_to, check_splits, from_arrays, read_image_sequence,
+                           read_image_set, read_series, read_video)
 from .encoders import ConvLSTM, ImageSetEncoder, PrecomputedEmbedding, Registry, Standardized
 from .evaluation import check_prediction_spread, mask_modalities, to_jsonable, write_json
 from .model import EmbeddingHead, atomic_write, load_model
 from .training import build_splits, load_config
 
 # %% auto #0
-__all__ = ['SEVERITIES', 'REMEDIES', 'CHECKS', 'MODEL_CHECKS', 'Finding', 'remedies', 'as_batches', 'predict', 'targets_of',
-           'task_of', 'score', 'shuffle_modalities', 'mean_modality', 'default_loss', 'solar_toy_dataset',
-           'output_dependence', 'shapley_values', 'modality_contribution', 'feature_magnitudes', 'gradient_flow',
-           'sequence_modalities', 'image_modalities', 'temporal_behaviour', 'channel_importance', 'grad_cam',
-           'saliency', 'fusion_attention', 'contrastive_batches', 'class_balance', 'split_leakage', 'finite_inputs',
-           'lr_schedule', 'Subject', 'Diagnosis', 'write_diagnosis', 'diagnose', 'diagnose_run']
+__all__ = ['SEVERITIES', 'REMEDIES', 'CHECKS', 'ORDERED_READERS', 'MODEL_CHECKS', 'DETECTION_CHECKS', 'Finding', 'remedies',
+           'as_batches', 'predict', 'targets_of', 'task_of', 'score', 'shuffle_modalities', 'mean_modality',
+           'default_loss', 'solar_toy_dataset', 'output_dependence', 'shapley_values', 'modality_contribution',
+           'feature_magnitudes', 'gradient_flow', 'declared_order', 'sequence_modalities', 'image_modalities',
+           'temporal_behaviour', 'channel_importance', 'grad_cam', 'saliency', 'fusion_attention',
+           'contrastive_batches', 'class_balance', 'split_leakage', 'finite_inputs', 'lr_schedule', 'Subject',
+           'Diagnosis', 'write_diagnosis', 'diagnose', 'diagnose_run']
 
 # %% ../nbs/06_diagnosis.ipynb #e36199d9
 SEVERITIES = ('ok', 'warning', 'problem')  # from harmless to must-fix
@@ -401,20 +403,32 @@ def _delta(task:str, a:torch.Tensor, b:torch.Tensor) -> torch.Tensor:
     if task == 'classification': return 0.5 * (a.softmax(-1) - b.softmax(-1)).abs().sum(-1)
     return (a - b).abs().mean(-1)
 
-def sequence_modalities(model:nn.Module, batch:dict) -> list:
-    "Modalities with a time axis: series (B, T, C), image sequences and video (B, T, C, H, W), or a ConvLSTM encoder"
-    out = []
+ORDERED_READERS = {read_image_sequence: True, read_video: True, read_series: True, read_image_set: False}  # reader -> has a time axis
+
+def declared_order(data) -> dict:
+    "Modality -> True (a time axis: video, image sequence, series) or False (an unordered set of views), as the dataset's readers declare it"
+    out = {}
+    for name, mod in (getattr(data, 'modalities', None) or {}).items():
+        f = getattr(mod.reader, 'func', mod.reader)  # readers are often `partial`s
+        if f in ORDERED_READERS: out[name] = ORDERED_READERS[f]
+    return out
+
+def sequence_modalities(model:nn.Module, batch:dict,
+                        ordered:Mapping[str, bool]|None=None, # modality -> has a time axis (`declared_order`); a False one is a set, never a sequence
+                       ) -> list:
+    "Modalities with a time axis: series (B, T, C), image sequences and video (B, T, C, H, W), or a ConvLSTM encoder; declared sets of views left out"
+    out, ordered = [], ordered or {}
     for m in model.modalities:
-        if m not in batch['inputs']: continue
+        if m not in batch['inputs'] or ordered.get(m) is False: continue
         enc, x = _inner(model.encoders[m]), batch['inputs'][m]
-        if isinstance(enc, ConvLSTM) or x.ndim == 5 or (x.ndim == 3 and not isinstance(enc, PrecomputedEmbedding)): out.append(m)
+        if ordered.get(m) or isinstance(enc, ConvLSTM) or x.ndim == 5 or (x.ndim == 3 and not isinstance(enc, PrecomputedEmbedding)): out.append(m)
     return out
 
 def image_modalities(model:nn.Module, batch:dict) -> list:
     "Modalities given as images (B, C, H, W) or image sequences/sets (B, T, C, H, W)"
     return [m for m in model.modalities if m in batch['inputs'] and batch['inputs'][m].ndim in (4, 5)]
 
-# %% ../nbs/06_diagnosis.ipynb #6999f764
+# %% ../nbs/06_diagnosis.ipynb #e501b0d7
 def _last_real(b:dict, m:str) -> torch.Tensor:
     x, mask = b['inputs'][m], (b.get('masks') or {}).get(m)
     T = x.shape[1]
@@ -485,7 +499,7 @@ def temporal_behaviour(model:nn.Module, # a model with the library's call
     return findings
 
 @CHECKS.register('temporal')
-def _check_temporal(s): return [f for m in sequence_modalities(s.model, s.batches[0]) for f in temporal_behaviour(s.model, s.batches, m)]
+def _check_temporal(s): return [f for m in sequence_modalities(s.model, s.batches[0], s.ordered) for f in temporal_behaviour(s.model, s.batches, m)]
 
 # %% ../nbs/06_diagnosis.ipynb #f973d778
 def channel_importance(model:nn.Module, # a model with the library's call
@@ -568,6 +582,7 @@ def saliency(model:nn.Module, # a model with the library's call
              modality:str, # an image modality with a convolutional encoder
              max_same:float=0.95, # flag saliency maps whose mean correlation across inputs is above this
              n_show:int=4, # samples (or steps) drawn in the overlay figure
+             ordered:bool=True, # an image stack (B, T, C, H, W) is a time axis (False: a set of views, not judged step against step)
             ) -> list:
     "Grad-CAM overlays, and whether the maps differ between inputs (a fixed, position-only saliency is flagged) and between steps"
     m, b = modality, batches[0]
@@ -596,7 +611,7 @@ def saliency(model:nn.Module, # a model with the library's call
         f = Finding('saliency', 'problem', f"{m}'s saliency is the same for every input (mean correlation {across:.3f}): a fixed, position-only pattern, not the content",
                     ev, remedies('augment_spatial', 'aux_heads', m=m), m)
     elif zero > 0.5: f = Finding('saliency', 'warning', f"Grad-CAM of {m} is empty for {zero:.0%} of the inputs: no positive evidence in the last conv features", ev, remedies('aux_heads', m=m), m)
-    elif ev['correlation_across_steps'] is not None and ev['correlation_across_steps'] > max_same:
+    elif ordered and ev['correlation_across_steps'] is not None and ev['correlation_across_steps'] > max_same:
         f = Finding('saliency', 'warning', f"{m}'s saliency is the same at every step (mean correlation {ev['correlation_across_steps']:.3f})", ev, remedies('temporal_state', 'temporal_training', m=m), m)
     else: f = Finding('saliency', 'ok', f"{m}'s saliency differs between inputs (mean correlation {across if across is None else round(across, 3)})", ev, subject=m)
     f.figures[f'gradcam_{m}'] = fig
@@ -606,7 +621,7 @@ def saliency(model:nn.Module, # a model with the library's call
 def _check_saliency(s):
     mods = [m for m in image_modalities(s.model, s.batches[0])
             if isinstance(_inner(s.model.encoders[m]), ConvLSTM) or any(isinstance(x, nn.Conv2d) for x in s.model.encoders[m].modules())]
-    return [f for m in mods for f in saliency(s.model, s.batches, m)]
+    return [f for m in mods for f in saliency(s.model, s.batches, m, ordered=(s.ordered or {}).get(m) is not False)]
 
 # %% ../nbs/06_diagnosis.ipynb #61d6150d
 def fusion_attention(model:nn.Module, # a model with the library's call
@@ -713,9 +728,12 @@ def lr_schedule(history:Sequence[Mapping]|pd.DataFrame, # the run's history (his
     df = pd.DataFrame(history)
     name = (schedule.get('name') if isinstance(schedule, Mapping) else schedule) or 'cosine'
     if 'lr' not in df or df.empty: return [Finding('lr_schedule', 'warning', "the history has no `lr` column: cannot tell which learning rate was used", {'columns': list(df.columns)}, remedies('schedule'))]
-    lr = df['lr'].astype(float).to_numpy()
+    lr = df['lr'].astype(float).dropna().to_numpy()  # rows without training (a detection run's epoch-0 validation) record no lr
+    if not len(lr): return [Finding('lr_schedule', 'warning', "the history records no learning rate: cannot tell which was used", {'columns': list(df.columns)}, remedies('schedule'))]
+    if not np.isfinite(lr).all() or lr.max() <= 0:
+        return [Finding('lr_schedule', 'problem', "the recorded learning rate is zero or not finite", {'schedule': name, 'epochs': len(lr),
+                        'non_finite_epochs': int((~np.isfinite(lr)).sum())}, remedies('schedule'))]
     ev = {'schedule': name, 'epochs': len(lr), 'lr_first': float(lr[0]), 'lr_last': float(lr[-1]), 'lr_min': float(lr.min()), 'lr_max': float(lr.max())}
-    if not np.isfinite(lr).all() or lr.max() <= 0: return [Finding('lr_schedule', 'problem', "the recorded learning rate is zero or not finite", ev, remedies('schedule'))]
     moves = lr.max() > lr.min() * (1 + 1e-6)
     if name in ('constant', 'plateau') or len(lr) < 2 or moves: return [Finding('lr_schedule', 'ok', f"lr went {lr[0]:.3g} -> {lr[-1]:.3g} under the '{name}' schedule", ev)]
     return [Finding('lr_schedule', 'problem', f"the '{name}' schedule was not applied: lr stayed at {lr[0]:.3g} for all {len(lr)} epochs", ev, remedies('schedule'))]
@@ -731,11 +749,6 @@ def _check_setup(s):
     if s.history is not None: out += lr_schedule(s.history, (s.config or {}).get('training', {}).get('schedule'))
     return out
 
-@CHECKS.register('detection')
-def _check_detection(s):
-    "Seam for mmfusion.detection: register detection checks in `CHECKS` and list them in `diagnose(checks=...)`"
-    return [Finding('detection', 'ok', "skipped: detection models are diagnosed by mmfusion.detection's checks (none registered here)", {'skipped': True})]
-
 # %% ../nbs/06_diagnosis.ipynb #f993c77f
 @dataclass
 class Subject:
@@ -748,9 +761,12 @@ class Subject:
     contrastive: bool = False  # trained with a supervised-contrastive loss
     history: Any = None  # history.csv rows
     config: Mapping|None = None  # the run's config
+    ordered: Mapping|None = None  # modality -> has a time axis (`declared_order` of the data by default)
+    baselines: Mapping|None = None  # name -> single-modality model on the same data (the `detection` check compares against them)
 
 MODEL_CHECKS = ('output_dependence', 'modality_contribution', 'feature_magnitude', 'gradient_flow', 'temporal', 'channel_importance',
                 'saliency', 'fusion_attention', 'training_setup')  # what `diagnose` runs by default, in order
+DETECTION_CHECKS = ('detection', 'training_setup')  # ... and on detection models (`detection` is registered by `mmfusion.detection`)
 
 def _is_detection(batch:dict) -> bool: return not isinstance(batch.get('target'), (torch.Tensor, type(None)))
 
@@ -823,14 +839,15 @@ def diagnose(model_or_run, # a `MultiModalModel`, or a run folder made by `train
              max_samples:int=64, # diagnose on at most this many samples
              batch_size:int=16, # batch size when `data` is a dataset
              title:str='Diagnosis', # report title
-             **known, # more `Subject` fields: splits, train_labels, batch_plan, contrastive, history, config
+             **known, # more `Subject` fields: splits, train_labels, batch_plan, contrastive, history, config, ordered
             ) -> Diagnosis:
     "Run the diagnosis checks on a model and data: a `Diagnosis` of findings (written as a report when `out` is given)"
     if isinstance(model_or_run, (str, Path)): return diagnose_run(model_or_run, out=out, checks=checks, max_samples=max_samples)
     batches = as_batches(data, max_samples, batch_size)
     model = model_or_run
-    if _is_detection(batches[0]): checks = ['detection']
+    if _is_detection(batches[0]) and checks is None: checks = DETECTION_CHECKS
     s = Subject(model, batches, **known)
+    if s.ordered is None: s.ordered = declared_order(data)
     if s.train_labels is None and hasattr(data, 'task') and data.task == 'classification': s.train_labels = list(data.targets)
     s.contrastive = s.contrastive or isinstance(getattr(model, 'head', None), EmbeddingHead)
     findings = [f for name in (checks or MODEL_CHECKS) for f in CHECKS[name](s)]
@@ -850,6 +867,8 @@ def diagnose_run(run_dir, # a run folder written by `mmfusion.training.train`
     run = Path(run_dir)
     if not (run/'config.yaml').is_file(): raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
     cfg = load_config(run/'config.yaml')
+    if 'baseline' in cfg and 'modalities' in cfg.get('data', {}):  # a `run_detection` folder: loaded by the detection module
+        return importlib.import_module('mmfusion.detection').diagnose_detection_run(run, None if split == 'test' else split, out, checkpoint, checks, max_samples)
     ck = run/'checkpoints'/f'{checkpoint}.pt'
     if not ck.is_file(): ck = run/'checkpoints'/'last.pt'
     model = load_model(ck)

@@ -43,3 +43,11 @@ class Browser:
         page.close()
         return text, errors
     def close(self): self._browser.close(); self._pw.stop()
+
+def image_status(browser:Browser, url:str) -> list:
+    "(alt, loaded) for every <img> of the page at `url`; loaded: decoded, with a non-zero natural width"
+    page = browser._browser.new_page()
+    try:
+        page.goto(url, wait_until='load')
+        return page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete && i.naturalWidth > 0])")
+    finally: page.close()

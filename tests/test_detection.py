@@ -182,3 +182,37 @@ def test_checkpoint_round_trip_and_predict_cli(tmp_path):
         assert Path(r['drawing']).is_file()
     one = predict_cli(tmp_path/'run', {'thermal': ROOT/'test'/'thermal'/'frame_0052.png'}, tmp_path/'one')
     assert json.loads(one.read_text())[0]['missing'] == ['nvg', 'visual_enhanced']
+
+
+class Oracle(torch.nn.Module):
+    "A stand-in detector that finds the labelled boxes: box j only while modality `needs[j % len(needs)]` is present; noise otherwise"
+    def __init__(self, modalities, needs):
+        super().__init__()
+        self.w, self.names, self.modalities, self.needs = torch.nn.Parameter(torch.zeros(1)), {0: 'person'}, list(modalities), list(needs)
+    def forward(self, batch):
+        H, W = next(iter(batch['inputs'].values())).shape[-2:]
+        B, t, A = len(batch['ids']), batch['target'], 50
+        g = torch.Generator().manual_seed(0)
+        dec = torch.cat([torch.rand(B, 2, A, generator=g) * torch.tensor([W, H]).view(1, 2, 1), torch.rand(B, 2, A, generator=g) * 8 + 2,
+                         torch.rand(B, 1, A, generator=g) * 0.2], 1)
+        for j in range(len(t['batch_idx'])):
+            i, m = int(t['batch_idx'][j]), self.needs[j % len(self.needs)]
+            if batch['present'][i, batch['modalities'].index(m)]:
+                dec[i, :4, j] = t['bboxes'][j] * torch.tensor([W, H, W, H]); dec[i, 4, j] = 0.9
+        return dec, {}
+
+
+def test_detection_check_flags_an_ignored_modality_and_a_useless_fusion(splits):
+    "Positive control: a detector that only uses thermal is flagged twice (nvg adds nothing; fused = thermal alone); one needing both is not"
+    from mmfusion.detection import detection_contribution
+    from mmfusion.diagnosis import as_batches, diagnose
+    batches = as_batches(splits['test'], batch_size=4)
+    one = Oracle(['thermal', 'nvg'], needs=['thermal'])
+    fs = diagnose(one, batches).findings
+    assert {f.check for f in fs} == {'detection', 'finite_inputs'}  # detection batches get DETECTION_CHECKS
+    verdict = {f.subject: f.severity for f in fs if f.check == 'detection'}
+    assert verdict == {'thermal': 'ok', 'nvg': 'problem', None: 'problem'}
+    both = {f.subject: f for f in detection_contribution(Oracle(['thermal', 'nvg'], needs=['thermal', 'nvg']), batches)}
+    assert {m: f.severity for m, f in both.items()} == {'thermal': 'ok', 'nvg': 'ok', None: 'ok'}
+    assert both[None].evidence['margin'] > 0 and both[None].evidence['best_single'] in ('fused model, thermal alone', 'fused model, nvg alone')
+

@@ -223,13 +223,7 @@ def test_balance_nan_and_schedule_flagged(tiny_batches):
     assert lr_schedule([{'epoch': e, 'lr': 1e-3 * (5 - e)} for e in range(5)], {'name': 'cosine'})[0].severity == 'ok'
 
 
-# --- 10. detection seam
-def test_detection_is_skipped_through_a_seam():
-    assert 'detection' in CHECKS
-    batch = {'inputs': {'x': torch.zeros(2, 3)}, 'present': torch.ones(2, 1, dtype=torch.bool), 'masks': {}, 'ids': ['a', 'b'],
-             'modalities': ['x'], 'target': [{'boxes': torch.zeros(0, 4)}] * 2}
-    d = diagnose(nn.Identity(), [batch])
-    assert [f.check for f in d.findings] == ['detection'] and d.findings[0].evidence['skipped']
+# --- 10. detection: tests/test_detection.py (the check lives in mmfusion.detection)
 
 
 # --- reports
