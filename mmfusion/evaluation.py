@@ -17,16 +17,18 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.neighbors import KNeighborsClassifier
 from tqdm import tqdm
 from .data import batch_to
-from .model import EmbeddingHead, MultiTaskHead, atomic_write, load_model
+from .encoders import Registry
+from .model import CheckpointError, EmbeddingHead, MultiTaskHead, atomic_write, load_checkpoint, load_model
 
 # %% auto #0
-__all__ = ['KNN_METRICS', 'THRESHOLD_METHODS', 'TASKS', 'HEADLINE_METRICS', 'NonFiniteError', 'check_finite', 'Predictions',
-           'mask_modalities', 'collect', 'confusion_counts', 'roc_auc_ovr', 'classification_metrics', 'per_class_table',
-           'plot_confusion', 'knn_predict', 'knn_evaluate', 'plot_embeddings', 'ReconstructionScorer',
-           'ConvAutoencoder', 'fit_autoencoder', 'anomaly_scores', 'select_threshold', 'anomaly_metrics',
-           'plot_anomaly_scores', 'check_prediction_spread', 'regression_metrics', 'plot_regression', 'headline_metric',
-           'bootstrap_ci', 'modality_ablation', 'plot_ablation', 'measure_speed', 'to_jsonable', 'write_json',
-           'write_figure', 'scalar_metrics', 'write_report', 'evaluate_predictions', 'evaluate_model', 'evaluate_run']
+__all__ = ['KNN_METRICS', 'SCORERS', 'THRESHOLD_METHODS', 'TASKS', 'HEADLINE_METRICS', 'NonFiniteError', 'check_finite',
+           'Predictions', 'mask_modalities', 'collect', 'confusion_counts', 'roc_auc_ovr', 'classification_metrics',
+           'per_class_table', 'plot_confusion', 'knn_predict', 'knn_evaluate', 'plot_embeddings',
+           'ReconstructionScorer', 'ConvAutoencoder', 'build_scorer', 'load_scorer', 'fit_autoencoder',
+           'anomaly_scores', 'normal_class_index', 'select_threshold', 'anomaly_metrics', 'plot_anomaly_scores',
+           'check_prediction_spread', 'regression_metrics', 'plot_regression', 'headline_metric', 'bootstrap_ci',
+           'modality_ablation', 'plot_ablation', 'measure_speed', 'to_jsonable', 'write_json', 'write_figure',
+           'scalar_metrics', 'write_report', 'evaluate_predictions', 'evaluate_model', 'evaluate_run']
 
 # %% ../nbs/05_evaluation.ipynb #c1a95afe
 class NonFiniteError(ValueError):
@@ -258,6 +260,8 @@ def plot_embeddings(emb, # (N, D) embeddings
     return fig
 
 # %% ../nbs/05_evaluation.ipynb #1e52a725
+SCORERS = Registry('scorer')  # anomaly scorers a config can name
+
 class ReconstructionScorer(nn.Module):
     "Base of anomaly scorers that reconstruct their input: score = mean squared error per sample; the threshold lives in the state dict"
     def __init__(self):
@@ -276,6 +280,7 @@ class ReconstructionScorer(nn.Module):
     def get_extra_state(self): return {'threshold': self.threshold}
     def set_extra_state(self, state): self.threshold = state['threshold']
 
+@SCORERS.register('conv_autoencoder')
 class ConvAutoencoder(ReconstructionScorer):
     "A small conv autoencoder for (C, H, W) images in [0, 1], H and W divisible by 4: the reference anomaly scorer"
     def __init__(self,
@@ -291,6 +296,26 @@ class ConvAutoencoder(ReconstructionScorer):
     def forward(self, x): return self.decoder(self.encoder(x))
 
 # %% ../nbs/05_evaluation.ipynb #d3f76075
+def build_scorer(cfg:Mapping, # {'name': a `SCORERS` entry, **its arguments}
+                ) -> ReconstructionScorer:
+    "An anomaly scorer from a config of plain data; the config is kept as `scorer.config` for checkpoints"
+    scorer = SCORERS.build(cfg)
+    scorer.config = dict(cfg)
+    return scorer
+
+def load_scorer(path, # a checkpoint whose `config` names a scorer (e.g. a run's `best.pt`)
+                map_location='cpu', # where tensors go
+               ) -> ReconstructionScorer:
+    "Rebuild a scorer, threshold included, from a checkpoint (loaded as data only), in eval mode"
+    ck = load_checkpoint(path, map_location)
+    cfg = ck.get('config') or {}
+    if cfg.get('name') not in SCORERS:
+        raise CheckpointError(f"{path}: not an anomaly scorer checkpoint (its config names none of {SCORERS.names})")
+    scorer = build_scorer(cfg)
+    scorer.load_state_dict(ck['state_dict'])
+    return scorer.eval()
+
+# %% ../nbs/05_evaluation.ipynb #cac359d5
 def fit_autoencoder(scorer:ReconstructionScorer, # the scorer to train (in place)
                     loader, # DataLoader of `collate_samples` batches
                     modality:str='image', # which input to reconstruct
@@ -323,13 +348,27 @@ def anomaly_scores(scorer:ReconstructionScorer, # a trained scorer
                    modality:str='image', # which input to score
                    device=None, # default: where the scorer's parameters are
                    progress:bool=True, # show a tqdm progress bar
+                   normal_class:int|None=None, # targets become 0 for this class and 1 (anomalous) for any other; None: kept as they are
                   ) -> Predictions:
     "Every sample's anomaly score (`outputs`, (N,)) with its target and id"
     device = torch.device(device) if device is not None else _model_device(scorer)
     was_training = scorer.training
     scorer.eval()
-    try: return _gather(loader, lambda b: (scorer.score(b['inputs'][modality]), None), device, progress, 'score')
+    try: p = _gather(loader, lambda b: (scorer.score(b['inputs'][modality]), None), device, progress, 'score')
     finally: scorer.train(was_training)
+    if normal_class is not None and p.targets is not None: p.targets = (p.targets != normal_class).astype(np.int64)
+    return p
+
+def normal_class_index(class_names:Sequence[str]|None, # the data's class names
+                       normal:str|int=0, # the normal class, by name or index
+                      ) -> int:
+    "The index of the normal class named in a config; an error that lists the classes when the data has no such class"
+    names = list(class_names or [])
+    if isinstance(normal, str):
+        if normal not in names: raise KeyError(f"normal class {normal!r} is not a class of the data ({names})")
+        return names.index(normal)
+    if names and not 0 <= normal < len(names): raise KeyError(f"normal class index {normal} is outside 0..{len(names) - 1} ({names})")
+    return int(normal)
 
 # %% ../nbs/05_evaluation.ipynb #fcee2823
 THRESHOLD_METHODS = ('percentile', 'youden', 'fpr')  # rules `select_threshold` knows
@@ -502,6 +541,7 @@ def headline_metric(task:str, # one of `TASKS`
         def f(p):
             y = _binary_labels(p.targets, len(p))
             if name not in ('roc_auc', 'pr_auc'): raise ValueError(f"the anomaly headline is 'roc_auc' or 'pr_auc' (threshold-free), got {name!r}")
+            if len(np.unique(y)) < 2: raise ValueError(f"{name} needs both normal and anomalous samples")  # e.g. a bootstrap resample of one class
             return float((roc_auc_score if name == 'roc_auc' else average_precision_score)(y, check_finite(p.outputs, 'anomaly scores', p.ids)))
     f.__name__ = name
     return f
@@ -703,7 +743,7 @@ def evaluate_predictions(task:str, # one of `TASKS`
     if isinstance(test.outputs, Mapping):
         raise ValueError(f"outputs of heads {list(test.outputs)}: evaluate one head at a time, e.g. Predictions(targets, p.outputs[head], p.ids)")
     if test.targets is None: raise ValueError("the test predictions have no targets")
-    figs, reference = {}, None
+    figs, boot_task, boot = {}, task, test
     if task == 'classification':
         m = classification_metrics(test.targets, test.outputs, class_names, test.ids)
         if plots: figs['confusion'] = plot_confusion(m['confusion'], m['class_names'])
@@ -712,8 +752,9 @@ def evaluate_predictions(task:str, # one of `TASKS`
         if plots: figs['regression'] = plot_regression(test.targets, test.outputs, output_names)
     elif task == 'embedding':
         if train is None: raise ValueError("task 'embedding' needs `train`: k-NN is fitted on the training embeddings")
-        reference = train
         m = knn_evaluate(train.outputs, train.targets, test.outputs, test.targets, k, knn_metric, class_names, train.ids, test.ids)
+        # a test sample's k-NN class depends on the training embeddings only, so resampling test rows resamples these decisions
+        boot_task, boot = 'classification', Predictions(test.targets, knn_predict(train.outputs, train.targets, test.outputs, k, knn_metric, len(m['class_names'])), test.ids)
         if plots: figs['confusion'], figs['embeddings'] = plot_confusion(m['confusion'], m['class_names']), plot_embeddings(test.outputs, test.targets, m['class_names'])
     else:
         if threshold is None:
@@ -724,18 +765,20 @@ def evaluate_predictions(task:str, # one of `TASKS`
         if plots: figs['anomaly'] = plot_anomaly_scores(test.outputs, test.targets, threshold)
     name = HEADLINE_METRICS[task]
     head = {'name': name, 'value': m[name]}
-    if n_boot: head.update(bootstrap_ci(headline_metric(task, name, reference, k, knn_metric), test, n_boot=n_boot, seed=seed))
+    if n_boot: head.update(bootstrap_ci(headline_metric(boot_task, name), boot, n_boot=n_boot, seed=seed))
     return {'task': task, **m, 'headline': head}, figs
 
 # %% ../nbs/05_evaluation.ipynb #bc971d86
-def _prediction_table(task:str, p:Predictions, metrics:Mapping) -> pd.DataFrame:
-    "One row per test sample: id, target and what the model said, for finding the samples it gets wrong"
+def _prediction_table(task:str, p:Predictions, metrics:Mapping, reference:Predictions|None=None) -> pd.DataFrame:
+    "One row per test sample: id, target and what the model said (for embeddings: the k-NN class), for finding the samples it gets wrong"
+    if task == 'embedding':
+        votes = knn_predict(reference.outputs, reference.targets, p.outputs, metrics['k'], metrics['metric'], len(metrics['class_names']))
+        return pd.DataFrame({'id': p.ids, 'target': p.targets, 'predicted': votes.argmax(1), 'confidence': votes.max(1)})
     if task == 'anomaly': return pd.DataFrame({'id': p.ids, 'target': p.targets, 'score': p.outputs, 'flagged': p.outputs >= metrics['threshold']})
     if task == 'classification': return pd.DataFrame({'id': p.ids, 'target': p.targets, 'predicted': p.outputs.argmax(1), 'confidence': _probabilities(p.outputs).max(1)})
     if task == 'regression':
         y, o, names = p.targets.reshape(len(p), -1), p.outputs.reshape(len(p), -1), list(metrics['per_output'])
         return pd.DataFrame({'id': p.ids, **{f'target_{n}': y[:, j] for j, n in enumerate(names)}, **{f'predicted_{n}': o[:, j] for j, n in enumerate(names)}})
-    return pd.DataFrame({'id': p.ids, 'target': p.targets})
 
 def evaluate_model(model:nn.Module, # a model with the library's call, or a `ReconstructionScorer` for 'anomaly'
                    loaders:Mapping, # split name -> DataLoader; needs 'test', and 'train' for 'embedding' (and 'anomaly' without a threshold)
@@ -746,6 +789,8 @@ def evaluate_model(model:nn.Module, # a model with the library's call, or a `Rec
                    checkpoint:str|None=None, # recorded in metrics.json
                    config_hash:str|None=None, # recorded in metrics.json
                    modality:str='image', # 'anomaly': the input the scorer reads
+                   normal_class:int=0, # 'anomaly': the class index of normal samples; every other class is anomalous
+                   split:str='test', # name of the split the 'test' loader holds, recorded in metrics.json
                    device=None, # default: where the model's parameters are
                    progress:bool=True, # tqdm bars while predicting
                    **kwargs, # passed to `evaluate_predictions` (class_names, k, knn_metric, threshold, n_boot, seed, ...)
@@ -753,15 +798,16 @@ def evaluate_model(model:nn.Module, # a model with the library's call, or a `Rec
     "Predict on the test split (and train where needed), compute every metric, ablation and speed, and write the report: the metrics dict"
     if 'test' not in loaders: raise ValueError(f"loaders need a 'test' split, got {list(loaders)}")
     if task == 'anomaly':
-        run = lambda split: anomaly_scores(model, loaders[split], modality, device, progress)
+        run = lambda s: anomaly_scores(model, loaders[s], modality, device, progress, normal_class)
         if kwargs.get('threshold') is None and getattr(model, 'threshold', None) is not None: kwargs['threshold'] = model.threshold
-    else: run = lambda split: collect(model, loaders[split], device=device, progress=progress)
+    else: run = lambda s: collect(model, loaders[s], device=device, progress=progress)
     need_train = task == 'embedding' or (task == 'anomaly' and kwargs.get('threshold') is None)
     if need_train and 'train' not in loaders: raise ValueError(f"task {task!r} needs a 'train' loader")
     test, train = run('test'), run('train') if need_train else None
     if task != 'anomaly' and not kwargs.get('class_names'): kwargs['class_names'] = getattr(loaders['test'].dataset, 'class_names', None)
     metrics, figs = evaluate_predictions(task, test, train, plots=out_dir is not None, **kwargs)
-    tables = {'predictions': _prediction_table(task, test, metrics)}
+    metrics['split'] = split
+    tables = {'predictions': _prediction_table(task, test, metrics, train)}
     if task in ('classification', 'embedding'): tables['per class'] = per_class_table(metrics)
     mods = list(getattr(model, 'modalities', []))
     if ablation and task != 'anomaly' and len(mods) > 1:
@@ -776,7 +822,7 @@ def evaluate_model(model:nn.Module, # a model with the library's call, or a `Rec
         preds_table = tables.pop('predictions')
         atomic_write(Path(out_dir)/'predictions.csv', lambda tmp: preds_table.to_csv(tmp, index=False))
         write_report(out_dir, metrics, figs, tables, checkpoint, config_hash,
-                     {s: len(l.dataset) for s, l in loaders.items()}, title=f'Evaluation ({task})')
+                     {split if s == 'test' else s: len(l.dataset) for s, l in loaders.items()}, title=f'Evaluation of {split} ({task})')
     return to_jsonable(metrics)
 
 # %% ../nbs/05_evaluation.ipynb #2e9842f9
@@ -804,20 +850,27 @@ def evaluate_run(run_dir, # a run folder written by `mmfusion train`
     if checkpoint not in ('best', 'last'): raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     ck = run_dir/'checkpoints'/f'{checkpoint}.pt'
     if not ck.is_file() and checkpoint == 'best': ck = run_dir/'checkpoints'/'last.pt'
-    model = load_model(ck).eval()
     data = {**cfg['data'], 'augment': None}
     split = split or cfg['evaluation']['split']
     splits = build_splits(data, cfg.get('seed', 0))
     if split not in splits: raise KeyError(f"split {split!r} not in this run's data ({list(splits)})")
     test_ds, train_ds = splits[split], splits[data['train']]
-    head = model.head
-    if isinstance(head, MultiTaskHead):  # score one head: the embedding (k-NN protocol) when there is one
-        name = 'embedding' if 'embedding' in head.heads else next(iter(head.heads))
-        head, model = head.heads[name], _OneHead(model, name)
-    task = 'embedding' if isinstance(head, EmbeddingHead) else test_ds.task
+    extra = {}
+    if 'scorer' in cfg['model']:  # an anomaly run: the scorer and the threshold chosen on validation data come from the checkpoint
+        model, task = load_scorer(ck), 'anomaly'
+        if model.threshold is None: raise ValueError(f"{ck} holds no anomaly threshold (training chooses one on the validation split every epoch)")
+        check_finite(model.threshold['threshold'], f"anomaly threshold saved in {ck}")
+        extra = {'modality': cfg['model']['input'], 'normal_class': normal_class_index(test_ds.class_names, cfg['model']['normal'])}
+    else:
+        model = load_model(ck).eval()
+        head = model.head
+        if isinstance(head, MultiTaskHead):  # score one head: the embedding (k-NN protocol) when there is one
+            name = 'embedding' if 'embedding' in head.heads else next(iter(head.heads))
+            head, model = head.heads[name], _OneHead(model, name)
+        task = 'embedding' if isinstance(head, EmbeddingHead) else test_ds.task
     bs = data.get('batch_size', 32)
     loaders = {'train': train_ds.loader(batch_size=bs), 'test': test_ds.loader(batch_size=bs)}
     knn = cfg.get('evaluation', {}).get('knn') or {}
     config_hash = hashlib.sha256((run_dir/'config.yaml').read_bytes()).hexdigest()[:12]
     return evaluate_model(model, loaders, task, Path(out) if out else run_dir/'eval', checkpoint=str(ck), config_hash=config_hash,
-                          n_boot=n_boot, progress=progress, k=knn.get('k', 5), knn_metric=knn.get('metric', 'cosine'))
+                          split=split, n_boot=n_boot, progress=progress, k=knn.get('k', 5), knn_metric=knn.get('metric', 'cosine'), **extra)

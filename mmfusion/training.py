@@ -17,28 +17,30 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
-from sklearn.metrics import f1_score
+from sklearn.metrics import f1_score, roc_auc_score
 import albumentations as A
 from .data import (AlignedAugment, MultiModalDataset, StratifiedBatchSampler, batch_to, class_folders, manifest_dataset,
                            paired_folders, sample_splits, sequence_dataset, split_file_datasets, tiny_dataset)
 from .encoders import Registry
-from .evaluation import classification_metrics, knn_evaluate, regression_metrics, write_figure
+from .evaluation import (THRESHOLD_METHODS, anomaly_metrics, anomaly_scores, build_scorer, check_finite, classification_metrics,
+                                 knn_evaluate, normal_class_index, regression_metrics, select_threshold, write_figure)
 from .fusion import drop_modalities
 from .model import (CheckpointError, EmbeddingHead, ModelOutput, MultiTaskHead, RegressionHead, atomic_write, build_model,
                             load_checkpoint, save_checkpoint)
 
 # %% auto #0
-__all__ = ['LOSSES', 'METRICS', 'STEP_METHODS', 'DEFAULT_CONFIG', 'OPTIMIZERS', 'seed_everything', 'rng_state', 'set_rng_state',
-           'balanced_class_weights', 'CrossEntropyLoss', 'FocalLoss', 'SupConLoss', 'SupConCELoss', 'MSELoss',
-           'HuberLoss', 'MultiTaskLoss', 'ModelLoss', 'accuracy', 'macro_f1', 'mae', 'rmse', 'r2', 'CancelFitException',
-           'CancelEpochException', 'CancelBatchException', 'NonFiniteLossError', 'Callback', 'Learner',
-           'select_modalities', 'default_device', 'DeviceCB', 'resolve_precision', 'MixedPrecision', 'GradientClip',
-           'GradientAccumulation', 'LRSchedule', 'EarlyStopping', 'Checkpoint', 'ResumableBatches', 'write_text_atomic',
-           'CSVLogger', 'TensorBoardLogger', 'format_row', 'ProgressCB', 'NonFiniteGuard', 'StagedTraining',
-           'Curriculum', 'ModalityDropout', 'Distributed', 'load_config', 'apply_overrides', 'resolve_config',
-           'cache_samples', 'fit_standardizer', 'build_splits', 'augmentation', 'evaluate_learner', 'Run',
-           'plot_history', 'training_callbacks', 'fit_config_to_data', 'init_output_bias', 'make_train_loader',
-           'write_json_atomic', 'train', 'add_train_arguments', 'main_train', 'demo_train']
+__all__ = ['LOSSES', 'METRICS', 'STEP_METHODS', 'DEFAULT_CONFIG', 'ANOMALY_MODEL', 'OPTIMIZERS', 'seed_everything', 'rng_state',
+           'set_rng_state', 'balanced_class_weights', 'CrossEntropyLoss', 'FocalLoss', 'SupConLoss', 'SupConCELoss',
+           'MSELoss', 'HuberLoss', 'MultiTaskLoss', 'ModelLoss', 'accuracy', 'macro_f1', 'mae', 'rmse', 'r2',
+           'CancelFitException', 'CancelEpochException', 'CancelBatchException', 'NonFiniteLossError', 'Callback',
+           'Learner', 'select_modalities', 'default_device', 'DeviceCB', 'resolve_precision', 'MixedPrecision',
+           'GradientClip', 'GradientAccumulation', 'LRSchedule', 'EarlyStopping', 'Checkpoint', 'ResumableBatches',
+           'write_text_atomic', 'CSVLogger', 'TensorBoardLogger', 'format_row', 'ProgressCB', 'NonFiniteGuard',
+           'StagedTraining', 'Curriculum', 'ModalityDropout', 'Distributed', 'load_config', 'apply_overrides',
+           'resolve_config', 'cache_samples', 'fit_standardizer', 'hold_out', 'normal_samples', 'build_splits',
+           'augmentation', 'ReconstructionTraining', 'evaluate_learner', 'Run', 'plot_history', 'training_callbacks',
+           'fit_config_to_data', 'init_output_bias', 'make_train_loader', 'write_json_atomic', 'train',
+           'add_train_arguments', 'main_train', 'demo_train']
 
 # %% ../nbs/04_training.ipynb #dfb3bd20
 def seed_everything(seed:int=0, # seed for Python, NumPy and torch (CPU and every GPU)
@@ -865,7 +867,7 @@ class Distributed(Callback):
 DEFAULT_CONFIG = {
     'name': 'run', 'seed': 0, 'runs_dir': 'runs',
     'data': {'root': 'data', 'train': 'train', 'valid': None, 'test': 'test', 'batch_size': 16, 'sampler': 'random', 'k': 2,
-             'drop_last': False, 'cache': True, 'standardize': [], 'modalities': None, 'augment': None},
+             'drop_last': False, 'cache': True, 'standardize': [], 'modalities': None, 'augment': None, 'split_off': None},
     'model': {},
     'loss': {'name': 'cross_entropy'},
     'training': {'epochs': 10, 'optimizer': 'adamw', 'lr': 1e-3, 'weight_decay': 0.01, 'lr_mult': {},
@@ -875,6 +877,7 @@ DEFAULT_CONFIG = {
                  'find_unused_parameters': False, 'init_output_bias': True},
     'evaluation': {'split': 'test', 'primary': None, 'knn': {'k': 5, 'metric': 'cosine'}},
 }  # every config key and its default
+ANOMALY_MODEL = {'scorer': None, 'input': 'image', 'normal': 0, 'threshold': {'method': 'percentile', 'percentile': 95.}}  # an anomaly `model` section and its defaults
 _DATA_SOURCES = ('sample', 'tiny', 'layout', 'options')
 OPTIMIZERS = {'adamw': torch.optim.AdamW, 'adam': torch.optim.Adam, 'sgd': partial(torch.optim.SGD, momentum=0.9)}  # name -> optimizer
 
@@ -925,13 +928,20 @@ def _merge(defaults:Mapping, cfg:Mapping, where:str, open_keys=()) -> dict:
 
 def resolve_config(cfg:Mapping) -> dict:
     "Fill in defaults and check every key: the fully resolved config a run folder stores"
+    anomaly = 'scorer' in (cfg.get('model') or {})
+    if anomaly and 'loss' not in cfg: cfg = {**cfg, 'loss': {'name': 'mse'}}  # a scorer learns to reconstruct its input
     cfg = _merge(DEFAULT_CONFIG, cfg, '')
     cfg['data'] = _merge(DEFAULT_CONFIG['data'], cfg['data'], 'data.', _DATA_SOURCES)
     cfg['training'] = _merge(DEFAULT_CONFIG['training'], cfg['training'], 'training.')
     cfg['evaluation'] = _merge(DEFAULT_CONFIG['evaluation'], cfg['evaluation'], 'evaluation.')
     sources = [k for k in ('sample', 'tiny', 'layout') if cfg['data'].get(k) is not None]
     if len(sources) != 1: raise ValueError(f"data needs exactly one of 'sample', 'tiny' or 'layout'; got {sources or 'none'}")
-    if not cfg['model'].get('encoders'): raise ValueError("model needs 'encoders' (modality -> encoder config), a 'fusion' and a 'head'")
+    if anomaly:
+        cfg['model'] = _merge(ANOMALY_MODEL, cfg['model'], 'model.')
+        if cfg['loss'].get('name') not in ('mse', 'huber'): raise ValueError(f"an anomaly scorer learns to reconstruct its input: loss must be mse or huber, got {cfg['loss'].get('name')!r}")
+        if cfg['model']['threshold'].get('method') not in THRESHOLD_METHODS: raise ValueError(f"model.threshold.method must be one of {THRESHOLD_METHODS}, got {cfg['model']['threshold'].get('method')!r}")
+        if not cfg['data']['valid']: raise ValueError("an anomaly scorer needs data.valid: its threshold is chosen on validation data (data.split_off can hold one out)")
+    elif not cfg['model'].get('encoders'): raise ValueError("model needs 'encoders' (modality -> encoder config), a 'fusion' and a 'head' (or a 'scorer', for anomaly detection)")
     if cfg['training']['optimizer'] not in OPTIMIZERS: raise ValueError(f"training.optimizer must be one of {list(OPTIMIZERS)}")
     return _plain(cfg)
 
@@ -959,8 +969,35 @@ def fit_standardizer(ds:MultiModalDataset, # the training split
     std = flat.std(0)
     return {'mean': flat.mean(0).tolist(), 'std': torch.where(std > 1e-8, std, torch.ones_like(std)).tolist(), 'channel_dim': cd}
 
+def hold_out(ds:MultiModalDataset, # the split to take samples from
+             fraction:float, # share of each class (of all samples, for other tasks) to take
+             seed:int=0, # which samples are taken
+             name:str='valid', # name of the new split, for messages
+            ) -> tuple:
+    "(the rest of `ds`, a held-out share of each of its classes): seeded, disjoint, both non-empty"
+    if not 0 < fraction < 1: raise ValueError(f"hold_out fraction must be between 0 and 1, got {fraction}")
+    classes = ds.targets if ds.task == 'classification' else [0] * len(ds)
+    rng, held = np.random.default_rng(seed), set()
+    for c in sorted(set(classes)):
+        idx = [i for i, t in enumerate(classes) if t == c]
+        held.update(rng.permutation(idx)[:round(fraction * len(idx))].tolist())
+    if not held or len(held) == len(ds): raise ValueError(f"holding out {fraction} of {ds.name} ({len(ds)} samples) leaves an empty split")
+    part = lambda keep, label: MultiModalDataset([r for i, r in enumerate(ds.records) if (i in held) == keep], list(ds.modalities.values()),
+                                                 ds.task, ds.class_names, ds.transform, name=label)
+    return part(False, ds.name), part(True, f"{ds.name} ({name})")
+
+def normal_samples(ds:MultiModalDataset, # a classification split
+                   normal:str|int=0, # the normal class, by name or index
+                  ) -> MultiModalDataset:
+    "Only the normal samples of `ds` (same modalities, transform and caching): what an anomaly scorer trains on"
+    c = normal_class_index(ds.class_names, normal)
+    keep = [r for r in ds.records if r.target == c]
+    if not keep: raise ValueError(f"{ds.name} has no sample of the normal class {normal!r}: an anomaly scorer has nothing to learn from")
+    out = MultiModalDataset(keep, list(ds.modalities.values()), ds.task, ds.class_names, ds.transform, name=f"{ds.name} (normal)")
+    return cache_samples(out) if getattr(ds, '_cached', False) else out
+
 def build_splits(data:Mapping, # the resolved `data` section of a config
-                 seed:int=0, # seed of the training split's augmentation
+                 seed:int=0, # seed of the training split's augmentation and of `split_off`
                 ) -> dict:
     "Every split the `data` section names: split name -> `MultiModalDataset` (cached when `cache` is on, training split augmented)"
     if data.get('sample'): splits = sample_splits(data['sample'], data['root'])
@@ -975,6 +1012,12 @@ def build_splits(data:Mapping, # the resolved `data` section of a config
             names = opts.pop('splits', {s: s for s in (data['train'], data['valid'], data['test']) if s})
             splits = {s: layouts[data['layout']](root, v, **opts) for s, v in names.items()}
         else: raise ValueError(f"unknown data layout {data['layout']!r}; choose from {['split_files', *layouts]}")
+    for new, spec in (data.get('split_off') or {}).items():
+        unknown = set(spec) - {'from', 'fraction'}
+        if unknown or 'from' not in spec: raise KeyError(f"data.split_off.{new} takes 'from' (a split) and 'fraction'; got {sorted(spec)}")
+        if spec['from'] not in splits: raise KeyError(f"data.split_off.{new} takes from split {spec['from']!r}, but the data has {list(splits)}")
+        if new in splits: raise ValueError(f"data.split_off would create split {new!r}, which the data already has")
+        splits[spec['from']], splits[new] = hold_out(splits[spec['from']], spec.get('fraction', 0.2), seed, new)
     for role in ('train', 'valid', 'test'):
         if data.get(role) and data[role] not in splits: raise KeyError(f"data.{role} names split {data[role]!r}, but the data has {list(splits)}")
     for ds in splits.values():
@@ -993,6 +1036,27 @@ def augmentation(spec:Sequence[Mapping]|Mapping, # [{'name': 'HorizontalFlip', '
         return getattr(A, name)(**c)
     return AlignedAugment([build(c) for c in spec['transforms']], seed=seed, spatial=spec.get('modalities'))
 
+# %% ../nbs/04_training.ipynb #2af7d0df
+class ReconstructionTraining(Callback):
+    "Train a `ReconstructionScorer`: reconstruct one input, loss against it; each validation re-chooses the threshold, so every checkpoint carries its own"
+    def __init__(self, modality:str='image', # the input the scorer reconstructs
+                 normal_class:int=0, # class index of normal samples in the validation split; every other class is anomalous
+                 threshold:Mapping|None=None): # `select_threshold` arguments, e.g. {'method': 'youden'} (default: 95th percentile of normal scores)
+        self.modality, self.normal_class, self.threshold = modality, normal_class, dict(threshold or {'method': 'percentile'})
+        if self.threshold.get('method') not in THRESHOLD_METHODS: raise ValueError(f"threshold method must be one of {THRESHOLD_METHODS}, got {self.threshold.get('method')!r}")
+    def before_fit(self, learn):
+        if learn.valid_dl is None: raise ValueError("ReconstructionTraining needs validation data: the anomaly threshold is chosen on it")
+    def predict(self, learn): learn.preds = learn.net(learn.batch['inputs'][self.modality])
+    def get_loss(self, learn): learn.loss = learn.loss_func(learn.preds, learn.batch['inputs'][self.modality])
+    def validate(self, learn) -> dict:
+        p = anomaly_scores(learn.model, learn.valid_dl, self.modality, learn.device, progress=False, normal_class=self.normal_class)
+        scores = check_finite(p.outputs, f"validation anomaly scores at epoch {learn.epoch + 1}", p.ids)
+        if not (p.targets == 0).any(): raise ValueError("the validation split has no normal sample: no reconstruction error to monitor")
+        learn.model.threshold = {**select_threshold(scores, p.targets, **self.threshold), 'epoch': learn.epoch + 1}
+        res = {'valid_loss': float(scores[p.targets == 0].mean())}
+        if p.targets.any(): res['valid_roc_auc'] = float(roc_auc_score(p.targets, scores))
+        return res
+
 # %% ../nbs/04_training.ipynb #9dbcfb4b
 def _embedding(out):
     if isinstance(out, Mapping): return out.get('embedding')
@@ -1002,10 +1066,11 @@ def evaluate_learner(learn:Learner, # a trained learner (its model is scored as 
                      splits:Mapping[str, MultiModalDataset], # the datasets
                      cfg:Mapping, # the resolved config
                      batch_size:int=64) -> dict:
-    "Held-out metrics of the learner's model next to the trivial baseline's (majority class / training mean), with full reports"
+    "Held-out metrics of the learner's model next to the trivial baseline's (majority class / training mean / constant score), with full reports"
     data, ev = cfg['data'], cfg['evaluation']
     train_ds, test_ds = splits[data['train']], splits[ev['split']]
     test_ids = [r.id for r in test_ds.records]
+    if 'scorer' in cfg['model']: return _evaluate_scorer(learn, test_ds, cfg, batch_size)
     outs, targets, loss = learn.get_preds(test_ds.loader(batch_size=batch_size))
     train_targets = torch.as_tensor(np.stack([np.asarray(t) for t in train_ds.targets]))
     res = {'split': ev['split'], 'n': len(test_ds), 'task': test_ds.task, 'test': {'loss': loss}, 'baseline': {}}
@@ -1036,10 +1101,25 @@ def evaluate_learner(learn:Learner, # a trained learner (its model is scored as 
         res['baseline'] = {'mae': mae(const, targets), 'rmse': rmse(const, targets), 'r2': r2(const, targets)}
         res['baseline_kind'] = 'mean of the training targets'
         primary = ev['primary'] or 'mae'
+    return _with_primary(res, primary)
+
+def _with_primary(res:dict, primary:str) -> dict:
     if primary not in res['test']: raise KeyError(f"evaluation.primary {primary!r} is not among the computed metrics {list(res['test'])}")
     res['primary'] = {'name': primary, 'value': res['test'][primary], 'baseline': res['baseline'][primary],
                       'higher_is_better': _mode(primary) == 'max'}
     return res
+
+def _evaluate_scorer(learn:Learner, test_ds:MultiModalDataset, cfg:Mapping, batch_size:int) -> dict:
+    "An anomaly scorer on the held-out split with the threshold it carries, next to a constant score (chance ranking, every sample flagged)"
+    m, ev = cfg['model'], cfg['evaluation']
+    p = anomaly_scores(learn.model, test_ds.loader(batch_size=batch_size), m['input'], learn.device, progress=False,
+                       normal_class=normal_class_index(test_ds.class_names, m['normal']))
+    report = anomaly_metrics(p.outputs, p.targets, learn.model.threshold, p.ids)  # a NaN score or threshold raises
+    base = anomaly_metrics(np.zeros(len(p)), p.targets, 0.)
+    keys = ('roc_auc', 'pr_auc', 'accuracy', 'f1')
+    res = {'split': ev['split'], 'n': len(test_ds), 'task': 'anomaly', 'test': {k: report[k] for k in keys}, 'baseline': {k: base[k] for k in keys},
+           'baseline_kind': 'a constant score (chance ranking, every sample flagged)', 'report': report, 'threshold_rule': learn.model.threshold}
+    return _with_primary(res, ev['primary'] or 'roc_auc')
 
 # %% ../nbs/04_training.ipynb #34607128
 @dataclass
@@ -1185,6 +1265,8 @@ def train(config_or_path:str|Path|Mapping|None=None, # a YAML file or a config m
     t, data = cfg['training'], cfg['data']
     seed_everything(cfg['seed'], t['deterministic'])
     splits = build_splits(data, cfg['seed'])
+    anomaly = 'scorer' in cfg['model']  # an anomaly scorer learns the normal class only
+    if anomaly: splits[data['train']] = normal_samples(splits[data['train']], cfg['model']['normal'])
     if resume is None:
         cfg = fit_config_to_data(cfg, splits)
         run_dir = _broadcast(_new_run_dir(cfg) if rank == 0 else None)
@@ -1192,18 +1274,23 @@ def train(config_or_path:str|Path|Mapping|None=None, # a YAML file or a config m
         t = cfg['training']
     say(f"run {cfg['name']}: {run_dir}" + (f" (resuming at epoch {ck['epoch'] + 1}, batch {ck['iter'] + 1})" if ck else ''))
     seed_everything(cfg['seed'], t['deterministic'])
-    model = build_model(cfg['model'])
-    if t['init_output_bias'] and splits[data['train']].task == 'regression': init_output_bias(model, splits[data['train']].targets)
-    loss_func = ModelLoss(cfg['loss'], model.aux_weight)
+    task = splits[data['train']].task
+    if anomaly:
+        m = cfg['model']
+        model, loss_func, metrics = build_scorer(m['scorer']), LOSSES.build(cfg['loss']), {}
+        task_cbs = [ReconstructionTraining(m['input'], normal_class_index(splits[data['valid']].class_names, m['normal']), m['threshold'])]
+    else:
+        model, task_cbs = build_model(cfg['model']), []
+        if t['init_output_bias'] and task == 'regression': init_output_bias(model, splits[data['train']].targets)
+        loss_func = ModelLoss(cfg['loss'], model.aux_weight)
+        metrics = {'accuracy': accuracy, 'macro_f1': macro_f1} if task == 'classification' and not isinstance(model.head, EmbeddingHead) else \
+                  {'mae': mae, 'rmse': rmse} if task == 'regression' else {}
+        if isinstance(model.head, MultiTaskHead) and 'logits' not in model.head.heads: metrics = {}
     world = dist.get_world_size() if _distributed() else 1
     train_dl = make_train_loader(splits[data['train']], data, cfg['seed'], rank, world)
     valid_dl = splits[data['valid']].loader(batch_size=data['batch_size']) if data['valid'] else None
-    task = splits[data['train']].task
-    metrics = {'accuracy': accuracy, 'macro_f1': macro_f1} if task == 'classification' and not isinstance(model.head, EmbeddingHead) else \
-              {'mae': mae, 'rmse': rmse} if task == 'regression' else {}
-    if isinstance(model.head, MultiTaskHead) and 'logits' not in model.head.heads: metrics = {}
     learn = Learner(model, train_dl, valid_dl, loss_func, t['lr'], OPTIMIZERS[t['optimizer']], t['weight_decay'], t['lr_mult'], metrics,
-                    training_callbacks(cfg, run_dir, say) + list(cbs))
+                    training_callbacks(cfg, run_dir, say) + task_cbs + list(cbs))
     t0 = time.perf_counter()
     try: learn.fit(t['epochs'], resume=ck)
     except BaseException as e:
