@@ -13,6 +13,8 @@ from .evaluation import evaluate_run, write_figure
 from .training import add_train_arguments, train
 from .diagnosis import diagnose_run
 from .detection import predict_cli
+from .deploy import EXPORT_FORMATS, export_run
+from .serve import serve
 
 # %% auto #0
 __all__ = ['SCENARIOS', 'data_summary', 'run_scenario', 'demo', 'main']
@@ -94,6 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument('--thermal'); r.add_argument('--nvg'); r.add_argument('--visual', dest='visual_enhanced', metavar='VISUAL')
     r.add_argument('--input', action='append', default=[], metavar='MODALITY=PATH', help='any other modality: an image or a folder')
     r.add_argument('--out', default=None, help='default: RUN_DIR/predictions'); r.add_argument('--conf', type=float, default=0.25)
+    v = sub.add_parser('serve', help='serve a run folder: HTTP (JSON + multipart) and WebSocket API, OpenAPI docs at /docs')
+    v.add_argument('run_dir'); v.add_argument('--host', default='127.0.0.1', help='interface to bind (default: loopback only)')
+    v.add_argument('--port', type=int, default=8000); v.add_argument('--checkpoint', default='best', choices=['best', 'last'])
+    v.add_argument('--data-root', default=None, help="the training data, when the run has no preprocessing.json (default: the config's data.root)")
+    v.add_argument('--max-bytes', type=int, default=16 << 20, help='largest request accepted'); v.add_argument('--max-concurrency', type=int, default=2)
+    x = sub.add_parser('export', help='export a run as ONNX or TorchScript (+ a JSON card), checked against PyTorch')
+    x.add_argument('run_dir'); x.add_argument('--format', default='onnx', choices=list(EXPORT_FORMATS))
+    x.add_argument('--out', default=None, help='default: RUN_DIR/export/model.onnx or model.pt')
+    x.add_argument('--checkpoint', default='best', choices=['best', 'last']); x.add_argument('--data-root', default=None)
     m = sub.add_parser('demo', help='the main job on the sample data')
     m.add_argument('--root', default='data'); m.add_argument('--out', default='runs/demo')
     m.add_argument('--scenario', default='weld', choices=[*SCENARIOS, 'all'])
@@ -125,6 +136,11 @@ def main(argv:list|None=None, # arguments (default: sys.argv[1:])
                 k, v = kv.split('=', 1); files[k] = v
             if not files: sys.exit("mmfusion predict: give at least one of --thermal, --nvg, --visual, --input MODALITY=PATH")
             print(f"detections: {predict_cli(a.run_dir, files, a.out or Path(a.run_dir)/'predictions', a.conf)}")
+        elif a.command == 'serve': serve(a.run_dir, a.host, a.port, a.checkpoint, a.data_root, a.max_bytes, a.max_concurrency)
+        elif a.command == 'export':
+            path, diffs = export_run(a.run_dir, a.format, a.out, a.checkpoint, a.data_root)
+            print(f"{a.format}: {path} (card: {path.with_suffix('.json')}); max abs difference from PyTorch: "
+                  + ', '.join(f"{k} {v:.2e}" for k, v in diffs.items()))
         elif a.command == 'demo': demo(a.root, a.out, a.scenario)
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
         sys.exit(f"mmfusion {a.command}: {type(e).__name__}: {e}")

@@ -54,3 +54,11 @@ def test_diagnose_writes_the_report(run_dir):
 def test_bad_run_dir_is_a_clear_error(tmp_path):
     r = subprocess.run([*MMFUSION, 'evaluate', str(tmp_path/'nowhere')], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and 'not a run folder' in r.stderr
+
+
+def test_export_refuses_variable_length_inputs_by_name(run_dir):
+    "The smoke data's series vary in length (padded + masked in batches): export says so instead of freezing one length"
+    r = subprocess.run([*MMFUSION, 'export', str(run_dir), '--format', 'onnx'], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode != 0 and "['series'] have variable length" in r.stderr, r.stderr[-2000:]
+    assert not (run_dir/'export').exists()

@@ -1,0 +1,166 @@
+"""The HTTP/WebSocket server on loopback: valid requests answer what the Predictor answers, bad ones get a 4xx naming the problem, and it keeps serving."""
+import asyncio, json, os, tempfile
+from pathlib import Path
+
+import httpx, numpy as np, pandas as pd, pytest
+from websockets.sync.client import connect
+
+from mmfusion.deploy import Predictor
+from mmfusion.serve import InferenceSlots, create_app, running_server
+from mmfusion.training import train
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT/'data'
+QUICK = [f'data.root={DATA}', 'training.epochs=2', 'training.progress=false', 'training.tensorboard=false']
+WELD = DATA/'weld'/'samples'/'overlap_006'
+CELL = 'cell_0003'
+LIMIT = 1 << 20
+
+
+def files_snapshot(*folders) -> set:
+    return {(str(p), p.stat().st_size) for f in folders for p in Path(f).rglob('*') if p.is_file()}
+
+
+def uploads_left() -> list:
+    return [p for p in Path(tempfile.gettempdir()).glob('mmfusion-upload-*')]
+
+
+@pytest.fixture(scope='module')
+def servers(tmp_path_factory):
+    "A real uvicorn server on a free loopback port per sample run (weld, inspection), each with its Predictor"
+    d = tmp_path_factory.mktemp('runs')
+    out = {}
+    with __import__('contextlib').ExitStack() as stack:
+        for c in ('weld', 'inspection'):
+            run = train(ROOT/f'configs/{c}.yaml', QUICK + [f'runs_dir={d}'], verbose=False)
+            p = Predictor.from_run(run.dir)
+            url = stack.enter_context(running_server(create_app(p, max_bytes=LIMIT)))
+            out[c] = (url, p, run.dir)
+        yield out
+
+
+def weld_multipart():
+    files = [('video', ('video.mp4', (WELD/'video.mp4').read_bytes(), 'video/mp4')),
+             *[('images', (p.name, p.read_bytes(), 'image/png')) for p in sorted((WELD/'images').glob('angle_*.png'))],
+             ('audio', ('audio.wav', (WELD/'audio.wav').read_bytes(), 'audio/wav')),
+             ('sensors', ('sensors.csv', (WELD/'sensors.csv').read_bytes(), 'text/csv'))]
+    paths = {'video': str(WELD/'video.mp4'), 'images': [str(p) for p in sorted((WELD/'images').glob('angle_*.png'))],
+             'audio': str(WELD/'audio.wav'), 'sensors': str(WELD/'sensors.csv')}
+    return files, paths
+
+
+def inspection_row():
+    return pd.read_csv(DATA/'inspection'/'metadata.csv', dtype=str).set_index('sample_id').loc[CELL].to_dict()
+
+
+def close(a, b):
+    "Same prediction up to float rounding (the server runs the same Predictor; JSON keeps floats exact, but allow 1e-6)"
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict): assert a[k].keys() == b[k].keys() and np.allclose(list(a[k].values()), list(b[k].values()), atol=1e-6)
+        elif isinstance(a[k], list) and a[k] and isinstance(a[k][0], float): assert np.allclose(a[k], b[k], atol=1e-6)
+        else: assert a[k] == b[k], (k, a[k], b[k])
+
+
+def test_health_and_schema(servers):
+    for name, (url, p, _) in servers.items():
+        h = httpx.get(f'{url}/health').json()
+        assert h['status'] == 'ok' and list(h['modalities']) == p.modalities and h['outputs'] == p.kinds
+        schema = httpx.get(f'{url}/openapi.json').json()
+        assert {'/health', '/predict', '/predict/files'} <= set(schema['paths'])
+        assert 'PredictionResponse' in schema['components']['schemas']
+        assert url.startswith('http://127.0.0.1:')
+
+
+def test_weld_files_and_arrays_equal_the_predictor(servers):
+    url, p, _ = servers['weld']
+    files, paths = weld_multipart()
+    expected = p.predict(paths, ids=['w1']).to_dict()
+    got = httpx.post(f'{url}/predict/files', files=files, data={'id': 'w1'}, timeout=60)
+    assert got.status_code == 200, got.text
+    close(got.json(), expected)
+    arrays = {m: p.specs[m].decode(v).tolist() for m, v in paths.items()}
+    got = httpx.post(f'{url}/predict', json={'inputs': arrays, 'id': 'w1'}, timeout=60)
+    assert got.status_code == 200, got.text
+    close(got.json(), expected)
+    partial = {m: arrays[m] for m in ('audio', 'sensors')}
+    got = httpx.post(f'{url}/predict', json={'inputs': partial, 'id': 'w2'}, timeout=60).json()
+    close(got, p.predict({m: paths[m] for m in ('audio', 'sensors')}, ids=['w2']).to_dict())
+    assert got['missing'] == ['video', 'images']
+
+
+def test_inspection_files_json_and_stream_equal_the_predictor(servers):
+    url, p, _ = servers['inspection']
+    img, row = DATA/'inspection'/'images'/f'{CELL}.png', inspection_row()
+    expected = p.predict({'image': str(img), 'metadata': row}, ids=[CELL]).to_dict()
+    got = httpx.post(f'{url}/predict/files', files={'image': (img.name, img.read_bytes(), 'image/png')},
+                     data={'metadata': json.dumps(row), 'id': CELL})
+    assert got.status_code == 200, got.text
+    close(got.json(), expected)
+    image = p.specs['image'].decode(str(img)).tolist()
+    close(httpx.post(f'{url}/predict', json={'inputs': {'image': image, 'metadata': row}, 'id': CELL}).json(), expected)
+    with connect(url.replace('http://', 'ws://') + '/stream') as ws:
+        replies = []
+        for msg in ({'inputs': {'image': image, 'metadata': row}, 'id': CELL}, {'inputs': {'nope': 1}}, 'not json',
+                    {'inputs': {'image': image}, 'id': CELL}):
+            ws.send(msg if isinstance(msg, str) else json.dumps(msg)); replies.append(json.loads(ws.recv()))
+    assert [r['status'] for r in replies] == [200, 422, 422, 200]
+    close(replies[0]['prediction'], expected)
+    assert "unknown modality" in replies[1]['detail'] and 'not a request' in replies[2]['detail']
+    close(replies[3]['prediction'], p.predict({'image': str(img)}, ids=[CELL]).to_dict())
+
+
+def test_bad_requests_get_a_4xx_naming_the_problem(servers):
+    before_uploads = uploads_left()
+    (wurl, wp, wdir), (iurl, ip, idir) = servers['weld'], servers['inspection']
+    watched = files_snapshot(wdir, idir, ROOT/'data')
+    garbage = b'\x89PNG\r\n\x1a\n' + os.urandom(200)
+    def chunks():  # a body without Content-Length, streamed past the limit
+        for _ in range(3): yield b'x' * (LIMIT // 2)
+    cases = {
+        'unknown modality': (httpx.post(f'{iurl}/predict', json={'inputs': {'thermal': [[1.0]]}}), 422, "modality 'thermal': unknown modality"),
+        'unknown modality (file)': (httpx.post(f'{iurl}/predict/files', files={'depth': ('d.png', garbage, 'image/png')}), 422, "modality 'depth': unknown modality"),
+        'undecodable image': (httpx.post(f'{iurl}/predict/files', files={'image': ('cell.png', garbage, 'image/png')}), 422, "modality 'image'"),
+        'undecodable video': (httpx.post(f'{wurl}/predict/files', files={'video': ('v.mp4', garbage, 'video/mp4')}), 422, "modality 'video'"),
+        'undecodable audio': (httpx.post(f'{wurl}/predict/files', files={'audio': ('a.wav', b'RIFF nonsense', 'audio/wav')}), 422, 'cannot be decoded as audio'),
+        'bad sensor csv': (httpx.post(f'{wurl}/predict/files', files={'sensors': ('s.csv', b'time,a\n0,zz\n', 'text/csv')}), 422, "modality 'sensors'"),
+        'wrong shape': (httpx.post(f'{iurl}/predict', json={'inputs': {'image': np.zeros((1, 32, 32)).tolist()}}), 422, 'has shape (1, 32, 32), expected (1, 64, 64)'),
+        'wrong shape (sensors)': (httpx.post(f'{wurl}/predict', json={'inputs': {'sensors': np.zeros((64, 5)).tolist()}}), 422, 'has shape (64, 5), expected (64, 6)'),
+        'ragged array': (httpx.post(f'{iurl}/predict', json={'inputs': {'metadata': [1, [2, 3]]}}), 422, 'not a rectangular array'),
+        'missing column': (httpx.post(f'{iurl}/predict', json={'inputs': {'metadata': {'voltage': 3.6}}}), 422, "lacks column(s) ['capacity_mah'"),
+        'no inputs': (httpx.post(f'{iurl}/predict', json={'inputs': {}}), 422, 'no modality given'),
+        'malformed JSON': (httpx.post(f'{iurl}/predict', content=b'{"inputs": ', headers={'content-type': 'application/json'}), 422, 'json'),
+        'not JSON form field': (httpx.post(f'{iurl}/predict/files', data={'metadata': 'not json'}), 422, 'neither a file nor JSON'),
+        'oversize (declared)': (httpx.post(f'{iurl}/predict/files', files={'image': ('big.png', b'0' * (LIMIT + 1), 'image/png')}), 413, f'exceeds the limit of {LIMIT} bytes'),
+        'oversize (streamed)': (httpx.post(f'{iurl}/predict', content=chunks(), headers={'content-type': 'application/json'}), 413, f'exceeds the limit of {LIMIT} bytes'),
+    }
+    for name, (r, status, words) in cases.items():
+        detail = json.dumps(r.json()['detail'])
+        print(f"{name}: {r.status_code} {detail[:160]}")
+        assert r.status_code == status, (name, r.status_code, r.text)
+        assert words.lower() in detail.lower(), (name, detail)
+    with connect(iurl.replace('http://', 'ws://') + '/stream', max_size=None) as ws:  # an oversize WebSocket message closes that connection only
+        ws.send(json.dumps({'inputs': {'image': 'x' * (LIMIT + 10)}}))
+        with pytest.raises(Exception): ws.recv(timeout=10)
+    # still serving, nothing written outside temporary folders, and no upload folder left behind
+    assert httpx.get(f'{iurl}/health').json()['status'] == 'ok'
+    img = DATA/'inspection'/'images'/f'{CELL}.png'
+    ok = httpx.post(f'{iurl}/predict/files', files={'image': (img.name, img.read_bytes(), 'image/png')}, data={'id': CELL})
+    assert ok.status_code == 200
+    close(ok.json(), ip.predict({'image': str(img)}, ids=[CELL]).to_dict())
+    files, paths = weld_multipart()
+    assert httpx.post(f'{wurl}/predict/files', files=files, timeout=60).status_code == 200
+    assert files_snapshot(wdir, idir, ROOT/'data') == watched
+    assert uploads_left() == before_uploads
+
+
+def test_concurrency_is_bounded():
+    async def scenario():
+        slots = InferenceSlots(max_concurrency=1, max_queue=1)
+        async with slots.acquire():
+            waiter = asyncio.ensure_future(slots.acquire().__aenter__())
+            await asyncio.sleep(0)
+            with pytest.raises(OverflowError, match='server busy'):
+                async with slots.acquire(): pass
+            waiter.cancel()
+    asyncio.run(scenario())
