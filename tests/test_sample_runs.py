@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest
 
 from mmfusion.cli import main
-from mmfusion.evaluation import NonFiniteError, anomaly_scores, evaluate_run, load_scorer
+from mmfusion.evaluation import NonFiniteError, anomaly_scores, evaluate_run, load_scorer, select_threshold
 from mmfusion.model import load_checkpoint, save_checkpoint
 from mmfusion.training import build_splits, load_config, train
 
@@ -166,6 +166,17 @@ def test_validation_split_is_scored_when_asked(runs, evaluated, name):
     m, preds, ds = check_report(runs(name), out, rec, 'val', 'best')
     if name == 'inspection': check_classification(m, preds, ds)
     if name == 'inspection_anomaly': check_anomaly(m, preds, ds, 'normal')
+
+
+@pytest.mark.parametrize('checkpoint', ['best', 'last'])
+def test_each_checkpoint_carries_the_threshold_of_its_own_weights(runs, checkpoint):
+    run = runs('inspection_anomaly')
+    scorer = load_scorer(run.dir/'checkpoints'/f'{checkpoint}.pt')
+    cfg, splits = datasets(run)
+    val = anomaly_scores(scorer, splits['val'].loader(batch_size=16), progress=False, normal_class=0)
+    again = select_threshold(val.outputs, val.targets, **cfg['model']['threshold'])  # chosen afresh from these weights
+    assert scorer.threshold['threshold'] == pytest.approx(again['threshold'], rel=1e-6)
+    assert scorer.threshold['epoch'] == load_checkpoint(run.dir/'checkpoints'/f'{checkpoint}.pt')['epoch']
 
 
 def test_the_threshold_rule_is_chosen_in_the_config(runs, tmp_path):

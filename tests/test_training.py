@@ -67,6 +67,20 @@ def test_config_typos_are_errors_and_overrides_apply():
     assert (cfg['training']['lr'], cfg['model']['fusion']['dim'], cfg['training']['stages']) == (1e-4, 32, [{'epochs': 2}])
 
 
+ANOMALY = ROOT/'configs'/'inspection_anomaly.yaml'
+
+
+def test_anomaly_config_mistakes_are_clear_errors(tmp_path):
+    cfg = apply_overrides(load_config(ANOMALY), [f'data.root={ROOT/"data"}'])
+    with pytest.raises(ValueError, match='needs data.valid'): resolve_config(apply_overrides(cfg, ['data.valid=null']))
+    with pytest.raises(ValueError, match='loss must be mse or huber'): resolve_config(apply_overrides(cfg, ['loss.name=cross_entropy']))
+    with pytest.raises(ValueError, match='model.threshold.method'): resolve_config(apply_overrides(cfg, ['model.threshold.method=otsu']))
+    with pytest.raises(KeyError, match="'model.head'"): resolve_config(apply_overrides(cfg, ['model.head={name: identity}']))
+    with pytest.raises(KeyError, match=r"normal class 'good' is not a class of the data \(\['normal', 'defect'\]\)"):
+        train(cfg, overrides(tmp_path, 'model.normal=good'), verbose=False)
+    with pytest.raises(KeyError, match="split_off.val takes from split 'tset'"): train(cfg, overrides(tmp_path, 'data.split_off.val.from=tset'), verbose=False)
+
+
 # --- exact resume after SIGKILL --------------------------------------------------------------------------------------
 
 PAUSE_AT_STEP = '''
