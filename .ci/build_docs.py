@@ -76,6 +76,7 @@ def build_mkdocs(out:Path=ROOT/'_docs', proc:Path=ROOT/'_proc'/'mkdocs') -> Path
     process_notebooks(nbs, proc)
     cfg = load_config(str(ROOT/'docs'/'mkdocs.yml'), docs_dir=str(proc), site_dir=str(out),
                       nav=sidebar_nav(nbs/'sidebar.yml'))
+    cfg.plugins['mkdocs-jupyter'].config['cache_dir'] = str(ROOT/'_proc'/'mkdocs-jupyter-cache')  # keyed on content: unchanged pages are not re-rendered
     build(cfg)
     return out
 
