@@ -16,13 +16,15 @@ from .data import (DataError, Sample, TabularPreprocessor, collate_samples, read
 from .model import (ClassificationHead, EmbeddingHead, IdentityHead, MultiModalModel, MultiTaskHead, RegressionHead,
                             atomic_write, load_checkpoint, load_model)
 from .training import Callback, Run, build_splits, load_config, train
+from .detection import MultiModalYOLO, load_detector, predict_detections
 
 # %% auto #0
 __all__ = ['FILE_READERS', 'IMAGE_READERS', 'EXPORT_FORMATS', 'TTA_VIEWS', 'ModalitySpec', 'preprocessing_from_splits',
-           'preprocessing_to_json', 'preprocessing_from_json', 'Prediction', 'output_kinds', 'Predictor',
-           'predictor_outputs', 'score', 'ExportModule', 'example_inputs', 'export_model', 'ExportedModel',
-           'check_export', 'flat_inputs', 'export_run', 'zoom', 'average_outputs', 'TTAPredictor', 'Ensemble',
-           'box_iou', 'weighted_box_fusion', 'distillation_loss', 'Distill', 'distill']
+           'preprocessing_to_json', 'preprocessing_from_json', 'Prediction', 'output_kinds', 'Predictor', 'Box',
+           'Detections', 'DetectionPredictor', 'load_predictor', 'predictor_outputs', 'score', 'ExportModule',
+           'example_inputs', 'export_model', 'ExportedModel', 'check_export', 'flat_inputs', 'export_run', 'zoom',
+           'average_outputs', 'TTAPredictor', 'Ensemble', 'box_iou', 'weighted_box_fusion', 'distillation_loss',
+           'Distill', 'distill']
 
 # %% ../nbs/08_deploy.ipynb #c9163e64
 FILE_READERS = {f.__name__: f for f in (read_image, read_image_set, read_video, read_audio, read_series, read_image_sequence)}  # readers a spec may name
@@ -32,7 +34,7 @@ IMAGE_READERS = ('read_image', 'read_image_set', 'read_video', 'read_image_seque
 class ModalitySpec:
     "How one modality's raw input becomes the tensor the model was trained on"
     name: str  # modality name
-    shape: tuple  # one training sample's shape
+    shape: tuple  # one training sample's shape; None for an axis of any size
     reader: str|None = None  # a key of `FILE_READERS` (files are decoded by it), or None: arrays only
     reader_kwargs: dict = field(default_factory=dict)  # the reader's arguments used in training
     variable_length: bool = False  # the first axis may vary (batches pad it and pass a mask)
@@ -61,10 +63,10 @@ class ModalitySpec:
             try: x = torch.as_tensor(np.asarray(value, dtype=np.float32))
             except (ValueError, TypeError) as e: raise DataError(where, f"is not a rectangular array of numbers ({e})") from None
         x = x.float()
-        ok = x.shape == self.shape or (self.variable_length and x.ndim == len(self.shape) and x.shape[1:] == self.shape[1:] and len(x) > 0)
-        if not ok:
-            want = ('(T, ' + ', '.join(map(str, self.shape[1:])) + ')') if self.variable_length else str(tuple(self.shape))
-            raise DataError(where, f"has shape {tuple(x.shape)}, expected {want}")
+        fits = x.ndim == len(self.shape) and all(s is None or s == d or (i == 0 and self.variable_length) for i, (s, d) in enumerate(zip(self.shape, x.shape)))
+        if not fits or x.numel() == 0:
+            dims = ['T' if i == 0 and self.variable_length else 'any' if s is None else str(s) for i, s in enumerate(self.shape)]
+            raise DataError(where, f"has shape {tuple(x.shape)}, expected ({', '.join(dims)})")
         if not torch.isfinite(x).all(): raise DataError(where, f"contains {int((~torch.isfinite(x)).sum())} NaN/inf values")
         return x
 
@@ -132,7 +134,7 @@ def output_kinds(model:MultiModalModel, # a fused model
     return {{'classification': 'logits', 'regression': 'values', 'embedding': 'embedding'}[k]: k}
 
 # %% ../nbs/08_deploy.ipynb #4c91c234
-def _named_outputs(model, out, kinds) -> dict:
+def _named_outputs(out, kinds) -> dict:
     return dict(out) if isinstance(out, Mapping) else {next(iter(kinds)): out}
 
 class Predictor:
@@ -154,11 +156,12 @@ class Predictor:
                  device:str='cpu'):
         "Load a run's weights (as data only) and its preprocessing: `preprocessing.json` if written, else refitted from the training data"
         run_dir = Path(run_dir)
-        if not (run_dir/'config.yaml').is_file(): raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
         ck = run_dir/'checkpoints'/f'{checkpoint}.pt'
         if not ck.is_file(): ck = run_dir/'checkpoints'/'last.pt'
-        if 'modalities' in load_checkpoint(ck).get('config', {}):
-            raise ValueError(f"{run_dir} is a detection run (MultiModalYOLO); predict its boxes with mmfusion.detection.predict_detections")
+        if ck.is_file() and 'modalities' in load_checkpoint(ck).get('config', {}):
+            raise ValueError(f"{run_dir} is a detection run (MultiModalYOLO): load it with `load_predictor` (a `DetectionPredictor`); "
+                             "export covers fused classification/regression/embedding models only")
+        if not (run_dir/'config.yaml').is_file(): raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
         model, cfg = load_model(ck), load_config(run_dir/'config.yaml')
         if (run_dir/'preprocessing.json').is_file():
             info = json.loads((run_dir/'preprocessing.json').read_text())
@@ -196,7 +199,7 @@ class Predictor:
         "Output name -> tensor (B, K) for a collated batch"
         batch = {**batch, 'inputs': {m: x.to(self.device) for m, x in batch['inputs'].items()},
                  'masks': {m: x.to(self.device) for m, x in batch.get('masks', {}).items()}}
-        return {k: v.float().cpu() for k, v in _named_outputs(self.model, self.model(batch).output, self.kinds).items()}
+        return {k: v.float().cpu() for k, v in _named_outputs(self.model(batch).output, self.kinds).items()}
 
     def results(self, outs:Mapping, # output name -> (B, K) tensor, from `outputs`
                 batch:Mapping, # the batch they came from
@@ -229,6 +232,69 @@ class Predictor:
         return res[0] if one else res
 
     def __repr__(self): return f"Predictor(modalities={self.modalities}, outputs={self.kinds}, classes={self.class_names})"
+
+# %% ../nbs/08_deploy.ipynb #14351758
+@dataclass
+class Box:
+    "One detected object, in the frame's original pixels"
+    x1: float; y1: float; x2: float; y2: float  # corners
+    confidence: float  # score after NMS
+    class_index: int  # class id
+    label: str  # class name
+
+@dataclass
+class Detections:
+    "One frame's boxes (highest confidence first) and which modalities it lacked"
+    id: str  # frame id
+    missing: list  # modalities absent from the input (masked via `present`)
+    size: list  # [H, W] of the frame
+    boxes: list  # `Box`es
+    def to_dict(self) -> dict: return asdict(self)
+
+class DetectionPredictor:
+    "A trained `MultiModalYOLO`: an image file or (C, H, W) array per modality (any subset) -> `Detections`"
+    def __init__(self, model:MultiModalYOLO, # the detector
+                 conf:float=0.25, iou:float=0.7): # NMS confidence and IoU thresholds
+        self.model, self.conf, self.iou = model.eval(), conf, iou
+        self.specs = {m: ModalitySpec(m, (c, None, None), 'read_image', {'channels': c}) for m, c in model.channels.items()}
+        self.kinds, self.class_names, self.task = {'boxes': 'detection'}, list(model.names.values()), 'detection'
+
+    @classmethod
+    def from_run(cls, run_dir, checkpoint:str='best', conf:float=0.25):
+        "Load a detection run's weights (as data only)"
+        ck = Path(run_dir)/'checkpoints'/f'{checkpoint}.pt'
+        return cls(load_detector(ck if ck.is_file() else run_dir), conf)
+
+    @property
+    def modalities(self) -> list: return self.model.modalities
+
+    def prepare(self, inputs:Mapping) -> dict:
+        "Decode one frame's inputs; unknown modalities and bad inputs raise a `DataError`"
+        unknown = [m for m in inputs if m not in self.specs]
+        if unknown: raise DataError(f"modality {unknown[0]!r}", f"unknown modality; the model takes {self.modalities}")
+        x = {m: self.specs[m].decode(v) for m, v in inputs.items() if v is not None}
+        if not x: raise DataError('inputs', f"no modality given; the model takes {self.modalities}")
+        return x
+
+    def predict(self, inputs:Mapping|Sequence[Mapping], ids:Sequence[str]|None=None) -> Detections|list:
+        "Detect in one frame (returns `Detections`) or several (returns a list)"
+        one = isinstance(inputs, Mapping)
+        items = [inputs] if one else list(inputs)
+        ids = [str(i) for i in (ids if ids is not None else range(len(items)))]
+        frames = [self.prepare(x) for x in items]
+        res = [Detections(i, r['missing'], r['size'], [Box(*d['box_xyxy'], d['confidence'], d['class'], d['name']) for d in r['detections']])
+               for i, r in zip(ids, predict_detections(self.model, frames, conf=self.conf, iou=self.iou))]
+        return res[0] if one else res
+
+def load_predictor(run_dir, # a run folder (fused model or multi-modal YOLO)
+                   checkpoint:str='best', # 'best' or 'last'
+                   data_root=None, # the training data, for a fused run without preprocessing.json
+                   device:str='cpu'):
+    "A `DetectionPredictor` for a detection run, else a `Predictor`"
+    ck = Path(run_dir)/'checkpoints'/f'{checkpoint}.pt'
+    ck = ck if ck.is_file() else Path(run_dir)/'checkpoints'/'last.pt'
+    if ck.is_file() and 'modalities' in load_checkpoint(ck).get('config', {}): return DetectionPredictor.from_run(run_dir, checkpoint)
+    return Predictor.from_run(run_dir, checkpoint, data_root, device)
 
 # %% ../nbs/08_deploy.ipynb #28c3c631
 def predictor_outputs(predictor, # anything with `outputs(batch)`: a `Predictor`, `TTAPredictor` or `Ensemble`

@@ -14,11 +14,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 import uvicorn
 from .data import DataError
-from .deploy import Prediction, Predictor
+from .deploy import DetectionPredictor, Predictor, load_predictor
 
 # %% auto #0
-__all__ = ['BodyLimit', 'InferenceSlots', 'PredictRequest', 'PredictionResponse', 'create_app', 'free_port', 'running_server',
-           'serve']
+__all__ = ['BodyLimit', 'InferenceSlots', 'PredictRequest', 'PredictionResponse', 'BoxResponse', 'DetectionsResponse',
+           'create_app', 'free_port', 'running_server', 'serve']
 
 # %% ../nbs/10_serve.ipynb #ec707197
 class BodyLimit:
@@ -66,7 +66,7 @@ class PredictRequest(BaseModel):
     id: str = Field('request', description='sample id echoed in the answer')
 
 class PredictionResponse(BaseModel):
-    "What `/predict` answers (a `Prediction`)"
+    "What `/predict` answers for a fused model (a `Prediction`)"
     id: str
     missing: list[str]
     label: str|None = None
@@ -74,6 +74,20 @@ class PredictionResponse(BaseModel):
     probabilities: dict[str, float]|None = None
     values: list[float]|None = None
     embedding: list[float]|None = None
+
+class BoxResponse(BaseModel):
+    "One box of `DetectionsResponse`"
+    x1: float; y1: float; x2: float; y2: float
+    confidence: float
+    class_index: int
+    label: str
+
+class DetectionsResponse(BaseModel):
+    "What `/predict` answers for a detection run (`Detections`)"
+    id: str
+    missing: list[str]
+    size: list[int]
+    boxes: list[BoxResponse]
 
 _SUFFIX = re.compile(r'^\.[A-Za-z0-9]{1,5}$')
 
@@ -101,14 +115,15 @@ def _save_uploads(items, # (field name, value) pairs of a multipart form, in ord
         else: raise DataError(f"modality {key!r}", "given several times as text; send one JSON value or files")
     return inputs
 
-def create_app(predictor:Predictor, # the model to serve
+def create_app(predictor:Predictor|DetectionPredictor, # the model to serve (see `mmfusion.deploy.load_predictor`)
                max_bytes:int=16 << 20, # largest request body (and WebSocket message) accepted
                max_concurrency:int=2, # predictions running at once
                max_queue:int=16, # requests allowed to wait for a slot before 503
                title:str='mmfusion', # API title
               ) -> FastAPI:
     "A FastAPI app serving `predictor` over HTTP (JSON and multipart) and WebSocket"
-    app = FastAPI(title=title, description=f"Fused model taking {predictor.modalities}; outputs {predictor.kinds}")
+    app = FastAPI(title=title, description=f"Model taking {predictor.modalities}; outputs {predictor.kinds}")
+    answer = DetectionsResponse if isinstance(predictor, DetectionPredictor) else PredictionResponse
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
     app.state.predictor, app.state.slots = predictor, InferenceSlots(max_concurrency, max_queue)
 
@@ -131,13 +146,13 @@ def create_app(predictor:Predictor, # the model to serve
                                for m in predictor.modalities},
                 'limits': {'max_bytes': max_bytes, 'max_concurrency': max_concurrency, 'max_queue': max_queue}}
 
-    @app.post('/predict', response_model=PredictionResponse, responses={413: {}, 422: {}, 503: {}})
+    @app.post('/predict', response_model=answer, responses={413: {}, 422: {}, 503: {}})
     async def predict(req:PredictRequest):
         "Predict one sample from arrays / tabular rows given as JSON"
         try: return await run(req.inputs, req.id)
         except (DataError, OverflowError) as e: return error(e)
 
-    @app.post('/predict/files', response_model=PredictionResponse, responses={413: {}, 422: {}, 503: {}})
+    @app.post('/predict/files', response_model=answer, responses={413: {}, 422: {}, 503: {}})
     async def predict_files(request:Request):
         "Predict one sample from a multipart form: a file field per modality (repeat it for image sets), JSON text for arrays/rows; `id` optional"
         try:
@@ -206,6 +221,6 @@ def serve(run_dir, # a run folder
     "Serve a run folder over HTTP/WebSocket until interrupted (what `mmfusion serve` runs)"
     if not ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
         warnings.warn(f"serving on {host}: reachable from other machines; there is no authentication")
-    app = create_app(Predictor.from_run(run_dir, checkpoint, data_root), max_bytes, max_concurrency, max_queue)
+    app = create_app(load_predictor(run_dir, checkpoint, data_root), max_bytes, max_concurrency, max_queue)
     print(f"serving {run_dir} on http://{host}:{port} (docs: http://{host}:{port}/docs)", flush=True)
     uvicorn.Server(_config(app, host, port, max_bytes, log_level)).run()

@@ -2,10 +2,12 @@
 import asyncio, json, os, tempfile
 from pathlib import Path
 
-import httpx, numpy as np, pandas as pd, pytest
+import httpx, numpy as np, pandas as pd, pytest, torch
 from websockets.sync.client import connect
 
-from mmfusion.deploy import Predictor
+from mmfusion.deploy import DetectionPredictor, Predictor, load_predictor
+from mmfusion.detection import MultiModalYOLO
+from mmfusion.model import save_checkpoint
 from mmfusion.serve import InferenceSlots, create_app, running_server
 from mmfusion.training import train
 
@@ -36,6 +38,11 @@ def servers(tmp_path_factory):
             p = Predictor.from_run(run.dir)
             url = stack.enter_context(running_server(create_app(p, max_bytes=LIMIT)))
             out[c] = (url, p, run.dir)
+        torch.manual_seed(0)  # an untrained night detector saved as a run: serving boxes does not need a good one
+        yolo = MultiModalYOLO({'thermal': 1, 'nvg': 1, 'visual_enhanced': 3}, 'yolo11n.yaml', imgsz=64)
+        save_checkpoint({'config': yolo.config, 'state_dict': yolo.state_dict()}, d/'night'/'checkpoints'/'best.pt')
+        p = load_predictor(d/'night')
+        out['night'] = (stack.enter_context(running_server(create_app(p, max_bytes=LIMIT))), p, d/'night')
         yield out
 
 
@@ -63,12 +70,13 @@ def close(a, b):
 
 
 def test_health_and_schema(servers):
+    assert isinstance(servers['night'][1], DetectionPredictor)
     for name, (url, p, _) in servers.items():
         h = httpx.get(f'{url}/health').json()
         assert h['status'] == 'ok' and list(h['modalities']) == p.modalities and h['outputs'] == p.kinds
         schema = httpx.get(f'{url}/openapi.json').json()
         assert {'/health', '/predict', '/predict/files'} <= set(schema['paths'])
-        assert 'PredictionResponse' in schema['components']['schemas']
+        assert ('DetectionsResponse' if name == 'night' else 'PredictionResponse') in schema['components']['schemas']
         assert url.startswith('http://127.0.0.1:')
 
 
@@ -108,6 +116,19 @@ def test_inspection_files_json_and_stream_equal_the_predictor(servers):
     close(replies[0]['prediction'], expected)
     assert "unknown modality" in replies[1]['detail'] and 'not a request' in replies[2]['detail']
     close(replies[3]['prediction'], p.predict({'image': str(img)}, ids=[CELL]).to_dict())
+
+
+def test_detection_run_serves_boxes(servers):
+    url, p, _ = servers['night']
+    night = DATA/'night'/'test'
+    frame = {'thermal': night/'thermal'/'frame_0052.png', 'nvg': night/'nvg'/'frame_0052.png'}
+    expected = p.predict({m: str(f) for m, f in frame.items()}, ids=['f52']).to_dict()
+    got = httpx.post(f'{url}/predict/files', files=[(m, (f.name, f.read_bytes(), 'image/png')) for m, f in frame.items()], data={'id': 'f52'})
+    assert got.status_code == 200, got.text
+    close(got.json(), expected)
+    assert got.json()['missing'] == ['visual_enhanced'] and got.json()['size'] == list(p.specs['thermal'].decode(str(frame['thermal'])).shape[1:])
+    bad = httpx.post(f'{url}/predict', json={'inputs': {'thermal': np.zeros((3, 8, 8)).tolist()}})
+    assert bad.status_code == 422 and 'has shape (3, 8, 8), expected (1, any, any)' in bad.json()['detail']
 
 
 def test_bad_requests_get_a_4xx_naming_the_problem(servers):
