@@ -48,6 +48,7 @@ def process_notebooks(nbs:Path, out:Path) -> list:
         nb = read_nb(f)
         NBProcessor(f, procs, nb=nb).process()
         nb.cells = [c for c in nb.cells if c.get('source')]
+        for i, c in enumerate(nb.cells): c.setdefault('id', f'proc-{i}')  # cells nbdev inserts have none
         up = '../' * (len(rel.parts) - 1)
         for c in nb.cells:  # links to this site's own pages stay on this site (relative), as Quarto's would
             c.source = c.source.replace(site, up)
