@@ -115,6 +115,13 @@ def _save_uploads(items, # (field name, value) pairs of a multipart form, in ord
         else: raise DataError(f"modality {key!r}", "given several times as text; send one JSON value or files")
     return inputs
 
+def _refuse_paths(inputs:dict) -> dict:
+    "JSON inputs may be arrays or tabular rows, never strings: a path would make the server read its own files"
+    for m, v in inputs.items():
+        if isinstance(v, str) or (isinstance(v, list) and any(isinstance(e, str) for e in v)):
+            raise DataError(f"modality {m!r}", "file paths are not accepted over the API; upload the file to /predict/files or send an array")
+    return inputs
+
 def create_app(predictor:Predictor|DetectionPredictor, # the model to serve (see `mmfusion.deploy.load_predictor`)
                max_bytes:int=16 << 20, # largest request body (and WebSocket message) accepted
                max_concurrency:int=2, # predictions running at once
@@ -149,7 +156,7 @@ def create_app(predictor:Predictor|DetectionPredictor, # the model to serve (see
     @app.post('/predict', response_model=answer, responses={413: {}, 422: {}, 503: {}})
     async def predict(req:PredictRequest):
         "Predict one sample from arrays / tabular rows given as JSON"
-        try: return await run(req.inputs, req.id)
+        try: return await run(_refuse_paths(req.inputs), req.id)
         except (DataError, OverflowError) as e: return error(e)
 
     @app.post('/predict/files', response_model=answer, responses={413: {}, 422: {}, 503: {}})
@@ -175,7 +182,7 @@ def create_app(predictor:Predictor|DetectionPredictor, # the model to serve (see
                     if len(text.encode()) > max_bytes: raise DataError('message', f"payload of {len(text.encode())} bytes exceeds the limit of {max_bytes} bytes")
                     try: req = PredictRequest.model_validate_json(text)
                     except ValueError as e: raise DataError('message', f"not a request {{'inputs': {{modality: value}}, 'id': ...}}: {str(e).splitlines()[0]}") from None
-                    await ws.send_json({'status': 200, 'prediction': await run(req.inputs, req.id)})
+                    await ws.send_json({'status': 200, 'prediction': await run(_refuse_paths(req.inputs), req.id)})
                 except (DataError, OverflowError) as e:
                     await ws.send_json({'status': 503 if isinstance(e, OverflowError) else 413 if 'exceeds the limit' in str(e) else 422, 'detail': str(e)})
         except WebSocketDisconnect: pass

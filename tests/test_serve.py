@@ -150,6 +150,8 @@ def test_bad_requests_get_a_4xx_naming_the_problem(servers):
         'ragged array': (httpx.post(f'{iurl}/predict', json={'inputs': {'metadata': [1, [2, 3]]}}), 422, 'not a rectangular array'),
         'missing column': (httpx.post(f'{iurl}/predict', json={'inputs': {'metadata': {'voltage': 3.6}}}), 422, "lacks column(s) ['capacity_mah'"),
         'no inputs': (httpx.post(f'{iurl}/predict', json={'inputs': {}}), 422, 'no modality given'),
+        'server-side path': (httpx.post(f'{wurl}/predict', json={'inputs': {'sensors': str(WELD/'sensors.csv')}}), 422, 'file paths are not accepted'),
+        'server-side paths (list)': (httpx.post(f'{wurl}/predict', json={'inputs': {'images': ['/etc/passwd']}}), 422, 'file paths are not accepted'),
         'malformed JSON': (httpx.post(f'{iurl}/predict', content=b'{"inputs": ', headers={'content-type': 'application/json'}), 422, 'json'),
         'not JSON form field': (httpx.post(f'{iurl}/predict/files', data={'metadata': 'not json'}), 422, 'neither a file nor JSON'),
         'oversize (declared)': (httpx.post(f'{iurl}/predict/files', files={'image': ('big.png', b'0' * (LIMIT + 1), 'image/png')}), 413, f'exceeds the limit of {LIMIT} bytes'),
