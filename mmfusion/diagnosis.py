@@ -58,11 +58,12 @@ REMEDIES = {
     'check_splits': "rebuild the splits so no sample (id or file content) is in two of them; `check_splits` lists the shared ones",
     'finite_inputs': "clean or skip the bad samples (`on_error='skip'` in the dataset) and standardise raw values (`data.standardize`)",
     'schedule': "check `training.schedule` (name, warmup) and that the LRSchedule callback runs; `history.csv`'s lr column shows what was applied",
-    'temporal_state': "use an encoder that carries state across steps (`conv_lstm`) and check custom recurrent code passes `(h, c)` on",
+    'temporal_state': "use an encoder that carries state across steps (`conv_lstm`) and check custom recurrent code passes `(h, c)` on; a `conv_lstm` whose step tokens average the hidden state over the frame can hide a small changing region: try `pool: max`",
     'temporal_training': "make every step matter: `training.curriculum` on sequence length, temporal augmentation, or `aux_heads` on {m}",
     'attention_fusion': "use an attention fusion (`transformer` or `fusion_tokens`) so each sample can weight the modalities",
     'input_dependence': "check the loss decreases at all (learning rate, `init_output_bias`), then the feature scale (`norm_before_fusion`) and the gradient flow findings",
     'augment_spatial': "augment positions (`data.augment`: flips, shifts) so a fixed location cannot stand in for the content",
+    'encoder_capacity': "check that {m}'s encoder can extract it: a stronger or better-suited encoder (image sequences: `conv_lstm` with `pool: max`, so a small region is not averaged away over the frame; or `image_set` over a CNN), then compare its auxiliary head with the prior again",
     'drop_modality': "if the modality carries no information, leave it out (`data.modalities`), or keep it as a harmless extra",
 }
 
@@ -266,7 +267,8 @@ def modality_contribution(model:nn.Module, # a model with the library's call; `m
                                     ev, subject=m))
         elif uninformative:
             findings.append(Finding('modality_contribution', 'warning', f"{m} contributes nothing, and its own auxiliary head does no better than "
-                                    f"the class prior / median either: the modality itself may carry no information", ev, remedies('drop_modality'), m))
+                                    f"the class prior / median either: the modality carries no information, or its encoder cannot extract it", ev,
+                                    remedies('encoder_capacity', 'drop_modality', m=m), m))
         else:
             findings.append(Finding('modality_contribution', 'problem', f"the model ignores {m}: masking, averaging or shuffling it changes the score by at most "
                                     f"{top:.3g} (Shapley share {share if share is None else round(share, 4)})", ev,

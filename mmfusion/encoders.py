@@ -260,8 +260,11 @@ class ConvLSTM(Encoder):
                  hidden:int=32, # hidden channels = token dimension
                  kernel_size:int=3, # ConvLSTM kernel size (odd)
                  layers:int=1, # stacked ConvLSTM layers
-                 stem_stride:int=1): # stride of the conv stem before the recurrence (2 or 4 for large frames)
+                 stem_stride:int=1, # stride of the conv stem before the recurrence (2 or 4 for large frames)
+                 pool:str='mean'): # each step's token from its hidden state: 'mean' over space, or 'max' (a small region, e.g. a flare, survives)
         super().__init__()
+        if pool not in ('mean', 'max'): raise ValueError(f"pool must be 'mean' or 'max', got {pool!r}")
+        self.pool = pool
         self.stem = nn.Sequential(nn.Conv2d(in_channels, hidden, 3, stem_stride, 1), nn.GELU())
         self.cells = nn.ModuleList(_ConvLSTMCell(hidden, hidden, kernel_size) for _ in range(layers))
         self.attention = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
@@ -283,7 +286,7 @@ class ConvLSTM(Encoder):
                 state[l], inp = (h, c), h
             steps.append(inp)
         hs = torch.stack(steps, 1)
-        tokens = hs.mean((-2, -1))  # (B, T, hidden): one token per step
+        tokens = hs.mean((-2, -1)) if self.pool == 'mean' else hs.amax((-2, -1))  # (B, T, hidden): one token per step
         scores = self.attention(tokens).squeeze(-1)
         if mask is not None:
             attend = mask.bool() | ~mask.bool().any(1, keepdim=True)

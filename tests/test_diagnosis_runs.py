@@ -62,6 +62,6 @@ def test_checks_fit_the_scenario(diagnosed):
     else: assert ('modality_contribution', None) not in checks and any(c == 'modality_contribution' for c, _ in checks)
     if name == 'weld':  # five camera angles are a set of views, not a time axis; the video is a sequence
         assert ('temporal', 'images') not in checks and ('temporal', 'video') in checks
-    if name == 'solar':  # the image sequence is a time axis: an order-blind encoder of it is pointed out
+    if name == 'solar':  # the image sequence is a time axis: the temporal checks look at it
         assert ('temporal', 'frames') in checks
     print(f"{name}: {found['counts']} in {seconds:.0f}s")
