@@ -136,9 +136,13 @@ class CrossAttentionBlock(nn.Module):
         return self.norm2(q + self.mlp(q)), w
 
 # %% ../nbs/02_fusion.ipynb #e506bd0d
+def _tracing() -> bool:
+    "True while TorchScript, ONNX or torch.export records a graph: data-dependent shortcuts would be frozen into it"
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
 def _zero_unless(x:torch.Tensor, keep:torch.Tensor):
-    "`x` where `keep` (broadcastable) is True, else 0; no copy when everything is kept"
-    return x if bool(keep.all()) else torch.where(keep, x, 0)
+    "`x` where `keep` (broadcastable) is True, else 0; no copy when everything is kept (always masked in a recorded graph)"
+    return torch.where(keep, x, 0) if _tracing() or not bool(keep.all()) else x
 
 class Fusion(nn.Module):
     "Base of all fusions: input checks, absent modalities, per-modality LayerNorm and modality dropout; subclasses write `fuse`"
