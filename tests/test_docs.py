@@ -42,3 +42,5 @@ def test_pages_render_offline_without_console_errors(site, browser):
     missing = [name for name in mmfusion.evaluation.__all__ if not re.search(rf'\b{re.escape(name)}\b', api)]
     assert missing == [], f"evaluation.html does not document {missing}"
     assert 'Traceback' not in tut and len(tut) > 500
+    for text in (home, api, tut):  # processed as nbdev_docs does: directives stripped, `#| hide` cells gone
+        assert '#|' not in text and 'set_num_threads' not in text
