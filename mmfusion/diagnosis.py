@@ -231,6 +231,7 @@ def shapley_values(value:Callable, # `value(frozenset of modalities) -> float`
 def modality_contribution(model:nn.Module, # a model with the library's call; `model.modalities` lists its modalities
                           batches:list, # from `as_batches`
                           min_share:float=0.02, # flag a modality whose Shapley share of the total gain is below this
+                          weak_share:float=0.05, # a modality with a Shapley share below this (but not negligible) contributes little: a warning
                           max_shapley:int=6, # exact Shapley values up to this many modalities (2^M passes)
                          ) -> list:
     "Score drop when each modality is masked, replaced by its mean, or shuffled across samples, and exact Shapley values over modalities"
@@ -262,7 +263,11 @@ def modality_contribution(model:nn.Module, # a model with the library's call; `m
               'score_all': v_all, 'score_none': v_none, 'drop': rows[m], 'shapley': phi.get(m), 'shapley_share': share, **aux.get(m, {})}
         negligible = (share is not None and share < min_share and top < min_share * max(abs(gain), 1e-9)) or (share is None and top <= 1e-9)
         uninformative = m in aux and aux[m]['aux_head_score'] <= aux[m]['prior_score']
-        if not negligible:
+        if not negligible and share is not None and share < weak_share:
+            findings.append(Finding('modality_contribution', 'warning', f"{m} contributes little: {share:.1%} of the score gain (Shapley), at most {top:.3g} "
+                                    f"when masked, averaged or shuffled", ev, remedies(*(('encoder_capacity',) if uninformative else ()),
+                                    'aux_heads', 'norm_before_fusion', 'lr_mult', m=m), m))
+        elif not negligible:
             findings.append(Finding('modality_contribution', 'ok', f"{m} contributes (Shapley share {share:.3g})" if share is not None else f"{m} contributes",
                                     ev, subject=m))
         elif uninformative:
