@@ -86,6 +86,8 @@ def main():
     t0 = time.time()
     if quarto_available():
         subprocess.run([str(Path(sys.executable).parent/'nbdev_docs')], cwd=ROOT, check=True)
+        # nbdev_docs also re-renders README.md through Quarto; the project's README is render_readme.py's (tests/test_readme.py)
+        subprocess.run([sys.executable, str(ROOT/'.ci'/'render_readme.py')], cwd=ROOT, check=True)
         out = ROOT/'_docs'
     else: out = build_mkdocs()
     print(f"docs site in {out} ({'Quarto' if quarto_available() else 'mkdocs'}, {time.time() - t0:.0f} s)")
