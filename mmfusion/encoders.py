@@ -273,15 +273,16 @@ class ConvLSTM(Encoder):
 
     def forward(self, x, mask=None):
         B, T = x.shape[:2]
-        frames = self.stem(x.flatten(0, 1)).unflatten(0, (B, T))  # (B, T, hidden, H', W')
-        state = [(frames.new_zeros(frames[:, 0].shape),) * 2 for _ in self.cells]
+        frames = self.stem(x.flatten(0, 1))
+        frames = frames.reshape(x.shape[0], T, *frames.shape[1:])  # (B, T, hidden, H', W')
+        state = [(torch.zeros_like(frames[:, 0]),) * 2 for _ in self.cells]
         steps = []
         for t in range(T):
             inp = frames[:, t]
             for l, cell in enumerate(self.cells):
                 h, c = cell(inp, *state[l])
                 if mask is not None:  # a padded step leaves the state as it was
-                    keep = mask[:, t].view(B, 1, 1, 1)
+                    keep = mask[:, t, None, None, None]
                     h, c = torch.where(keep, h, state[l][0]), torch.where(keep, c, state[l][1])
                 state[l], inp = (h, c), h
             steps.append(inp)
@@ -347,8 +348,8 @@ class ImageSetEncoder(Encoder):
 
     def forward(self, x, mask=None):
         B, V = x.shape[:2]
-        views = self.encoder(x.flatten(0, 1)).pooled.unflatten(0, (B, V))  # (B, V, D)
-        real = torch.ones(B, V, dtype=torch.bool, device=x.device) if mask is None else mask.bool()
+        views = self.encoder(x.flatten(0, 1)).pooled.reshape(x.shape[0], V, -1)  # (B, V, D)
+        real = torch.ones_like(views[..., 0], dtype=torch.bool) if mask is None else mask.bool()
         real = real | ~real.any(1, keepdim=True)  # an empty set aggregates all (zero) views: finite
         if self.aggregation == 'mean': pooled = _masked_mean(views, real)
         elif self.aggregation == 'max': pooled = views.masked_fill(~real[..., None], float('-inf')).amax(1)

@@ -192,7 +192,7 @@ class Fusion(nn.Module):
             if x.shape[0] != B or x.shape[-1] != self.dims[m]:
                 raise ValueError(f"modality {m!r}: tokens have shape {tuple(x.shape)}, expected ({B}, N, {self.dims[m]})")
             mask = masks.get(m)
-            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.bool()
+            mask = torch.ones_like(x[..., 0], dtype=torch.bool) if mask is None else mask.bool()
             if mask.shape != x.shape[:2]: raise ValueError(f"modality {m!r}: mask has shape {tuple(mask.shape)}, tokens {tuple(x.shape)}")
             xs.append(x); ms.append(mask)
         present = present.to(xs[0].device) & torch.stack([mk.any(1) for mk in ms], 1)  # no real token = absent

@@ -100,6 +100,7 @@ def test_export_matches_pytorch(runs, predictors, tmp_path, name, fmt):
     on_data, on_random = check_export(path, p, flat_inputs(batch, p.modalities)), check_export(path, p)
     print(f"{name} {fmt} (batch axis: {ExportedModel(path).batch_size or 'dynamic'}): max abs diff vs PyTorch, test batch {on_data}, random batch (n=M+3) {on_random}")
     assert set(on_data) == set(p.kinds) and max(on_data.values()) < 1e-4 and max(on_random.values()) < 1e-4
+    assert ExportedModel(path).batch_size is None, 'the batch axis was frozen into the graph (an encoder or fusion builds a tensor from a Python size)'
 
 
 def test_tta_and_ensemble_invariants(runs, predictors):
