@@ -718,8 +718,8 @@ def class_folders(root, # dataset root
     for c in folders:
         for f in sorted((d/c).iterdir()):
             if f.suffix.lower() not in IMAGE_EXTS: continue
-            if c not in class_names: policy(DataError(f, f"class folder {c!r} is not one of {class_names}"), f"{c}/{f.stem}"); continue
-            records.append(Record(f"{c}/{f.stem}", {name: f}, class_names.index(c), str(f)))
+            if c not in class_names: policy(DataError(f, f"class folder {c!r} is not one of {class_names}"), f"{split}/{c}/{f.stem}"); continue
+            records.append(Record(f"{split}/{c}/{f.stem}", {name: f}, class_names.index(c), str(f)))  # train/normal/000 and test/normal/000 are different images
     return MultiModalDataset(records, [Modality(name, partial(read_image, channels=channels), spatial=True)], 'classification',
                              class_names, transform, on_error, policy.skipped, name=str(d))
 

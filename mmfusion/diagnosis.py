@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt, numpy as np, pandas as pd, torch, torch.nn as n
 from .data import (MultiModalDataset, StratifiedBatchSampler, batch_to, check_splits, from_arrays, read_image_sequence,
                            read_image_set, read_series, read_video)
 from .encoders import ConvLSTM, ImageSetEncoder, PrecomputedEmbedding, Registry, Standardized
-from .evaluation import check_prediction_spread, mask_modalities, to_jsonable, write_json
+from .evaluation import (anomaly_scores, check_finite, check_prediction_spread, load_scorer, mask_modalities, normal_class_index,
+                                 to_jsonable, write_json)
 from .model import EmbeddingHead, atomic_write, load_model
 from .training import build_splits, load_config
 
@@ -24,7 +25,7 @@ __all__ = ['SEVERITIES', 'REMEDIES', 'CHECKS', 'ORDERED_READERS', 'MODEL_CHECKS'
            'feature_magnitudes', 'gradient_flow', 'declared_order', 'sequence_modalities', 'image_modalities',
            'temporal_behaviour', 'channel_importance', 'grad_cam', 'saliency', 'fusion_attention',
            'contrastive_batches', 'class_balance', 'split_leakage', 'finite_inputs', 'lr_schedule', 'Subject',
-           'Diagnosis', 'write_diagnosis', 'diagnose', 'diagnose_run']
+           'Diagnosis', 'write_diagnosis', 'diagnose', 'score_separation', 'diagnose_scorer_run', 'diagnose_run']
 
 # %% ../nbs/06_diagnosis.ipynb #e36199d9
 SEVERITIES = ('ok', 'warning', 'problem')  # from harmless to must-fix
@@ -65,6 +66,8 @@ REMEDIES = {
     'augment_spatial': "augment positions (`data.augment`: flips, shifts) so a fixed location cannot stand in for the content",
     'encoder_capacity': "check that {m}'s encoder can extract it: a stronger or better-suited encoder (image sequences: `conv_lstm` with `pool: max`, so a small region is not averaged away over the frame; or `image_set` over a CNN), then compare its auxiliary head with the prior again",
     'drop_modality': "if the modality carries no information, leave it out (`data.modalities`), or keep it as a harmless extra",
+    'bottleneck': "narrow the autoencoder's bottleneck (`model.scorer.latent`, fewer `widths`) or train fewer epochs, so it cannot learn to copy any image; check the training split holds normal samples only (`model.normal`)",
+    'scorer_training': "check that the scorer trains at all (`history.csv`: train_loss falls; `training.lr`) and reads the right input (`model.input`)",
 }
 
 def remedies(*keys:str, m:str='') -> list:
@@ -862,6 +865,59 @@ def diagnose(model_or_run, # a `MultiModalModel`, or a run folder made by `train
     if out is not None: d.write(out)
     return d
 
+# %% ../nbs/06_diagnosis.ipynb #c7e00af4
+def score_separation(scores, # (N,) anomaly scores of the diagnosed split (larger = more anomalous)
+                     anomalous, # (N,) True (or 1) for anomalous samples, False for normal ones
+                     min_ratio:float=1.5, # median anomalous / median normal score below this is a warning; at or below 1, a problem
+                    ) -> list:
+    "Do anomalous samples score higher than normal ones, and do the scores vary at all: [Finding]"
+    s, y = check_finite(scores, 'anomaly scores'), np.asarray(anomalous).astype(bool)
+    spread = float(s.std() / (abs(s.mean()) + 1e-12))
+    ev = {'n_normal': int((~y).sum()), 'n_anomalous': int(y.sum()), 'relative_spread': spread}
+    if spread < 1e-3:
+        return [Finding('score_separation', 'problem', f"the anomaly scores are constant (std/mean {spread:.1e}): the scorer does not look at its input", ev, remedies('scorer_training'))]
+    if y.all() or not y.any(): return [Finding('score_separation', 'ok', 'skipped: the split needs normal and anomalous samples', {**ev, 'skipped': True})]
+    med_n, med_a = float(np.median(s[~y])), float(np.median(s[y]))
+    ratio = med_a / max(med_n, 1e-12)
+    auc = float((s[y][:, None] > s[~y][None]).mean() + 0.5 * (s[y][:, None] == s[~y][None]).mean())
+    ev.update(median_normal=med_n, median_anomalous=med_a, ratio=ratio, rank_auc=auc)
+    if ratio <= 1: sev, msg = 'problem', f"anomalous samples reconstruct as well as normal ones (median score ratio {ratio:.2f}, rank AUC {auc:.2f}): the autoencoder copies everything"
+    elif ratio < min_ratio: sev, msg = 'warning', f"anomalous samples score only {ratio:.2f}x the normal ones (median; rank AUC {auc:.2f}): a threshold will be fragile"
+    else: sev, msg = 'ok', f"anomalous samples score {ratio:.2f}x the normal ones (median; rank AUC {auc:.2f})"
+    return [Finding('score_separation', sev, msg, ev, remedies('bottleneck') if sev != 'ok' else [])]
+
+# %% ../nbs/06_diagnosis.ipynb #51c0e7ba
+def diagnose_scorer_run(run_dir, # a run folder whose config names a `model.scorer`
+                        split:str='test', # the split role to diagnose on
+                        out=None, # report folder (default RUN_DIR/diagnosis)
+                        checkpoint:str='best', # 'best' or 'last'
+                        max_samples:int=64, # finite-input check on at most this many samples
+                       ) -> Diagnosis:
+    "Diagnose an anomaly-scorer run: score separation, saved threshold, finite inputs, split leakage, lr schedule"
+    run = Path(run_dir); cfg = load_config(run/'config.yaml')
+    ck = run/'checkpoints'/f'{checkpoint}.pt'
+    if not ck.is_file(): ck = run/'checkpoints'/'last.pt'
+    scorer, data = load_scorer(ck), cfg['data']
+    splits = build_splits({**data, 'augment': None}, cfg.get('seed', 0))
+    name = data.get(split) or split
+    if name not in splits: raise KeyError(f"split {split!r} not in this run's data ({list(splits)})")
+    ds, m = splits[name], cfg['model']['input']
+    normal = normal_class_index(ds.class_names, cfg['model']['normal'])
+    p = anomaly_scores(scorer, ds.loader(batch_size=data.get('batch_size', 16)), m, progress=False, normal_class=normal)
+    findings = score_separation(p.outputs, p.targets)
+    t = (scorer.threshold or {}).get('threshold')
+    t = None if t is None else float(t)
+    if t is None or not math.isfinite(t): findings.append(Finding('threshold', 'problem', f"{ck.name} holds no finite anomaly threshold ({t})", {'threshold': t}, remedies('scorer_training')))
+    else:
+        flagged = p.outputs >= t
+        findings.append(Finding('threshold', 'ok', f"saved threshold {t:.4g} flags {int(flagged.sum())} of {len(flagged)} {name} samples "
+                                f"({int(flagged[p.targets == 1].sum())} of {int(p.targets.sum())} anomalous)", {'threshold': t, **(scorer.threshold or {})}))
+    findings += finite_inputs(as_batches(ds, max_samples, data.get('batch_size', 16))) + split_leakage(splits)
+    if (run/'history.csv').is_file(): findings += lr_schedule(pd.read_csv(run/'history.csv'), cfg.get('training', {}).get('schedule'))
+    d = Diagnosis(findings, f'Diagnosis of {run.name} ({name} split, {ck.name}, anomaly scorer)')
+    d.write(out if out is not None else run/'diagnosis')
+    return d
+
 # %% ../nbs/06_diagnosis.ipynb #b5b4a9b6
 def diagnose_run(run_dir, # a run folder written by `mmfusion.training.train`
                  split:str='test', # the split role to diagnose on: 'train', 'valid' or 'test' (or a split name)
@@ -876,6 +932,7 @@ def diagnose_run(run_dir, # a run folder written by `mmfusion.training.train`
     cfg = load_config(run/'config.yaml')
     if 'baseline' in cfg and 'modalities' in cfg.get('data', {}):  # a `run_detection` folder: loaded by the detection module
         return importlib.import_module('mmfusion.detection').diagnose_detection_run(run, None if split == 'test' else split, out, checkpoint, checks, max_samples)
+    if 'scorer' in cfg.get('model', {}): return diagnose_scorer_run(run, split, out, checkpoint, max_samples)  # an anomaly scorer run
     ck = run/'checkpoints'/f'{checkpoint}.pt'
     if not ck.is_file(): ck = run/'checkpoints'/'last.pt'
     model = load_model(ck)

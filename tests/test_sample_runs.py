@@ -205,3 +205,16 @@ def test_a_nan_threshold_saved_with_an_anomaly_run_is_refused(runs, tmp_path):
     with pytest.raises(SystemExit) as e: main(['evaluate', str(bad)])
     assert 'NonFiniteError' in str(e.value.code) and 'anomaly threshold' in str(e.value.code)
     assert not (bad/'eval').exists()  # nothing was written from the bad threshold
+
+
+def test_diagnose_an_anomaly_run(runs, tmp_path):
+    "`mmfusion diagnose` on a scorer run: the checks that apply to an autoencoder, no false leakage between same-named files"
+    run = runs('inspection_anomaly')
+    main(['diagnose', str(run.dir), '--out', str(tmp_path)])
+    rec = json.loads((tmp_path/'findings.json').read_text())
+    checks = {f['check']: f for f in rec['findings']}
+    assert {'score_separation', 'threshold', 'split_leakage', 'finite_inputs', 'lr_schedule'} <= set(checks)
+    assert checks['split_leakage']['severity'] == 'ok', checks['split_leakage']  # train/normal/000 and test/normal/000 differ
+    sep = checks['score_separation']['evidence']
+    assert sep['n_normal'] + sep['n_anomalous'] == len(datasets(run)[1]['test']) and all(map(math.isfinite, numbers(sep)))
+    assert (tmp_path/'report.html').is_file() and (tmp_path/'report.md').is_file()
