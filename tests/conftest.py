@@ -14,9 +14,9 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope='module')
 def browser():
-    "A headless Chromium shared by the browser tests (see tests/browser.py)"
+    "A headless Chromium for one test module (see tests/browser.py); closed after it, since Playwright's sync API keeps an asyncio loop running meanwhile"
     from browser import Browser
     b = Browser()
     yield b
