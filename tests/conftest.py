@@ -5,6 +5,13 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 import pytest, torch
 
 
+def json_numbers(obj) -> list:
+    "Every number in a parsed JSON document (bools excluded), for finiteness checks of written reports"
+    if isinstance(obj, dict): return [x for v in obj.values() for x in json_numbers(v)]
+    if isinstance(obj, list): return [x for v in obj for x in json_numbers(v)]
+    return [obj] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
+
+
 @pytest.fixture(autouse=True, scope='module')
 def one_thread():
     "Tiny models lose more to thread contention than they gain from threads on a 2-core machine"

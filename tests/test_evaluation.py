@@ -12,18 +12,11 @@ from mmfusion.evaluation import (ConvAutoencoder, NonFiniteError, Predictions, a
                                  headline_metric, knn_predict, mask_modalities, measure_speed, modality_ablation,
                                  regression_metrics, select_threshold, write_json, write_report)
 from mmfusion.model import build_model
+from conftest import json_numbers
 
 DATA = Path(__file__).resolve().parents[1]/'data'
 ENCODERS_CFG = {'image': TINY_CONFIGS['small_cnn'], 'audio': {'name': 'small_cnn', 'in_channels': 1, 'widths': [8]},
                 'series': TINY_CONFIGS['series_cnn'], 'tabular': TINY_CONFIGS['tabular_mlp']}
-
-
-
-def finite_numbers(obj):
-    "Every number in a parsed JSON document"
-    if isinstance(obj, dict): return [x for v in obj.values() for x in finite_numbers(v)]
-    if isinstance(obj, list): return [x for v in obj for x in finite_numbers(v)]
-    return [obj] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
 
 
 @pytest.fixture(scope='module')
@@ -64,7 +57,7 @@ def test_classification_report_files_parse_and_agree(classifier, splits, tmp_pat
     assert {'metrics.json', 'summary.md', 'predictions.csv', 'confusion.png', 'ablation.png'} <= names
     assert no_temp_files(tmp_path) == []
     saved = json.loads((tmp_path/'metrics.json').read_text())  # strict JSON: NaN would not parse back as a number
-    assert all(math.isfinite(x) for x in finite_numbers(saved))
+    assert all(math.isfinite(x) for x in json_numbers(saved))
     n = len(splits[1])
     cm = np.array(saved['metrics']['confusion'])
     assert cm.sum() == n and saved['metrics']['n'] == n

@@ -11,6 +11,7 @@ from mmfusion.cli import main
 from mmfusion.evaluation import NonFiniteError, anomaly_scores, evaluate_run, load_scorer, select_threshold
 from mmfusion.model import load_checkpoint, save_checkpoint
 from mmfusion.training import build_splits, load_config, train
+from conftest import json_numbers
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT/'data'
@@ -21,12 +22,6 @@ SHORT = {'weld': ['training.epochs=4'],  # enough epochs to exercise checkpoints
 pytestmark = pytest.mark.filterwarnings('ignore:predictions of .* barely vary')  # three solar epochs are too few to fit kp; the report says so
 TASKS = {'weld': 'embedding', 'inspection': 'classification', 'inspection_anomaly': 'anomaly', 'solar': 'regression'}
 
-
-def numbers(obj):
-    "Every number in a parsed JSON document"
-    if isinstance(obj, dict): return [x for v in obj.values() for x in numbers(v)]
-    if isinstance(obj, list): return [x for v in obj for x in numbers(v)]
-    return [obj] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
 
 
 @pytest.fixture(scope='module')
@@ -67,7 +62,7 @@ def check_report(run, out:Path, rec:dict, split:str, checkpoint:str):
     ds = splits[split]
     for f in ('metrics.json', 'summary.md', 'predictions.csv', *rec['figures']): assert (out/f).is_file(), f
     assert rec['figures'] and all((out/f).read_bytes()[:4] == b'\x89PNG' for f in rec['figures'])
-    assert all(math.isfinite(x) for x in numbers(rec))
+    assert all(math.isfinite(x) for x in json_numbers(rec))
     m = rec['metrics']
     assert m['task'] == TASKS[cfg['name']] and m['split'] == split and m['n'] == len(ds)
     assert rec['split_sizes'] == {'train': len(splits[cfg['data']['train']]), split: len(ds)}
@@ -99,7 +94,7 @@ def test_training_writes_a_complete_run_folder(runs, name):
     hist = pd.read_csv(run.dir/'history.csv')
     assert len(hist) == run.metrics['epochs'] == len(run.history) and np.isfinite(hist['train_loss']).all()
     m = json.loads((run.dir/'metrics.json').read_text())
-    assert m['status'] == 'completed' and all(math.isfinite(x) for x in numbers(m))
+    assert m['status'] == 'completed' and all(math.isfinite(x) for x in json_numbers(m))
     assert load_checkpoint(run.dir/'checkpoints/last.pt')['epoch'] == len(hist)
 
 
@@ -216,5 +211,5 @@ def test_diagnose_an_anomaly_run(runs, tmp_path):
     assert {'score_separation', 'threshold', 'split_leakage', 'finite_inputs', 'lr_schedule'} <= set(checks)
     assert checks['split_leakage']['severity'] == 'ok', checks['split_leakage']  # train/normal/000 and test/normal/000 differ
     sep = checks['score_separation']['evidence']
-    assert sep['n_normal'] + sep['n_anomalous'] == len(datasets(run)[1]['test']) and all(map(math.isfinite, numbers(sep)))
+    assert sep['n_normal'] + sep['n_anomalous'] == len(datasets(run)[1]['test']) and all(map(math.isfinite, json_numbers(sep)))
     assert (tmp_path/'report.html').is_file() and (tmp_path/'report.md').is_file()
