@@ -14,7 +14,7 @@ from sklearn.metrics import f1_score
 from .data import (DataError, Sample, TabularPreprocessor, collate_samples, read_audio, read_image, read_image_sequence,
                            read_image_set, read_series, read_video)
 from .model import (ClassificationHead, EmbeddingHead, IdentityHead, MultiModalModel, MultiTaskHead, RegressionHead,
-                            atomic_write, load_checkpoint, load_model)
+                            atomic_write, load_checkpoint, load_model, run_checkpoint)
 from .training import Callback, Run, build_splits, load_config, train
 from .detection import MultiModalYOLO, load_detector, predict_detections
 
@@ -156,9 +156,8 @@ class Predictor:
                  device:str='cpu'):
         "Load a run's weights (as data only) and its preprocessing: `preprocessing.json` if written, else refitted from the training data"
         run_dir = Path(run_dir)
-        ck = run_dir/'checkpoints'/f'{checkpoint}.pt'
-        if not ck.is_file(): ck = run_dir/'checkpoints'/'last.pt'
-        if ck.is_file() and 'modalities' in load_checkpoint(ck).get('config', {}):
+        ck = run_checkpoint(run_dir, checkpoint)
+        if 'modalities' in load_checkpoint(ck).get('config', {}):
             raise ValueError(f"{run_dir} is a detection run (MultiModalYOLO): load it with `load_predictor` (a `DetectionPredictor`); "
                              "export covers fused classification/regression/embedding models only")
         if not (run_dir/'config.yaml').is_file(): raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
@@ -262,8 +261,7 @@ class DetectionPredictor:
     @classmethod
     def from_run(cls, run_dir, checkpoint:str='best', conf:float=0.25):
         "Load a detection run's weights (as data only)"
-        ck = Path(run_dir)/'checkpoints'/f'{checkpoint}.pt'
-        return cls(load_detector(ck if ck.is_file() else run_dir), conf)
+        return cls(load_detector(run_checkpoint(run_dir, checkpoint)), conf)
 
     @property
     def modalities(self) -> list: return self.model.modalities
@@ -291,9 +289,7 @@ def load_predictor(run_dir, # a run folder (fused model or multi-modal YOLO)
                    data_root=None, # the training data, for a fused run without preprocessing.json
                    device:str='cpu'):
     "A `DetectionPredictor` for a detection run, else a `Predictor`"
-    ck = Path(run_dir)/'checkpoints'/f'{checkpoint}.pt'
-    ck = ck if ck.is_file() else Path(run_dir)/'checkpoints'/'last.pt'
-    if ck.is_file() and 'modalities' in load_checkpoint(ck).get('config', {}): return DetectionPredictor.from_run(run_dir, checkpoint)
+    if 'modalities' in load_checkpoint(run_checkpoint(run_dir, checkpoint)).get('config', {}): return DetectionPredictor.from_run(run_dir, checkpoint)
     return Predictor.from_run(run_dir, checkpoint, data_root, device)
 
 # %% ../nbs/08_deploy.ipynb #28c3c631
@@ -571,6 +567,5 @@ def distill(teacher_run, # the teacher's run folder
             checkpoint:str='best', # the teacher's checkpoint
             verbose:bool=False) -> Run:
     "Train a student config with `Distill` from a teacher run; returns the student's `Run` (evaluated like any run)"
-    ck = Path(teacher_run)/'checkpoints'/f'{checkpoint}.pt'
-    teacher = load_model(ck if ck.is_file() else Path(teacher_run)/'checkpoints'/'last.pt')
+    teacher = load_model(run_checkpoint(teacher_run, checkpoint))
     return train(student_config, overrides, cbs=[Distill(teacher, temperature, alpha)], verbose=verbose)

@@ -27,7 +27,7 @@ from .data import IMAGE_EXTS, NIGHT_MODALITIES, AlignedAugment, batch_to, detect
 from .diagnosis import CHECKS, DETECTION_CHECKS, Diagnosis, Finding, diagnose, remedies
 from .encoders import YOLOBackbone, _adapt_in_channels
 from .fusion import FUSIONS
-from .model import MultiModalModel, load_checkpoint, save_checkpoint
+from .model import MultiModalModel, load_checkpoint, run_checkpoint, save_checkpoint
 from .training import (Callback, Checkpoint, CSVLogger, DeviceCB, GradientClip, Learner, LRSchedule, MixedPrecision, NonFiniteGuard,
                        ProgressCB, StagedTraining, default_device, resolve_precision, seed_everything, write_json_atomic)
 
@@ -594,9 +594,13 @@ def detection_contribution(model:MultiModalYOLO, # the fused detector
                           ) -> list:
     "Per-modality ablation mAP (each modality removed, each alone) and the fused model against its best single modality; `Finding`s"
     mods = model.modalities
-    full = validate_detection(model, loader, **kwargs)
-    without = {m: validate_detection(model, loader, drop=[m], **kwargs) for m in mods} if len(mods) > 1 else {}
-    singles = {f'fused model, {m} alone': validate_detection(model, loader, drop=[o for o in mods if o != m], **kwargs) for m in without}
+    scored = {}  # frozenset of dropped modalities -> metrics: with two modalities, "a alone" is "without b"
+    def score(drop):
+        if frozenset(drop) not in scored: scored[frozenset(drop)] = validate_detection(model, loader, **({'drop': list(drop)} if drop else {}), **kwargs)
+        return scored[frozenset(drop)]
+    full = score([])
+    without = {m: score([m]) for m in mods} if len(mods) > 1 else {}
+    singles = {f'fused model, {m} alone': score([o for o in mods if o != m]) for m in without}
     singles.update({name: validate_detection(b, loader, **kwargs) for name, b in (baselines or {}).items()})
     rows = {'fused: all modalities': full, **{f'fused without {m}': r for m, r in without.items()}, **singles}
     ev = {'metric': metric, 'table': {k: {c: v[c] for c in _COLUMNS} for k, v in rows.items()}, 'images': full['images']}
@@ -617,6 +621,7 @@ def detection_contribution(model:MultiModalYOLO, # the fused detector
                                       ["start from the best single-modality model and add the others through zero-initialised paths (`model.base`, `model.init: all`), "
                                        "so fine-tuning begins at the baseline", "keep the base branch frozen first: `training.freeze_base_epochs: 5`",
                                        "if a modality only adds noise, leave it out (`data.modalities`)"]))
+    if not findings: return [Finding('detection', 'ok', "skipped: one modality and no single-modality baseline to compare it with", {**ev, 'skipped': True})]
     df = pd.DataFrame(ev['table']).T
     fig, ax = plt.subplots(figsize=(5.5, 0.6 + 0.4 * len(df)))
     df[['mAP50', 'mAP50-95']].iloc[::-1].plot.barh(ax=ax); ax.set(xlabel='test metric', title='detection ablation'); fig.tight_layout()
@@ -638,8 +643,8 @@ def diagnose_detection_run(run_dir, # a run folder written by `run_detection`
     cfg = yaml.safe_load((run/'config.yaml').read_text())
     d, b = cfg['data'], cfg['baseline']
     split = split or cfg.get('evaluation', {}).get('split', 'test')
-    ck = run/'checkpoints'/f'{checkpoint}.pt'
-    model = load_detector(ck if ck.is_file() else run/'checkpoints'/'last.pt')
+    ck = run_checkpoint(run, checkpoint)
+    model = load_detector(ck)
     mods, names = {k: int(v) for k, v in d['modalities'].items()}, d.get('class_names', ['person'])
     splits = detection_splits(d['root'], d['imgsz'], mods, augment=False, seed=cfg.get('seed', 0), class_names=names)
     if split not in splits: raise KeyError(f"split {split!r} not in this run's data ({list(splits)})")

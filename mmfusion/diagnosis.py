@@ -15,7 +15,7 @@ from .data import (MultiModalDataset, StratifiedBatchSampler, batch_to, check_sp
 from .encoders import ConvLSTM, ImageSetEncoder, PrecomputedEmbedding, Registry, Standardized
 from .evaluation import (anomaly_scores, check_finite, check_prediction_spread, load_scorer, mask_modalities, normal_class_index,
                                  to_jsonable, write_json)
-from .model import EmbeddingHead, atomic_write, load_model
+from .model import EmbeddingHead, atomic_write, load_model, run_checkpoint
 from .training import build_splits, load_config
 
 # %% auto #0
@@ -895,8 +895,7 @@ def diagnose_scorer_run(run_dir, # a run folder whose config names a `model.scor
                        ) -> Diagnosis:
     "Diagnose an anomaly-scorer run: score separation, saved threshold, finite inputs, split leakage, lr schedule"
     run = Path(run_dir); cfg = load_config(run/'config.yaml')
-    ck = run/'checkpoints'/f'{checkpoint}.pt'
-    if not ck.is_file(): ck = run/'checkpoints'/'last.pt'
+    ck = run_checkpoint(run, checkpoint)
     scorer, data = load_scorer(ck), cfg['data']
     splits = build_splits({**data, 'augment': None}, cfg.get('seed', 0))
     name = data.get(split) or split
@@ -933,8 +932,7 @@ def diagnose_run(run_dir, # a run folder written by `mmfusion.training.train`
     if 'baseline' in cfg and 'modalities' in cfg.get('data', {}):  # a `run_detection` folder: loaded by the detection module
         return importlib.import_module('mmfusion.detection').diagnose_detection_run(run, None if split == 'test' else split, out, checkpoint, checks, max_samples)
     if 'scorer' in cfg.get('model', {}): return diagnose_scorer_run(run, split, out, checkpoint, max_samples)  # an anomaly scorer run
-    ck = run/'checkpoints'/f'{checkpoint}.pt'
-    if not ck.is_file(): ck = run/'checkpoints'/'last.pt'
+    ck = run_checkpoint(run, checkpoint)
     model = load_model(ck)
     data = cfg['data']
     splits = build_splits({**data, 'augment': None}, cfg.get('seed', 0))

@@ -18,7 +18,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from tqdm import tqdm
 from .data import batch_to
 from .encoders import Registry
-from .model import CheckpointError, EmbeddingHead, MultiTaskHead, atomic_write, load_checkpoint, load_model
+from .model import CheckpointError, EmbeddingHead, MultiTaskHead, atomic_write, load_checkpoint, load_model, run_checkpoint
 
 # %% auto #0
 __all__ = ['KNN_METRICS', 'SCORERS', 'THRESHOLD_METHODS', 'TASKS', 'HEADLINE_METRICS', 'NonFiniteError', 'check_finite',
@@ -847,9 +847,7 @@ def evaluate_run(run_dir, # a run folder written by `mmfusion train`
     run_dir = Path(run_dir)
     if not (run_dir/'config.yaml').is_file(): raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml); train one with `mmfusion train CONFIG`")
     cfg = load_config(run_dir/'config.yaml')
-    if checkpoint not in ('best', 'last'): raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-    ck = run_dir/'checkpoints'/f'{checkpoint}.pt'
-    if not ck.is_file() and checkpoint == 'best': ck = run_dir/'checkpoints'/'last.pt'
+    ck = run_checkpoint(run_dir, checkpoint)
     data = {**cfg['data'], 'augment': None}
     split = split or cfg['evaluation']['split']
     splits = build_splits(data, cfg.get('seed', 0))

@@ -14,7 +14,7 @@ from .fusion import FUSIONS
 # %% auto #0
 __all__ = ['HEADS', 'ClassificationHead', 'RegressionHead', 'EmbeddingHead', 'IdentityHead', 'MultiTaskHead', 'ModelOutput',
            'MultiModalModel', 'build_model', 'CheckpointError', 'atomic_write', 'save_checkpoint', 'load_checkpoint',
-           'save_model', 'load_model']
+           'save_model', 'run_checkpoint', 'load_model']
 
 # %% ../nbs/03_model.ipynb #ab697f68
 HEADS = Registry('head')
@@ -231,6 +231,17 @@ def load_checkpoint(path, # checkpoint file
 def save_model(model:MultiModalModel, path, **extra) -> Path:  # extra: more plain data to store (epoch, metrics, ...)
     "Save a model's config and weights (plus `extra`) as one checkpoint"
     return save_checkpoint({'config': model.config, 'state_dict': model.state_dict(), 'frozen': sorted(model.frozen), **extra}, path)
+
+def run_checkpoint(run_dir, # a run folder with `checkpoints/`
+                   checkpoint:str='best', # 'best' or 'last'; 'best' falls back to last.pt when no best.pt was written
+                  ) -> Path:
+    "The checkpoint file of a run folder that every loader (evaluate, diagnose, predict, export) opens"
+    if checkpoint not in ('best', 'last'): raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    d = Path(run_dir)/'checkpoints'
+    ck = d/f'{checkpoint}.pt'
+    if not ck.is_file() and checkpoint == 'best': ck = d/'last.pt'
+    if not ck.is_file(): raise FileNotFoundError(f"{run_dir} has no {checkpoint}.pt{' or last.pt' if checkpoint == 'best' else ''} in checkpoints/")
+    return ck
 
 def load_model(path, map_location='cpu') -> MultiModalModel:
     "Rebuild a model from a checkpoint written by `save_model`"
