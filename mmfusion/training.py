@@ -109,7 +109,7 @@ class FocalLoss(nn.Module):
 # %% ../nbs/04_training.ipynb #2ff5efde
 @LOSSES.register('supcon')
 class SupConLoss(nn.Module):
-    "Supervised contrastive loss (Khosla et al. 2020, L_out) on embeddings; warns when a batch has no positive pair"
+    "Supervised contrastive loss (Khosla et al. 2020, L_out) on embeddings; warns when a batch has no positive pair or no negative"
     def __init__(self, temperature:float=0.07): # softmax temperature tau
         super().__init__(); self.temperature = temperature
     def forward(self, z, target):
@@ -124,6 +124,10 @@ class SupConLoss(nn.Module):
             warnings.warn(f"SupConLoss: no positive pair in a batch of {len(y)} (every class appears once), so the loss is 0 "
                           "and teaches nothing; build batches with StratifiedBatchSampler (k >= 2)")
             return torch.zeros((), device=z.device) + 0 * z.sum()  # zero, still attached to the graph
+        if len(y) > 2 and not (y[:, None] != y[None, :]).any():
+            warnings.warn(f"SupConLoss: no negative in a batch of {len(y)} (every sample has class {int(y[0])}): nothing to push apart, "
+                          f"so the loss cannot fall below log({len(y) - 1}) = {math.log(len(y) - 1):.3f}; build batches with several classes "
+                          "(StratifiedBatchSampler)")
         return -(log_prob.masked_fill(~pos, 0).sum(1)[anchors] / n_pos[anchors]).mean()
 
 @LOSSES.register('supcon_ce')
@@ -876,6 +880,7 @@ DEFAULT_CONFIG = {
                  'stages': None, 'curriculum': None, 'progress': 'auto', 'tensorboard': True, 'deterministic': True,
                  'find_unused_parameters': False, 'init_output_bias': True},
     'evaluation': {'split': 'test', 'primary': None, 'knn': {'k': 5, 'metric': 'cosine'}},
+    'diagnosis': {'split': None, 'head': None},  # split None: validation when the run has one, else test; head None: the primary head
 }  # every config key and its default
 ANOMALY_MODEL = {'scorer': None, 'input': 'image', 'normal': 0, 'threshold': {'method': 'percentile', 'percentile': 95.}}  # an anomaly `model` section and its defaults
 _DATA_SOURCES = ('sample', 'tiny', 'layout', 'options')
@@ -934,6 +939,12 @@ def resolve_config(cfg:Mapping) -> dict:
     cfg['data'] = _merge(DEFAULT_CONFIG['data'], cfg['data'], 'data.', _DATA_SOURCES)
     cfg['training'] = _merge(DEFAULT_CONFIG['training'], cfg['training'], 'training.')
     cfg['evaluation'] = _merge(DEFAULT_CONFIG['evaluation'], cfg['evaluation'], 'evaluation.')
+    cfg['diagnosis'] = _merge(DEFAULT_CONFIG['diagnosis'], cfg['diagnosis'] or {}, 'diagnosis.')
+    d = cfg['data']
+    if d['valid'] and d['valid'] == d['test']:
+        raise ValueError(f"data.valid and data.test are both {d['test']!r}: checkpoints and early stopping would be chosen on the test "
+                         "split, whose score is then no longer held out; hold a validation split out of train instead, e.g. "
+                         "data.split_off: {val: {from: train, fraction: 0.2}} with data.valid: val")
     sources = [k for k in ('sample', 'tiny', 'layout') if cfg['data'].get(k) is not None]
     if len(sources) != 1: raise ValueError(f"data needs exactly one of 'sample', 'tiny' or 'layout'; got {sources or 'none'}")
     if anomaly:

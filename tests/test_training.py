@@ -67,6 +67,29 @@ def test_config_typos_are_errors_and_overrides_apply():
     assert (cfg['training']['lr'], cfg['model']['fusion']['dim'], cfg['training']['stages']) == (1e-4, 32, [{'epochs': 2}])
 
 
+
+def test_test_split_as_validation_is_refused(tmp_path):
+    "The weld plan chose checkpoints on its test split: data.valid == data.test is refused before training, distinct splits are not"
+    cfg = load_config(SMOKE)
+    with pytest.raises(ValueError, match="data.valid and data.test are both 'test'"):
+        train(cfg, overrides(tmp_path, 'data.valid=test', 'data.test=test'), verbose=False)
+    assert not any(tmp_path.iterdir())  # refused before a run folder was made
+    ok = resolve_config(apply_overrides(cfg, ['data.valid=valid', 'data.test=test']))
+    assert (ok['data']['valid'], ok['data']['test']) == ('valid', 'test')
+
+
+def test_supcon_warns_on_single_class_batches():
+    "A batch of one class has no negatives: SupCon sits at log(B-1) whatever the embeddings; it warns then, and only then"
+    z = torch.randn(6, 4, requires_grad=True)
+    with pytest.warns(UserWarning, match='no negative'):
+        loss = SupConLoss(0.1)(z, torch.full((6,), 3))
+    assert loss.item() >= math.log(5) - 1e-5  # the floor: no embedding can go below it
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # a mixed batch must stay silent
+        SupConLoss(0.1)(z, torch.tensor([0, 0, 1, 1, 2, 2]))
+
+
 ANOMALY = ROOT/'configs'/'inspection_anomaly.yaml'
 
 
