@@ -16,16 +16,16 @@ from matplotlib.patches import Rectangle
 from torch.utils.data import Dataset, Sampler
 
 # %% auto #0
-__all__ = ['TINY_TABULAR', 'IMAGE_EXTS', 'NIGHT_MODALITIES', 'WELD_CLASSES', 'SOLAR_CHANNELS', 'INSPECTION_CLASSES',
-           'SAMPLE_DATASETS', 'SAMPLE_SETS', 'INSPECTION_METADATA', 'Sample', 'DataError', 'SkippedSample', 'Modality',
-           'Record', 'ArrayRow', 'MultiModalDataset', 'collate_samples', 'batch_to', 'from_arrays', 'tiny_dataset',
-           'read_image', 'read_image_set', 'read_video', 'read_audio', 'read_csv_text', 'numeric_columns',
-           'read_csv_numeric', 'read_series', 'TabularPreprocessor', 'read_image_sequence', 'read_yolo_labels',
-           'read_voc_labels', 'paired_folders', 'normalise_label', 'weld_modalities', 'manifest_dataset',
-           'split_file_datasets', 'class_folders', 'sequence_dataset', 'AlignedAugment', 'detection_augment',
-           'show_sample', 'StratifiedBatchSampler', 'SplitReport', 'check_splits', 'summarize_splits',
-           'make_night_data', 'make_weld_data', 'make_inspection_data', 'make_solar_data', 'make_sample_data',
-           'sample_splits']
+__all__ = ['TINY_TABULAR', 'IMAGE_EXTS', 'NIGHT_MODALITIES', 'WELD_CLASSES', 'SOLAR_CHANNELS', 'README_CEILINGS_MARK',
+           'NIGHT_OBJECTS', 'INSPECTION_CLASSES', 'SAMPLE_DATASETS', 'SAMPLE_SETS', 'INSPECTION_METADATA', 'Sample',
+           'DataError', 'SkippedSample', 'Modality', 'Record', 'ArrayRow', 'MultiModalDataset', 'collate_samples',
+           'batch_to', 'from_arrays', 'tiny_dataset', 'read_image', 'read_image_set', 'read_video', 'read_audio',
+           'read_csv_text', 'numeric_columns', 'read_csv_numeric', 'read_series', 'TabularPreprocessor',
+           'read_image_sequence', 'read_yolo_labels', 'read_voc_labels', 'paired_folders', 'normalise_label',
+           'weld_modalities', 'manifest_dataset', 'split_file_datasets', 'class_folders', 'sequence_dataset',
+           'AlignedAugment', 'detection_augment', 'show_sample', 'StratifiedBatchSampler', 'SplitReport',
+           'check_splits', 'summarize_splits', 'make_night_data', 'make_weld_data', 'make_inspection_data',
+           'make_solar_data', 'make_sample_data', 'sample_splits']
 
 # %% ../nbs/00_data.ipynb #0ac9018b
 @dataclass
@@ -1005,37 +1005,53 @@ def _split_sizes(n:int, frac_train:float=.7) -> dict[str, int]:
     n_train = round(n*frac_train)
     return {'train': n_train, 'val': (n-n_train)//2, 'test': n - n_train - (n-n_train)//2}
 
+README_CEILINGS_MARK = '<!-- ceilings: written by benchmarks/ceilings.py from benchmarks/results/ceilings.json -->'  # everything below it is computed
+
 def _write_readme(root:Path, title:str, params:dict, layout:str, table:str) -> None:
-    "Write `root/README.md` describing the layout and which modality carries which signal"
+    "Write `root/README.md`: the layout, which modality carries which signal, and a ceilings section for `benchmarks/ceilings.py`"
     args = ', '.join(f'{k}={v!r}' for k, v in params.items())
     root.mkdir(parents=True, exist_ok=True)
     (root/'README.md').write_text(f"# {title}\n\nSynthetic sample data written by `mmfusion.data` ({args}).\n\n"
-                                  f"## Layout\n\n```\n{layout}\n```\n\n## Which modality decides what\n\n{table}\n")
+                                  f"## Layout\n\n```\n{layout}\n```\n\n## Which modality decides what\n\n{table}\n\n"
+                                  f"## Ceilings\n\n{README_CEILINGS_MARK}\nNot computed yet: run `python benchmarks/ceilings.py`.\n")
 
 # %% ../nbs/00_data.ipynb #620a8992
-_NIGHT_TABLE = """| object | labelled | thermal | nvg | visual_enhanced | thermal alone | nvg alone |
-|---|---|---|---|---|---|---|
-| person in the open | yes | hot body + head | grey body + head | very faint | same as a hot decoy | person |
-| person in a lamp's glare | yes | hot body + head, small hot lamp | lost in a saturated bloom | very faint, lamp spot | person | same as a stray lamp |
-| person behind glass | yes | only a cold uniform pane | grey body + head | very faint | same as an empty window | person |
-| hot decoy (engine, heater) | no | hot, person-shaped | wide vehicle with dark wheels | nothing | same as a person in the open | not a person |
-| empty window | no | cold uniform pane | nothing | nothing | same as a person behind glass | not a person |
-| stray lamp | no | small hot disc | saturated bloom | bright spot | not a person | same as a person in glare |
+NIGHT_OBJECTS = {  # kind -> (description, is a person, look in thermal, nvg, visual_enhanced) of the night sample set
+    'open': ('person in the open', True, 'hot body', 'grey body', 'nothing'),
+    'lit': ('person under a lamp', True, 'hot body + lamp disc', 'saturated bloom', 'lit body + lamp spot'),
+    'glass': ('person behind glass', True, 'cold pane', 'grey body', 'nothing'),
+    'hot': ('hot object (heater, exhaust)', False, 'hot body', 'nothing', 'nothing'),
+    'mannequin': ('mannequin in the dark', False, 'nothing', 'grey body', 'nothing'),
+    'lit_mannequin': ('mannequin under a lamp', False, 'lamp disc', 'saturated bloom', 'lit body + lamp spot'),
+    'window': ('empty window', False, 'cold pane', 'nothing', 'nothing')}
 
-Every person needs thermal and nvg together: thermal alone misses people behind glass or fires on empty windows, and
-fires on hot decoys; nvg alone misses people in glare or fires on stray lamps. visual_enhanced is mostly blotchy noise
-(persons at about a fifth of the noise level)."""
+def _night_table() -> str:
+    "Markdown table of `NIGHT_OBJECTS`; `(= x)` names the kinds of the other label that look the same in that stream"
+    rows = ['| object | person | thermal | nvg | visual_enhanced |', '|---|---|---|---|---|']
+    for kind, (desc, person, *looks) in NIGHT_OBJECTS.items():
+        cells = []
+        for i, look in enumerate(looks):
+            same = [v[0] for v in NIGHT_OBJECTS.values() if v[1] != person and v[2+i] == look]
+            cells.append(look + (f" (= {', '.join(same)})" if same else ''))
+        rows.append(f"| {desc} | {'yes' if person else 'no'} | {' | '.join(cells)} |")
+    return '\n'.join(rows)
+
+_NIGHT_CLAIM = """Each stream alone is ambiguous: every look a person has in one stream is shared by a decoy (`=`), so a thermal-only
+detector fires on hot objects and empty windows, an nvg-only one on mannequins (in the dark and under lamps), and
+visual_enhanced shows only lamp-lit bodies, persons and mannequins alike. Thermal and nvg together separate every kind:
+a person is a hot body that nvg shows as a grey body or a bloom, or a cold pane with a grey body behind it."""
 
 _NIGHT_LAYOUT = """night/
   README.md
-  {train,val,test}/              70/15/15 split of the frames
+  objects.csv                    split,frame,kind,person,x,y,w,h: every object in pixels, decoys included (kinds: NIGHT_OBJECTS)
+  {train,val,test}/              60/20/20 split of the frames
     thermal/frame_0001.png       16-bit single channel
     nvg/frame_0001.png           8-bit single channel
     visual_enhanced/frame_0001.jpg  8-bit RGB
     labels/frame_0001.txt        YOLO: `0 xc yc w h` per person (normalised), empty if none"""
 
 def _place(rng:np.random.Generator, W:int, H:int, taken:list, h:int) -> tuple|None:
-    "A random (x, y, w, h) box of height `h` inside the image whose margin (for blooms, panes, vehicles) misses `taken`"
+    "A random (x, y, w, h) box of height `h` inside the image whose margin (for blooms, panes) misses `taken`"
     w, m = round(.4*h), round(.4*h)
     for _ in range(50):
         x, y = int(rng.integers(1, W-w-1)), int(rng.integers(1, H-h-1))
@@ -1046,15 +1062,16 @@ def _place(rng:np.random.Generator, W:int, H:int, taken:list, h:int) -> tuple|No
     return None
 
 def _night_objects(rng:np.random.Generator, W:int, H:int) -> list[tuple[str, tuple]]:
-    "Random (kind, box) objects: 0-4 persons (open / glare / glass), then maybe a hot decoy, an empty window, a stray lamp"
-    kinds = list(rng.choice(['open', 'glare', 'glass'], p=[.45, .35, .2], size=rng.integers(0, 5)))
-    kinds += [str(k) for k in ('decoy', 'window', 'lamp') if rng.random() < .5]
+    "Random (kind, box) objects placed in random order: 0-3 persons, and each decoy kind with probability 0.4"
+    kinds = [str(k) for k in rng.choice(['open', 'lit', 'glass'], p=[.4, .3, .3], size=rng.integers(0, 4))]
+    kinds += [k for k, v in NIGHT_OBJECTS.items() if not v[1] and rng.random() < .4]
     objs, taken = [], []
-    for kind in kinds:
-        box = _place(rng, W, H, taken, int(rng.integers(H//5, H*3//8 + 1)))
-        if box is not None: objs.append((str(kind), box))
+    for i in rng.permutation(len(kinds)):
+        box = _place(rng, W, H, taken, int(rng.integers(H//6, H//3 + 1)))
+        if box is not None: objs.append((kinds[i], box))
     return objs
 
+# %% ../nbs/00_data.ipynb #310e0e6a
 def _person_mask(H:int, W:int, box:tuple) -> np.ndarray:
     "Soft upright body-plus-head silhouette exactly filling `box` = (x, y, w, h)"
     x, y, w, h = box
@@ -1068,56 +1085,54 @@ def _disc(H:int, W:int, cx:float, cy:float, r:float, power:int=2) -> np.ndarray:
     yy, xx = np.mgrid[:H, :W]
     return np.exp(-(np.hypot(xx-cx, yy-cy)/r)**power).astype(np.float32)
 
-def _lamp_xy(box:tuple) -> tuple[float, float]:
-    "Lamp position for a glare person or a stray lamp: the middle of its box"
+def _box_centre(box:tuple) -> tuple[float, float]:
+    "Centre of a box (x, y, w, h): where a lamp hangs over a lit person or mannequin"
     x, y, w, h = box
     return x + w/2, y + h/2
 
 def _night_thermal(rng:np.random.Generator, objs:list, H:int, W:int) -> np.ndarray:
-    "16-bit thermal: cool ground, hot persons and decoys, cold glass panes (hiding a person or not), hot lamp discs"
+    "16-bit thermal: cool ground; hot bodies (persons in the open or under a lamp, hot objects); cold panes; small lamp discs"
     t = .18 + .06*np.linspace(0, 1, H)[:, None] + .02*_smooth_noise(rng, (H, W), 8)
     for kind, (x, y, w, h) in objs:
-        if kind in ('glass', 'window'): t[max(0, y-4):y+h+4, max(0, x-6):x+w+6] = .1
-        if kind in ('open', 'glare', 'decoy'): t += rng.uniform(.5, .6)*_person_mask(H, W, (x, y, w, h))
-        if kind in ('glare', 'lamp'): t = np.maximum(t, .95*_disc(H, W, *_lamp_xy((x, y, w, h)), 3, 4))
+        if kind in ('glass', 'window'): t[max(0, y-4):y+h+4, max(0, x-6):x+w+6] = rng.uniform(.09, .11)  # hides what is behind
+        if kind in ('open', 'lit', 'hot'): t += rng.uniform(.45, .6)*_person_mask(H, W, (x, y, w, h))
+        if kind in ('lit', 'lit_mannequin'): t = np.maximum(t, .95*_disc(H, W, *_box_centre((x, y, w, h)), 3, 4))
     t += .004*rng.standard_normal((H, W))
     return (np.clip(t, 0, 1)*65535).round().astype(np.uint16)
 
 def _night_nvg(rng:np.random.Generator, objs:list, H:int, W:int) -> np.ndarray:
-    "8-bit NVG: textured dark scene, grey persons, vehicles for decoys, saturating lamp blooms"
+    "8-bit NVG: textured dark scene; grey bodies (persons in the open or behind glass, mannequins); saturating lamp blooms"
     g = 40 + 10*_smooth_noise(rng, (H, W), 3) + 8*_smooth_noise(rng, (H, W), 12)
     for kind, (x, y, w, h) in objs:
-        if kind in ('open', 'glass', 'glare'): g += rng.uniform(55, 75)*_person_mask(H, W, (x, y, w, h))
-        if kind == 'decoy':
-            g[y+h//2:y+h, max(0, x-w):x+2*w] += 50
-            for wx in (x - w//2, x + 3*w//2): cv2.circle(g, (wx, y+h-h//10), max(2, h//10), 10., -1)
-        if kind in ('glare', 'lamp'): g += 420*_disc(H, W, *_lamp_xy((x, y, w, h)), .62*h, 4)
+        if kind in ('open', 'glass', 'mannequin'): g += rng.uniform(50, 75)*_person_mask(H, W, (x, y, w, h))
+        if kind in ('lit', 'lit_mannequin'): g += 420*_disc(H, W, *_box_centre((x, y, w, h)), .62*h, 4)  # hides what is inside
     return _u8((g + 6*rng.standard_normal((H, W)))/255)
 
 def _night_visual(rng:np.random.Generator, objs:list, H:int, W:int) -> np.ndarray:
-    "8-bit RGB low-light enhanced frame: heavy blotchy colour noise, faint persons, visible lamps"
+    "8-bit RGB low-light enhanced frame: blotchy colour noise; only lamp-lit bodies (persons or mannequins) and their lamps"
     v = 20 + np.stack([22*_smooth_noise(rng, (H, W), 2) + 8*rng.standard_normal((H, W)) for _ in range(3)], -1)
     for kind, box in objs:
-        if kind in ('open', 'glass', 'glare'): v += 5*_person_mask(H, W, box)[..., None]
-        if kind in ('glare', 'lamp'): v += np.array([255, 220, 120])*_disc(H, W, *_lamp_xy(box), 4)[..., None]
+        if kind in ('lit', 'lit_mannequin'):
+            v += rng.uniform(60, 90)*_person_mask(H, W, box)[..., None]*np.array([1., .9, .7])
+            v += np.array([255, 220, 120])*_disc(H, W, *_box_centre(box), 4)[..., None]
     return _u8(v/255)
 
 def _yolo_lines(objs:list, W:int, H:int) -> str:
     "YOLO label text (`0 xc yc w h`, normalised, 6 decimals) for the person objects"
     return ''.join(f'0 {(x+w/2)/W:.6f} {(y+h/2)/H:.6f} {w/W:.6f} {h/H:.6f}\n'
-                   for kind, (x, y, w, h) in objs if kind in ('open', 'glare', 'glass'))
+                   for kind, (x, y, w, h) in objs if NIGHT_OBJECTS[kind][1])
 
 # %% ../nbs/00_data.ipynb #95dd7c94
 def make_night_data(
     root:str|Path, # folder to write the dataset into (becomes `night/`)
-    n_frames:int=60, # frames over all splits (70/15/15)
+    n_frames:int=160, # frames over all splits (60/20/20)
     size:tuple[int, int]=(160, 128), # image size (W, H)
     seed:int=0, # random seed
 ) -> Path: # `root`
-    "Write the synthetic night person-detection dataset: thermal, NVG, enhanced visible and YOLO labels"
+    "Write the synthetic night person-detection dataset: thermal, NVG, enhanced visible, YOLO labels and `objects.csv`"
     root, (W, H), rng = Path(root), size, _rng(seed, 'night')
-    names = iter(f'frame_{i:04d}' for i in range(1, n_frames+1))
-    for split, n in _split_sizes(n_frames).items():
+    names, rows = iter(f'frame_{i:04d}' for i in range(1, n_frames+1)), []
+    for split, n in _split_sizes(n_frames, .6).items():
         for name in [next(names) for _ in range(n)]:
             objs, d = _night_objects(rng, W, H), root/split
             _save_img(d/'thermal'/f'{name}.png', _night_thermal(rng, objs, H, W))
@@ -1125,7 +1140,10 @@ def make_night_data(
             _save_img(d/'visual_enhanced'/f'{name}.jpg', _night_visual(rng, objs, H, W))
             (d/'labels').mkdir(exist_ok=True)
             (d/'labels'/f'{name}.txt').write_text(_yolo_lines(objs, W, H))
-    _write_readme(root, 'Night person detection', dict(n_frames=n_frames, size=size, seed=seed), _NIGHT_LAYOUT, _NIGHT_TABLE)
+            rows += [(split, name, k, int(NIGHT_OBJECTS[k][1]), *box) for k, box in objs]
+    pd.DataFrame(rows, columns=['split', 'frame', 'kind', 'person', 'x', 'y', 'w', 'h']).to_csv(root/'objects.csv', index=False)
+    _write_readme(root, 'Night person detection', dict(n_frames=n_frames, size=size, seed=seed), _NIGHT_LAYOUT,
+                  f'{_night_table()}\n\n{_NIGHT_CLAIM}')
     return root
 
 # %% ../nbs/00_data.ipynb #60fac68d
