@@ -13,19 +13,22 @@ import matplotlib.pyplot as plt, numpy as np, pandas as pd, torch, torch.nn as n
 from .data import (MultiModalDataset, StratifiedBatchSampler, batch_to, check_splits, from_arrays, read_image_sequence,
                            read_image_set, read_series, read_video)
 from .encoders import ConvLSTM, ImageSetEncoder, PrecomputedEmbedding, Registry, Standardized
-from .evaluation import (anomaly_scores, check_finite, check_prediction_spread, load_scorer, mask_modalities, normal_class_index,
-                                 to_jsonable, write_json)
+from .evaluation import (anomaly_scores, check_finite, check_prediction_spread, knn_predict, load_scorer, mask_modalities,
+                                 normal_class_index, to_jsonable, write_json)
 from .model import EmbeddingHead, atomic_write, load_model, run_checkpoint
-from .training import build_splits, load_config
+from .training import SupConLoss, build_splits, load_config
 
 # %% auto #0
 __all__ = ['SEVERITIES', 'REMEDIES', 'CHECKS', 'ORDERED_READERS', 'MODEL_CHECKS', 'DETECTION_CHECKS', 'Finding', 'remedies',
-           'as_batches', 'predict', 'targets_of', 'task_of', 'score', 'shuffle_modalities', 'mean_modality',
-           'default_loss', 'solar_toy_dataset', 'output_dependence', 'shapley_values', 'modality_contribution',
-           'feature_magnitudes', 'gradient_flow', 'declared_order', 'sequence_modalities', 'image_modalities',
-           'temporal_behaviour', 'channel_importance', 'grad_cam', 'saliency', 'fusion_attention',
+           'as_batches', 'primary_head', 'predict', 'targets_of', 'task_of', 'score', 'OutputScore',
+           'knn_true_class_share', 'output_score', 'shuffle_modalities', 'mean_modality', 'default_loss',
+           'solar_toy_dataset', 'output_dependence', 'shapley_values', 'shapley_interactions', 'coalition_scores',
+           'ratio_interval', 'contribution_verdict', 'modality_probe', 'contribution_table', 'modality_contribution',
+           'modality_interactions', 'feature_magnitudes', 'gradient_flow', 'declared_order', 'sequence_modalities',
+           'image_modalities', 'temporal_behaviour', 'channel_importance', 'grad_cam', 'saliency', 'fusion_attention',
            'contrastive_batches', 'class_balance', 'split_leakage', 'finite_inputs', 'lr_schedule', 'Subject',
-           'Diagnosis', 'write_diagnosis', 'diagnose', 'score_separation', 'diagnose_scorer_run', 'diagnose_run']
+           'Diagnosis', 'write_diagnosis', 'diagnose', 'score_separation', 'diagnose_scorer_run', 'ablation_agreement',
+           'diagnose_run']
 
 # %% ../nbs/06_diagnosis.ipynb #e36199d9
 SEVERITIES = ('ok', 'warning', 'problem')  # from harmless to must-fix
@@ -48,6 +51,8 @@ class Finding:
                             'evidence': self.evidence, 'remedies': self.remedies})
 
 REMEDIES = {
+    'more_samples': "diagnose on more samples (`max_samples`, or a larger validation split): the interval is too wide to decide",
+    'ablation_disagreement': "check that the diagnosis and the evaluation score the same head (`diagnosis.head`, `head=`) and compare them on the same split (`split=`) with more samples",
     'norm_before_fusion': "set `norm_before_fusion: true` in the fusion config: a LayerNorm per modality before fusing, so no modality's scale swamps the others",
     'aux_heads': "add auxiliary heads, `aux_heads: {{modalities: [{m}], weight: 0.3}}` in the model config: {m}'s encoder then has to predict the target on its own",
     'lr_mult': "raise {m}'s learning rate: `training.lr_mult: {{encoders.{m}: 5.0}}` (per-module parameter groups)",
@@ -89,10 +94,23 @@ def as_batches(data, # a `MultiModalDataset`, a DataLoader, or a list of `collat
     if not out: raise ValueError("no batch to diagnose: the data is empty")
     return out
 
-def _output(res) -> torch.Tensor:
-    "(B, K) float head output of a `ModelOutput`, a tensor, or the first entry of a multi-task dict"
+def primary_head(model:nn.Module, # a model with the library's call
+                 head:str|None=None, # the head asked for (None: the primary one)
+                ) -> str|None:
+    "The head a diagnosis scores: `head` when given; of a multi-task head 'embedding' when present (what `evaluate_run` scores), else its first; None for a single head"
+    heads = getattr(getattr(model, 'head', None), 'heads', None)
+    if heads is None:
+        if head is not None: raise KeyError(f"head {head!r} asked for, but the model has a single head ({type(getattr(model, 'head', None)).__name__})")
+        return None
+    if head is not None and head not in heads: raise KeyError(f"the model has no head {head!r}; its heads are {list(heads)}")
+    return head or ('embedding' if 'embedding' in heads else next(iter(heads)))
+
+def _output(res, head:str|None=None) -> torch.Tensor:
+    "(B, K) float output of a `ModelOutput` or a tensor; of a multi-task dict, head `head`'s (never silently the first)"
     o = getattr(res, 'output', res)
-    if isinstance(o, Mapping): o = next(iter(o.values()))
+    if isinstance(o, Mapping):
+        if head is None: raise ValueError(f"a multi-task output with heads {list(o)}: say which one to score (see `primary_head`)")
+        o = o[head]
     return o.float().reshape(o.shape[0], -1)
 
 def _device(model) -> torch.device:
@@ -105,15 +123,16 @@ def _run(model, b:dict):
 def predict(model:nn.Module, # a model with the library's call
             batches:list, # from `as_batches`
             change:Callable|None=None, # `change(batch) -> batch` applied before the forward (an occlusion, a shuffle...)
+            head:str|None=None, # the head of a multi-task model (see `primary_head`)
            ) -> torch.Tensor:
-    "The (N, K) outputs of `model` in eval mode over `batches`, each batch first passed through `change`"
+    "The (N, K) outputs of `model` (head `head`) in eval mode over `batches`, each batch first passed through `change`"
     was, dev, outs = model.training, _device(model), []
     model.eval()
     try:
         with torch.no_grad():
             for b in batches:
                 b = batch_to(b, dev)
-                outs.append(_output(_run(model, change(b) if change else b)).cpu())
+                outs.append(_output(_run(model, change(b) if change else b), head).cpu())
     finally: model.train(was)
     return torch.cat(outs)
 
@@ -122,9 +141,11 @@ def targets_of(batches:list):
     ts = [b.get('target') for b in batches]
     return None if any(not isinstance(t, torch.Tensor) for t in ts) else torch.cat(ts)
 
-def task_of(model:nn.Module, batches:list) -> str:
-    "'classification', 'regression' or 'embedding' (an `EmbeddingHead`), from the head and the target dtype"
-    if isinstance(getattr(model, 'head', None), EmbeddingHead): return 'embedding'
+def task_of(model:nn.Module, batches:list, head:str|None=None) -> str:
+    "'classification', 'regression' or 'embedding' (an `EmbeddingHead`) of the model's head (`head` of a multi-task one), from the head and the target dtype"
+    h = getattr(model, 'head', None)
+    if head is not None: h = h.heads[head]
+    if isinstance(h, EmbeddingHead): return 'embedding'
     t = targets_of(batches)
     return 'classification' if t is not None and not t.is_floating_point() else 'regression'
 
@@ -133,6 +154,57 @@ def score(task:str, outputs:torch.Tensor, targets, reference:torch.Tensor|None=N
     if task == 'classification': return float(-F.cross_entropy(outputs, targets.long()))
     if task == 'regression': return float(-(outputs - targets.float().reshape(outputs.shape)).abs().mean())
     return float(-(outputs - reference).norm(dim=-1).mean())
+
+# %% ../nbs/06_diagnosis.ipynb #a7c1e0f1
+@dataclass
+class OutputScore:
+    "What the checks score: the head, its task, the score in words, and `per_sample(outputs) -> (N,)` scores (higher is better)"
+    head: str|None  # the scored head of a multi-task model (None: the model's only head)
+    task: str  # 'classification', 'regression' or 'embedding'
+    text: str  # what the score is, quoted in every finding's evidence
+    per_sample: Callable  # (N, K) outputs of `head` -> (N,) numpy scores
+    def __call__(self, outputs) -> float: return float(np.mean(self.per_sample(outputs)))
+
+def knn_true_class_share(ref, ref_y, ref_ids, emb, y, ids, # reference embeddings, classes, ids; the same of the scored samples
+                         k:int=5, metric:str='cosine', # the k-NN protocol (see `knn_predict`)
+                         n_classes:int|None=None) -> np.ndarray:
+    "(N,) share of each embedding's k nearest reference embeddings that are of its true class; a sample never counts itself (same id)"
+    ref, ref_y, emb, y = np.asarray(ref), np.asarray(ref_y), np.asarray(emb), np.asarray(y)
+    pos = {str(i): j for j, i in enumerate(ref_ids)}
+    own = np.array([str(i) in pos for i in ids], dtype=bool)
+    out = np.empty(len(emb))
+    if (~own).any(): out[~own] = knn_predict(ref, ref_y, emb[~own], k, metric, n_classes)[np.arange(int((~own).sum())), y[~own]]
+    for i in np.flatnonzero(own):  # leave-one-out: the sample itself is not its own neighbour
+        keep = np.arange(len(ref)) != pos[str(ids[i])]
+        out[i] = knn_predict(ref[keep], ref_y[keep], emb[i:i + 1], min(k, int(keep.sum())), metric, n_classes)[0, y[i]]
+    return out
+
+def output_score(model:nn.Module, # a model with the library's call
+                 batches:list, # from `as_batches`
+                 head:str|None=None, # the head to score (default: `primary_head`)
+                 reference=None, # embedding heads: the data k-NN is fitted on (the training split); None: the batches, leave-one-out
+                 knn:Mapping|None=None, # the k-NN protocol, a run's `evaluation.knn`: {'k': 5, 'metric': 'cosine'}
+                 reference_name:str='the reference data', # how the evidence names `reference`
+                 max_reference:int=4096, # fit k-NN on at most this many reference samples
+                ) -> OutputScore:
+    "Score what the run is judged by, per sample and bounded where it can be: probability of the true class, -absolute error, or for an embedding the k-NN vote share of the true class"
+    head = primary_head(model, head); task, y = task_of(model, batches, head), targets_of(batches)
+    on = f"; head '{head}'" if head else ''
+    if task == 'classification':
+        return OutputScore(head, task, 'probability of the true class' + on, lambda o: o.softmax(-1).gather(1, y.long()[:, None])[:, 0].numpy())
+    if task == 'regression' and y is not None:
+        return OutputScore(head, task, '-absolute error (mean over outputs)' + on, lambda o: -(o - y.float().reshape(o.shape)).abs().mean(-1).numpy())
+    if y is None or y.is_floating_point():
+        full = predict(model, batches, head=head)
+        return OutputScore(head, task, '-distance to the embedding with every input (no classes to fit k-NN on)' + on, lambda o: -(o - full).norm(dim=-1).numpy())
+    knn = {'k': 5, 'metric': 'cosine', **(knn or {})}
+    ref = as_batches(reference, max_reference) if reference is not None else batches
+    R, ry = predict(model, ref, head=head).numpy(), targets_of(ref).long().numpy()
+    rid, qid, yq = [i for b in ref for i in b['ids']], [i for b in batches for i in b['ids']], y.long().numpy()
+    k, K = max(1, min(int(knn['k']), len(R) - 1)), int(max(ry.max(), yq.max())) + 1
+    where = reference_name if reference is not None else 'the diagnosed samples themselves (leave-one-out)'
+    return OutputScore(head, task, f"k-NN (k={k}, {knn['metric']}) vote share of the true class, fitted on {where}" + on,
+                       lambda o: knn_true_class_share(R, ry, rid, o.numpy(), yq, qid, k, knn['metric'], K))
 
 # %% ../nbs/06_diagnosis.ipynb #f6af5ee9
 def _perm(B:int, seed:int) -> torch.Tensor:
@@ -155,11 +227,15 @@ def mean_modality(batch:dict, m:str) -> dict:
     return {**batch, 'inputs': {**batch['inputs'], m: mean.expand_as(x).clone()}}
 
 # %% ../nbs/06_diagnosis.ipynb #61d05445
-def default_loss(out, batch:dict, aux_weight:float=0.3) -> torch.Tensor:
-    "Cross-entropy (integer targets) or MSE on the head output, plus `aux_weight` x the same on each auxiliary head"
+def default_loss(out, batch:dict, aux_weight:float=0.3,
+                 head:str|None=None, # the head of a multi-task model (see `primary_head`)
+                 task:str|None=None, # 'embedding': supervised contrastive loss on that head
+                ) -> torch.Tensor:
+    "Cross-entropy (integer targets), MSE, or SupCon (`task='embedding'`) on the head output, plus `aux_weight` x CE/MSE on each auxiliary head"
     y = batch['target']
     one = lambda o: F.cross_entropy(_output(o), y.long()) if not y.is_floating_point() else F.mse_loss(_output(o), y.float().reshape(_output(o).shape))
-    return one(out) + sum(aux_weight * one(a) for a in getattr(out, 'aux', {}).values())
+    main = SupConLoss(0.1)(_output(out, head), y.long()) if task == 'embedding' else one(_output(out, head))
+    return main + sum(aux_weight * one(a) for a in getattr(out, 'aux', {}).values())
 
 # %% ../nbs/06_diagnosis.ipynb #900e60dd
 def solar_toy_dataset(n:int=32, # samples
@@ -186,11 +262,12 @@ def output_dependence(model:nn.Module, # a model with the library's call
                       batches:list, # from `as_batches`
                       min_ratio:float=0.1, # flag a prediction spread below this fraction of the target spread
                       min_change:float=0.05, # flag an output change (swapped inputs) below this fraction of the target spread
+                      head:str|None=None, # the head of a multi-task model (default: `primary_head`)
                      ) -> list:
     "Is the output constant, or independent of the input? Spread of predictions (classes: distinct decisions) vs targets, and the change when every input is another sample's"
-    task, y = task_of(model, batches), targets_of(batches)
-    out = predict(model, batches)
-    swapped = predict(model, batches, lambda b: shuffle_modalities(b, list(b['inputs']), seed=1))
+    head = primary_head(model, head); task, y = task_of(model, batches, head), targets_of(batches)
+    out = predict(model, batches, head=head)
+    swapped = predict(model, batches, lambda b: shuffle_modalities(b, list(b['inputs']), seed=1), head)
     if task == 'classification':
         prob, swp = out.softmax(-1), swapped.softmax(-1)
         spread_t = F.one_hot(y.long(), out.shape[1]).float().std(0).mean()
@@ -199,7 +276,7 @@ def output_dependence(model:nn.Module, # a model with the library's call
         ref = y.float().reshape(out.shape) if task == 'regression' else out
         spread_t, spread_p, change = ref.std(0).mean(), out.std(0).mean(), (out - swapped).abs().mean()
     spread_t = float(spread_t) or 1.
-    ev = {'task': task, 'n': len(out), 'prediction_std': float(spread_p), 'target_std': spread_t,
+    ev = {'task': task, 'head': head, 'n': len(out), 'prediction_std': float(spread_p), 'target_std': spread_t,
           'spread_ratio': float(spread_p) / spread_t, 'swap_change': float(change), 'swap_change_ratio': float(change) / spread_t}
     if task == 'regression': ev['per_output'] = check_prediction_spread(y.float().reshape(out.shape).numpy(), out.numpy(), min_ratio=min_ratio)
     if task == 'classification':  # flat-but-varying probabilities are a calibration matter: judge the decisions instead
@@ -214,7 +291,7 @@ def output_dependence(model:nn.Module, # a model with the library's call
                     remedies('input_dependence', 'norm_before_fusion', 'aux_heads', m='each modality') if bad else [])]
 
 @CHECKS.register('output_dependence')
-def _check_output(s): return output_dependence(s.model, s.batches)
+def _check_output(s): return output_dependence(s.model, s.batches, head=s.score.head)
 
 # %% ../nbs/06_diagnosis.ipynb #2438d1a7
 def shapley_values(value:Callable, # `value(frozenset of modalities) -> float`
@@ -230,65 +307,247 @@ def shapley_values(value:Callable, # `value(frozenset of modalities) -> float`
                      for r in range(n) for S in itertools.combinations(others, r))
     return phi
 
+# %% ../nbs/06_diagnosis.ipynb #a7c1e103
+def shapley_interactions(value:Callable, # `value(frozenset of modalities) -> float` (or a per-sample array)
+                         players:Sequence[str], # the modalities
+                        ) -> dict:
+    "Exact pairwise Shapley interaction index of every pair (a, b): the average, over coalitions S without them, of v(S+ab) - v(S+a) - v(S+b) + v(S)"
+    n, players = len(players), list(players)
+    v = {frozenset(S): value(frozenset(S)) for r in range(n + 1) for S in itertools.combinations(players, r)}
+    out = {}
+    for a, b in itertools.combinations(players, 2):
+        others = [q for q in players if q not in (a, b)]
+        out[(a, b)] = sum(math.factorial(len(S)) * math.factorial(n - len(S) - 2) / math.factorial(n - 1) *
+                          (v[frozenset(S) | {a, b}] - v[frozenset(S) | {a}] - v[frozenset(S) | {b}] + v[frozenset(S)])
+                          for r in range(n - 1) for S in itertools.combinations(others, r))
+    return out
+
 # %% ../nbs/06_diagnosis.ipynb #87f4618b
+def coalition_scores(model:nn.Module, # a model with the library's call
+                     batches:list, # from `as_batches`
+                     score:OutputScore, # from `output_score`
+                     modalities:Sequence[str], # the players
+                    ) -> dict:
+    "Per-sample scores (N,) with only each subset of `modalities` present, the others masked as missing: frozenset -> array, 2^M forward passes"
+    mods = list(modalities)
+    drop = lambda S: (lambda b: mask_modalities(b, [m for m in mods if m not in S])) if len(S) < len(mods) else None
+    return {frozenset(S): score.per_sample(predict(model, batches, drop(S), score.head))
+            for r in range(len(mods) + 1) for S in itertools.combinations(mods, r)}
+
+def ratio_interval(num, # (N,) per-sample numerators
+                   den=None, # (N,) per-sample denominators (None: ones, an interval of the mean)
+                   n_boot:int=500, # bootstrap resamples
+                   seed:int=0, # the same seed draws the same resamples, so intervals of several ratios agree
+                   level:float=0.95) -> tuple:
+    "mean(num) / mean(den) and its percentile bootstrap interval over samples: (value, low, high)"
+    num = np.asarray(num, dtype=float); den = np.ones_like(num) if den is None else np.asarray(den, dtype=float)
+    safe = lambda d: np.where(np.abs(d) > 1e-12, d, np.nan)
+    value = float(num.mean() / safe(den.mean()))
+    idx = np.random.default_rng(seed).integers(0, len(num), (n_boot, len(num)))
+    r = num[idx].mean(1) / safe(den[idx].mean(1))
+    if not np.isfinite(r).any(): return value, float('nan'), float('nan')
+    lo, hi = np.nanpercentile(r, [50 * (1 - level), 50 * (1 + level)])
+    return value, float(lo), float(hi)
+
+# %% ../nbs/06_diagnosis.ipynb #a7c1e109
+def contribution_verdict(share:float, # Shapley share of the score gain
+                         ci:Sequence[float], # its bootstrap interval [low, high]
+                         n:int, # samples behind the interval
+                         min_share:float=0.05, # a share surely below this: 'ignored'
+                         weak_share:float=0.1, # surely below this: 'contributes little'; surely above: 'contributes'
+                        ) -> tuple:
+    "The verdict the interval supports ('contributes', 'contributes little', 'ignored', else 'inconclusive') and, when inconclusive, the samples that would decide (width ~ 1/sqrt(n))"
+    lo, hi = ci
+    if hi < min_share: return 'ignored', None
+    if hi < weak_share: return 'contributes little', None
+    if lo >= weak_share: return 'contributes', None
+    gap = abs(share - weak_share)  # the interval must shrink to this half-width to leave the threshold
+    return 'inconclusive', (max(n + 1, math.ceil(n * ((hi - lo) / 2 / gap) ** 2 - 1e-6)) if gap > 1e-6 else None)
+
+# %% ../nbs/06_diagnosis.ipynb #a7c1e113
+def modality_probe(model:nn.Module, # a model with the library's call
+                   batches:list, # held-out batches (from `as_batches`): training features may have memorised noise
+                   modality:str, # the modality whose encoder features are probed
+                   k:int=5, # neighbours
+                   n_boot:int=500, seed:int=0) -> dict:
+    "Does the modality carry information? Leave-one-out k-NN on its encoder's pooled features (a model without encoders: the raw input) vs the class prior (regression: the median), with a bootstrap interval of the gain"
+    m, dev, feats, ys = modality, _device(model), [], []
+    was = model.training; model.eval()
+    with torch.no_grad():
+        for b in batches:
+            b = batch_to(b, dev); keep = b['present'][:, b['modalities'].index(m)]
+            x, enc = b['inputs'][m], getattr(model, 'encoders', None)
+            feats.append((enc[m](x, (b.get('masks') or {}).get(m)).pooled if enc is not None and m in enc else x.flatten(1))[keep].float().cpu())
+            ys.append(b['target'][keep].cpu())
+    model.train(was)
+    X, y = torch.cat(feats).numpy(), torch.cat(ys).numpy()
+    if len(X) <= k: return {'probe': 'k-NN on encoder features', 'n': len(X), 'informative': None}
+    Z = (X - X.mean(0)) / (X.std(0) + 1e-8)
+    D = (Z ** 2).sum(1)[:, None] + (Z ** 2).sum(1)[None] - 2 * Z @ Z.T
+    D = D + np.random.default_rng(seed).uniform(0, 1e-9, D.shape); np.fill_diagonal(D, np.inf)  # ties broken at random
+    nn_idx = np.argsort(D, 1)[:, :k]
+    if y.dtype.kind in 'iu':  # share of neighbours in the true class vs its leave-one-out frequency
+        counts = np.bincount(y)
+        gain = (y[nn_idx] == y[:, None]).mean(1) - (counts[y] - 1) / (len(y) - 1)
+    else:
+        y = y.reshape(len(y), -1); med = np.median(y, 0)
+        gain = (np.abs(y - med) - np.abs(y - y[nn_idx].mean(1))).mean(1)
+    g = ratio_interval(gain, n_boot=n_boot, seed=seed)
+    return {'probe': f'leave-one-out {k}-NN on the encoder features vs the prior', 'n': len(X), 'probe_gain': g[0], 'probe_gain_ci': [g[1], g[2]], 'informative': bool(g[1] > 0)}
+
+# %% ../nbs/06_diagnosis.ipynb #a7c1e115
+def _aux_informative(model, batches, task, y, mods, n_boot:int=500, seed:int=0) -> dict:
+    "m -> the auxiliary head's per-sample gain over the prior (true-class probability over its frequency; regression: absolute error under the median's), bootstrapped"
+    if task == 'embedding' or not getattr(model, 'aux_heads', None): return {}
+    was = model.training; model.eval()
+    with torch.no_grad(): outs = [_run(model, batch_to(b, _device(model))).aux for b in batches]
+    model.train(was)
+    res = {}
+    for m in [m for m in model.aux_heads if m in mods]:
+        o = torch.cat([_output(x[m]).cpu() for x in outs])
+        if task == 'classification':
+            freq = torch.bincount(y.long(), minlength=o.shape[1]).float() / len(y)
+            gain = (o.softmax(-1).gather(1, y.long()[:, None])[:, 0] - freq[y.long()]).numpy()
+        else:
+            t = y.float().reshape(o.shape); gain = ((t - t.median(0).values).abs() - (t - o).abs()).mean(-1).numpy()
+        g = ratio_interval(gain, n_boot=n_boot, seed=seed)
+        res[m] = {'probe': "the modality's auxiliary head vs the prior", 'probe_gain': g[0], 'probe_gain_ci': [g[1], g[2]], 'informative': bool(g[1] > 0)}
+    return res
+
+def contribution_table(model:nn.Module, # a model with the library's call; `model.modalities` lists its modalities
+                       batches:list, # from `as_batches`
+                       score:OutputScore, # from `output_score`
+                       values:Mapping|None=None, # `coalition_scores` when already computed
+                       n_boot:int=500, seed:int=0) -> dict:
+    "Per modality: Shapley value and share of the gain (per sample, then bootstrapped), and the drops when it is masked, averaged or shuffled, with intervals"
+    mods = [m for m in model.modalities if m in batches[0]['inputs']]
+    v = values if values is not None else coalition_scores(model, batches, score, mods)
+    full, none = v[frozenset(mods)], v[frozenset()]
+    phi, gain = shapley_values(lambda S: v[S], mods), full - none  # Shapley is linear in the value: per sample at once
+    boot = {'n_boot': n_boot, 'seed': seed}
+    g = ratio_interval(gain, **boot)
+    rows = {}
+    for m in mods:
+        drops = {'masked': full - v[frozenset(mods) - {m}],
+                 'mean': full - score.per_sample(predict(model, batches, lambda b, m=m: mean_modality(b, m), score.head)),
+                 'shuffled': full - score.per_sample(predict(model, batches, lambda b, m=m: shuffle_modalities(b, [m], seed=2), score.head))}
+        di = {k: ratio_interval(d, **boot) for k, d in drops.items()}
+        sh = [x if math.isfinite(x) else None for x in ratio_interval(phi[m], gain, **boot)] if g[1] > 0 else [None] * 3  # a share of no gain means nothing
+        rows[m] = {'score': score.text, 'head': score.head, 'n': len(full), 'score_all': float(full.mean()), 'score_none': float(none.mean()),
+                   'gain': g[0], 'gain_ci': [g[1], g[2]], 'shapley': float(phi[m].mean()), 'shapley_share': sh[0], 'share_ci': [sh[1], sh[2]],
+                   'drop': {k: x[0] for k, x in di.items()}, 'drop_ci': {k: [x[1], x[2]] for k, x in di.items()},
+                   'exactly_unused': bool(np.abs(phi[m]).max() < 1e-9 and all(np.abs(d).max() < 1e-9 for d in drops.values()))}
+    return rows
+
+# %% ../nbs/06_diagnosis.ipynb #a7c1e117
+def _contribution_finding(m:str, ev:dict, informative:bool|None) -> Finding:
+    "The finding of one modality's verdict (see `contribution_verdict`), with its remedies"
+    v, share, (lo, hi) = ev['verdict'], ev['shapley_share'], ev['share_ci']
+    ci = f"Shapley share {share:.3g}, 95% CI {lo:.2g} to {hi:.2g}, of the score gain" if share is not None and lo is not None else "no clear score gain to share"
+    if v == 'contributes': return Finding('modality_contribution', 'ok', f"{m} contributes ({ci})", ev, subject=m)
+    if v == 'uninformative':
+        return Finding('modality_contribution', 'warning', f"{m} contributes nothing ({ci}), and neither its own features nor its auxiliary head predict "
+                       f"the target better than the prior: the modality carries no information, or its encoder cannot extract it", ev, remedies('encoder_capacity', 'drop_modality', m=m), m)
+    if v == 'contributes little':
+        return Finding('modality_contribution', 'warning', f"{m} contributes little ({ci})", ev, remedies('aux_heads', 'norm_before_fusion', 'lr_mult', m=m), m)
+    if v == 'ignored':
+        return Finding('modality_contribution', 'problem', f"the model does not use {m} ({ci}; masking it changes the score by {ev['drop']['masked']:.3g})" +
+                       (f", though {m}'s own features predict the target" if informative else ''), ev, remedies('aux_heads', 'norm_before_fusion', 'lr_mult', 'modality_dropout', m=m), m)
+    need = ev.get('samples_needed')
+    return Finding('modality_contribution', 'warning', f"cannot tell yet whether {m} contributes ({ci})" +
+                   (f": about {need} samples would decide" if need else ''), ev, remedies('more_samples'), m)
+
 def modality_contribution(model:nn.Module, # a model with the library's call; `model.modalities` lists its modalities
                           batches:list, # from `as_batches`
-                          min_share:float=0.02, # flag a modality whose Shapley share of the total gain is below this
-                          weak_share:float=0.05, # a modality with a Shapley share below this (but not negligible) contributes little: a warning
+                          score:OutputScore|None=None, # how outputs are scored (default: `output_score(model, batches)`)
+                          values:Mapping|None=None, # `coalition_scores` when already computed (shared with `modality_interactions`)
+                          min_share:float=0.05, # a share surely below this: 'ignored' (or 'uninformative')
+                          weak_share:float=0.1, # surely below this: 'contributes little'; surely above: 'contributes'
                           max_shapley:int=6, # exact Shapley values up to this many modalities (2^M passes)
-                         ) -> list:
-    "Score drop when each modality is masked, replaced by its mean, or shuffled across samples, and exact Shapley values over modalities"
-    task, y, mods = task_of(model, batches), targets_of(batches), [m for m in model.modalities if m in batches[0]['inputs']]
-    full = predict(model, batches)
-    val = lambda out: score(task, out, y, full)
-    v_all = val(full)
-    ablate = lambda keep: val(predict(model, batches, lambda b: mask_modalities(b, [m for m in mods if m not in keep])))
-    rows = {m: {'masked': v_all - ablate(set(mods) - {m}), 'mean': v_all - val(predict(model, batches, lambda b, m=m: mean_modality(b, m))),
-                'shuffled': v_all - val(predict(model, batches, lambda b, m=m: shuffle_modalities(b, [m], seed=2)))} for m in mods}
-    v_none = ablate(set())
-    gain = v_all - v_none
-    phi = shapley_values(lambda S: v_all if S == set(mods) else ablate(S), mods) if len(mods) <= max_shapley else {}
-    aux = {}
-    if task != 'embedding' and getattr(model, 'aux_heads', None):  # an auxiliary head shows whether the modality is informative on its own
-        prior = y.float().reshape(len(y), -1).median(0).values if task == 'regression' else None
-        base = score(task, prior.expand(len(y), -1), y) if task == 'regression' else \
-               float(-F.cross_entropy(torch.log(torch.bincount(y.long(), minlength=full.shape[1]).float().clamp(min=.5) / len(y)).expand(len(y), -1), y.long()))
-        was = model.training; model.eval()
-        with torch.no_grad(): outs = [_run(model, batch_to(b, _device(model))).aux for b in batches]
-        model.train(was)
-        for m in model.aux_heads:
-            if m in mods: aux[m] = {'aux_head_score': score(task, torch.cat([_output(o[m]).cpu() for o in outs]), y), 'prior_score': base}
+                          n_boot:int=500, seed:int=0) -> list:
+    "Each modality's Shapley share of the score gain with a bootstrap interval, and the verdict the interval supports"
+    score = score or output_score(model, batches)
+    mods = [m for m in model.modalities if m in batches[0]['inputs']]
+    if len(mods) > max_shapley: return [Finding('modality_contribution', 'warning', f"skipped: exact Shapley values over {len(mods)} modalities need 2^{len(mods)} passes (max_shapley={max_shapley})", {'modalities': mods})]
+    rows, y = contribution_table(model, batches, score, values, n_boot, seed), targets_of(batches)
+    aux = _aux_informative(model, batches, score.task, y, mods, n_boot, seed) if y is not None else {}
     findings = []
     for m in mods:
-        share = phi[m] / gain if phi and abs(gain) > 1e-9 else None
-        top = max(rows[m].values())
-        ev = {'score': 'log-likelihood' if task == 'classification' else '-MAE' if task == 'regression' else '-distance to full output',
-              'score_all': v_all, 'score_none': v_none, 'drop': rows[m], 'shapley': phi.get(m), 'shapley_share': share, **aux.get(m, {})}
-        negligible = (share is not None and share < min_share and top < min_share * max(abs(gain), 1e-9)) or (share is None and top <= 1e-9)
-        uninformative = m in aux and aux[m]['aux_head_score'] <= aux[m]['prior_score']
-        if not negligible and share is not None and share < weak_share:
-            findings.append(Finding('modality_contribution', 'warning', f"{m} contributes little: {share:.1%} of the score gain (Shapley), at most {top:.3g} "
-                                    f"when masked, averaged or shuffled", ev, remedies(*(('encoder_capacity',) if uninformative else ()),
-                                    'aux_heads', 'norm_before_fusion', 'lr_mult', m=m), m))
-        elif not negligible:
-            findings.append(Finding('modality_contribution', 'ok', f"{m} contributes (Shapley share {share:.3g})" if share is not None else f"{m} contributes",
-                                    ev, subject=m))
-        elif uninformative:
-            findings.append(Finding('modality_contribution', 'warning', f"{m} contributes nothing, and its own auxiliary head does no better than "
-                                    f"the class prior / median either: the modality carries no information, or its encoder cannot extract it", ev,
-                                    remedies('encoder_capacity', 'drop_modality', m=m), m))
-        else:
-            findings.append(Finding('modality_contribution', 'problem', f"the model ignores {m}: masking, averaging or shuffling it changes the score by at most "
-                                    f"{top:.3g} (Shapley share {share if share is None else round(share, 4)})", ev,
-                                    remedies('aux_heads', 'norm_before_fusion', 'lr_mult', 'modality_dropout', m=m), m))
-    fig, ax = plt.subplots(figsize=(5, 0.5 + 0.45 * len(mods)))
-    df = pd.DataFrame({m: {**rows[m], **({'shapley': phi[m]} if phi else {})} for m in mods}).T
-    df.plot.barh(ax=ax); ax.axvline(0, color='k', lw=.6); ax.set(xlabel=f"score drop ({findings[0].evidence['score']})", title='modality contribution')
-    fig.tight_layout(); findings[0].figures['modality_contribution'] = fig
+        ev = rows[m]
+        if ev['exactly_unused']: verdict, need = 'ignored', None
+        elif ev['shapley_share'] is None or ev['share_ci'][0] is None: verdict, need = 'inconclusive', None
+        else: verdict, need = contribution_verdict(ev['shapley_share'], ev['share_ci'], ev['n'], min_share, weak_share)
+        informative = None
+        if verdict in ('ignored', 'contributes little'):  # no use of it: is there anything to use?
+            probe = aux.get(m) or (modality_probe(model, batches, m, n_boot=n_boot, seed=seed) if y is not None else {})
+            ev['probe'], informative = probe, probe.get('informative')
+            if informative is False: verdict = 'uninformative'
+        ev.update(verdict=verdict, **({'samples_needed': need} if verdict == 'inconclusive' else {}))
+        findings.append(_contribution_finding(m, ev, informative))
+    fig, ax = plt.subplots(figsize=(5, 0.6 + 0.45 * len(mods)))
+    share = np.array([rows[m]['shapley_share'] for m in mods], dtype=float); ci = np.array([rows[m]['share_ci'] for m in mods], dtype=float)
+    ax.barh(mods, np.nan_to_num(share), xerr=np.abs(np.nan_to_num(ci.T - share)), color=['C2' if f.severity == 'ok' else 'C1' if f.severity == 'warning' else 'C3' for f in findings])
+    for t in (min_share, weak_share): ax.axvline(t, color='k', ls=':', lw=.7)
+    ax.axvline(0, color='k', lw=.6); ax.set(xlabel=f"Shapley share of the gain (95% CI): {score.text}", title='modality contribution')
+    ax.xaxis.label.set_size(7); fig.tight_layout(); findings[0].figures['modality_contribution'] = fig
+    return findings
+
+# %% ../nbs/06_diagnosis.ipynb #a7c1e121
+def modality_interactions(model:nn.Module, # a model with the library's call
+                          batches:list, # from `as_batches`
+                          score:OutputScore|None=None, # how outputs are scored (default: `output_score(model, batches)`)
+                          values:Mapping|None=None, # `coalition_scores` when already computed
+                          min_interaction:float=0.05, # an interaction share surely beyond +-this is named; surely within it, 'independent'
+                          max_shapley:int=6, # exact up to this many modalities
+                          n_boot:int=500, seed:int=0) -> list:
+    "Pairwise Shapley interaction of every pair of modalities as a share of the gain, with a bootstrap interval: redundant (either is enough) or complementary (needed together)"
+    score = score or output_score(model, batches)
+    mods = [m for m in model.modalities if m in batches[0]['inputs']]
+    if len(mods) < 2 or len(mods) > max_shapley: return []
+    v = values if values is not None else coalition_scores(model, batches, score, mods)
+    gain = v[frozenset(mods)] - v[frozenset()]
+    inter, findings = shapley_interactions(lambda S: v[S], mods), []
+    mat = np.zeros((len(mods), len(mods)))
+    for (a, b), I in inter.items():
+        x, lo, hi = ratio_interval(I, gain, n_boot, seed) if ratio_interval(gain, n_boot=n_boot, seed=seed)[1] > 0 else (float('nan'),) * 3
+        kind = ('inconclusive' if not math.isfinite(lo) else 'redundant' if hi < -min_interaction else 'complementary' if lo > min_interaction
+                else 'independent' if -min_interaction < lo and hi < min_interaction else 'inconclusive')
+        mat[mods.index(a), mods.index(b)] = mat[mods.index(b), mods.index(a)] = np.nan_to_num(x)
+        text = {'redundant': f"{a} and {b} are redundant: either one is enough", 'complementary': f"{a} and {b} are complementary: needed together",
+                'independent': f"{a} and {b} add up independently", 'inconclusive': f"{a} and {b}: interaction not yet clear"}[kind]
+        x, lo, hi = (v if math.isfinite(v) else None for v in (x, lo, hi))
+        findings.append(Finding('modality_interaction', 'ok', f"{text} (Shapley interaction {x:.3g} of the gain, 95% CI {lo:.2g} to {hi:.2g})" if lo is not None else f"{text} (no clear score gain to share)",
+                                {'kind': kind, 'pair': [a, b], 'interaction': x, 'ci': [lo, hi], 'score': score.text, 'head': score.head, 'n': len(gain)}, subject=f'{a}+{b}'))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(mods), 1 + 0.6 * len(mods)))
+    lim = max(float(np.abs(mat).max()), min_interaction)
+    im = ax.imshow(mat, cmap='RdBu', vmin=-lim, vmax=lim); fig.colorbar(im, ax=ax, shrink=.8, label='interaction share\n(- redundant, + complementary)')
+    ax.set_xticks(range(len(mods)), mods, rotation=45, fontsize=7); ax.set_yticks(range(len(mods)), mods, fontsize=7)
+    for f in findings:
+        i, j = (mods.index(p) for p in f.evidence['pair'])
+        for r, c in ((i, j), (j, i)): ax.text(c, r, f.evidence['kind'][:4], ha='center', va='center', fontsize=6)
+    ax.set_title('modality interactions', fontsize=9); fig.tight_layout(); findings[0].figures['modality_interactions'] = fig
+    return findings
+
+# %% ../nbs/06_diagnosis.ipynb #a7c1e124
+def _coalitions(s):
+    "The diagnosed batches' per-sample coalition scores, computed once per diagnosis and shared by the two checks"
+    if 'coalitions' not in s.cache:
+        mods = [m for m in s.model.modalities if m in s.batches[0]['inputs']]
+        s.cache['coalitions'] = coalition_scores(s.model, s.batches, s.score, mods) if 1 < len(mods) <= 6 else None
+    return s.cache['coalitions']
+
+def _on_split(s, findings:list) -> list:
+    "`findings` with the diagnosed split named in their evidence"
+    for f in findings: f.evidence.setdefault('split', s.split)
     return findings
 
 @CHECKS.register('modality_contribution')
-def _check_contribution(s): return modality_contribution(s.model, s.batches) if len(s.model.modalities) > 1 else []
+def _check_contribution(s):
+    return _on_split(s, modality_contribution(s.model, s.batches, s.score, _coalitions(s), n_boot=s.n_boot, seed=s.seed)) if len(s.model.modalities) > 1 else []
+
+@CHECKS.register('modality_interaction')
+def _check_interaction(s):
+    return _on_split(s, modality_interactions(s.model, s.batches, s.score, _coalitions(s), n_boot=s.n_boot, seed=s.seed)) if len(s.model.modalities) > 1 else []
 
 # %% ../nbs/06_diagnosis.ipynb #91a97e67
 def feature_magnitudes(model:nn.Module, # a model with the library's call
@@ -348,9 +607,11 @@ def gradient_flow(model:nn.Module, # a model with the library's call
                   loss_func:Callable|None=None, # `loss_func(out, batch) -> scalar`; default `default_loss`
                   n_batches:int=3, # batches to accumulate gradients over
                   starved_ratio:float=0.01, # flag an encoder whose relative gradient is below this fraction of the largest
+                  head:str|None=None, # the head of a multi-task model whose loss is backpropagated (default: `primary_head`)
                  ) -> list:
     "Per-module gradient norms over a few batches, parameters left without gradient, and the per-encoder gradient ratio; flags dead, frozen-by-mistake and starved encoders"
-    loss_func = loss_func or (lambda o, b: default_loss(o, b, getattr(model, 'aux_weight', 0.3)))
+    head = primary_head(model, head); task = task_of(model, batches, head)
+    loss_func = loss_func or (lambda o, b: default_loss(o, b, getattr(model, 'aux_weight', 0.3), head, task))
     was, dev = model.training, _device(model)
     saved = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
     model.train(); model.zero_grad(set_to_none=True)
@@ -396,7 +657,7 @@ def gradient_flow(model:nn.Module, # a model with the library's call
     return findings
 
 @CHECKS.register('gradient_flow')
-def _check_gradients(s): return gradient_flow(s.model, s.batches) if s.batches[0].get('target') is not None else []
+def _check_gradients(s): return gradient_flow(s.model, s.batches, head=s.score.head) if s.batches[0].get('target') is not None else []
 
 # %% ../nbs/06_diagnosis.ipynb #6b7a8fcb
 def _inner(enc:nn.Module) -> nn.Module:
@@ -451,9 +712,10 @@ def temporal_behaviour(model:nn.Module, # a model with the library's call
                        min_memory:float=0.01, # flag a last-step token that changes less than this (relative) when every earlier step is replaced
                        min_change:float=0.01, # flag per-step tokens that change less than this (relative) from step to step
                        low:float=0.1, # a step whose occlusion importance is below this fraction of the largest is 'ignored'
+                       head:str|None=None, # the head of a multi-task model (default: `primary_head`)
                       ) -> list:
     "Step-to-step change of the per-step tokens (ConvLSTM hidden states), memory of earlier steps, and occlusion importance of each step"
-    m, task, enc = modality, task_of(model, batches), _inner(model.encoders[modality])
+    m, head = modality, primary_head(model, head); task, enc = task_of(model, batches, head), _inner(model.encoders[modality])
     was, dev = model.training, _device(model); model.eval()
     change, memory = [], []
     with torch.no_grad():
@@ -472,7 +734,7 @@ def temporal_behaviour(model:nn.Module, # a model with the library's call
             i = torch.arange(x.shape[0], device=dev)
             memory.append((tok2[i, last] - tok[i, last]).norm(dim=-1) / tok[i, last].norm(dim=-1).clamp(min=1e-12))
     model.train(was)
-    full, T = predict(model, batches), max(b['inputs'][m].shape[1] for b in batches)
+    full, T = predict(model, batches, head=head), max(b['inputs'][m].shape[1] for b in batches)
     imp = []
     for t in range(T):
         def occlude(x, b, t=t):
@@ -482,13 +744,13 @@ def temporal_behaviour(model:nn.Module, # a model with the library's call
             w = w.view(*w.shape, *[1] * (x.ndim - 2))
             x = x.clone(); x[:, t] = (x * w).sum(1) / w.sum(1).clamp(min=1)
             return x
-        d = _delta(task, predict(model, batches, _change_input(m, occlude)), full)
+        d = _delta(task, predict(model, batches, _change_input(m, occlude), head), full)
         real = torch.cat([((b.get('masks') or {}).get(m, torch.ones(b['inputs'][m].shape[:2], dtype=torch.bool)).bool()[:, t]
                            if t < b['inputs'][m].shape[1] else torch.zeros(len(b['ids']), dtype=torch.bool)) for b in batches])
         imp.append(float(d[real].mean()) if real.any() else 0.)
     imp = np.array(imp); norm = imp / imp.max() if imp.max() > 0 else imp
     set_like = isinstance(enc, ImageSetEncoder)
-    ev = {'encoder': type(enc).__name__, 'steps': T, 'step_change': float(torch.cat(change).mean()) if change else None,
+    ev = {'encoder': type(enc).__name__, 'head': head, 'steps': T, 'step_change': float(torch.cat(change).mean()) if change else None,
           'memory': float(torch.cat(memory).mean()) if memory else None, 'step_importance': norm.round(4).tolist(),
           'ignored_steps': int((norm < low).sum()), 'raw_importance_max': float(imp.max())}
     fig, ax = plt.subplots(figsize=(5, 2.4))
@@ -509,7 +771,7 @@ def temporal_behaviour(model:nn.Module, # a model with the library's call
     return findings
 
 @CHECKS.register('temporal')
-def _check_temporal(s): return [f for m in sequence_modalities(s.model, s.batches[0], s.ordered) for f in temporal_behaviour(s.model, s.batches, m)]
+def _check_temporal(s): return [f for m in sequence_modalities(s.model, s.batches[0], s.ordered) for f in temporal_behaviour(s.model, s.batches, m, head=s.score.head)]
 
 # %% ../nbs/06_diagnosis.ipynb #f973d778
 def channel_importance(model:nn.Module, # a model with the library's call
@@ -517,19 +779,20 @@ def channel_importance(model:nn.Module, # a model with the library's call
                        modality:str, # an image modality with several channels
                        channel_names:Sequence[str]|None=None, # e.g. ('193', '211', 'magnetogram')
                        low:float=0.05, # flag a channel whose importance is below this fraction of the largest
+                       head:str|None=None, # the head of a multi-task model (default: `primary_head`)
                       ) -> list:
     "Occlusion importance of each channel: the output change when the channel is replaced by its mean value"
-    m, task = modality, task_of(model, batches)
+    m, head = modality, primary_head(model, head); task = task_of(model, batches, head)
     x0 = batches[0]['inputs'][m]; axis = 1 if x0.ndim == 4 else 2
     C = x0.shape[axis]; names = list(channel_names or [f'channel {c}' for c in range(C)])
-    full, imp = predict(model, batches), []
+    full, imp = predict(model, batches, head=head), []
     for c in range(C):
         def occlude(x, b, c=c):
             x = x.clone(); sl = (slice(None),) * axis + (c,)
             x[sl] = x[sl].mean(); return x
-        imp.append(float(_delta(task, predict(model, batches, _change_input(m, occlude)), full).mean()))
+        imp.append(float(_delta(task, predict(model, batches, _change_input(m, occlude), head), full).mean()))
     imp = np.array(imp); norm = imp / imp.max() if imp.max() > 0 else imp
-    ev = {'channels': names, 'importance': dict(zip(names, norm.round(4).tolist())), 'raw_importance_max': float(imp.max())}
+    ev = {'channels': names, 'head': head, 'importance': dict(zip(names, norm.round(4).tolist())), 'raw_importance_max': float(imp.max())}
     weak = [n for n, v in zip(names, norm) if v < low]
     fig, ax = plt.subplots(figsize=(4, 2.4)); ax.bar(names, norm); ax.set(ylabel='occlusion importance', title=f'{m}: channel importance'); fig.tight_layout()
     if imp.max() <= 0: f = Finding('channel_importance', 'warning', f"no channel of {m} changes the output", ev, remedies('aux_heads', m=m), m)
@@ -543,7 +806,7 @@ def channel_importance(model:nn.Module, # a model with the library's call
 def _check_channels(s):
     b = s.batches[0]
     return [f for m in image_modalities(s.model, b) if b['inputs'][m].shape[1 if b['inputs'][m].ndim == 4 else 2] > 1
-            for f in channel_importance(s.model, s.batches, m)]
+            for f in channel_importance(s.model, s.batches, m, head=s.score.head)]
 
 # %% ../nbs/06_diagnosis.ipynb #50d77fc9
 def _cam_target(task:str, out:torch.Tensor) -> torch.Tensor:
@@ -553,9 +816,10 @@ def _cam_target(task:str, out:torch.Tensor) -> torch.Tensor:
 def grad_cam(model:nn.Module, # a model with the library's call
              batch:dict, # one batch
              modality:str, # an image modality whose encoder has convolutions (or is a ConvLSTM)
+             head:str|None=None, # the head of a multi-task model whose output is explained (default: `primary_head`)
             ) -> torch.Tensor:
     "Grad-CAM maps (B, h, w), or (B, S, h, w) for image sequences/sets: ReLU of the gradient-weighted last conv features (ConvLSTM: hidden states), each scaled to max 1"
-    m, enc = modality, _inner(model.encoders[modality])
+    m, enc, head = modality, _inner(model.encoders[modality]), primary_head(model, head)
     b = batch_to(batch, _device(model)); x = b['inputs'][m].detach().clone().requires_grad_(True)
     b = {**b, 'inputs': {**b['inputs'], m: x}}
     feats, hook = {}, None
@@ -566,9 +830,9 @@ def grad_cam(model:nn.Module, # a model with the library's call
     was = model.training; model.eval()
     try:
         with torch.enable_grad():
-            out = _output(_run(model, b))
+            out = _output(_run(model, b), head)
             a = enc.hidden_states if isinstance(enc, ConvLSTM) else feats['a']
-            g, = torch.autograd.grad(_cam_target(task_of(model, [batch]), out), a)
+            g, = torch.autograd.grad(_cam_target(task_of(model, [batch], head), out), a)
     finally:
         model.train(was)
         if hook: hook.remove()
@@ -593,10 +857,11 @@ def saliency(model:nn.Module, # a model with the library's call
              max_same:float=0.95, # flag saliency maps whose mean correlation across inputs is above this
              n_show:int=4, # samples (or steps) drawn in the overlay figure
              ordered:bool=True, # an image stack (B, T, C, H, W) is a time axis (False: a set of views, not judged step against step)
+             head:str|None=None, # the head of a multi-task model (default: `primary_head`)
             ) -> list:
     "Grad-CAM overlays, and whether the maps differ between inputs (a fixed, position-only saliency is flagged) and between steps"
     m, b = modality, batches[0]
-    cam, x = grad_cam(model, b, m).cpu(), b['inputs'][m].cpu()
+    cam, x = grad_cam(model, b, m, head).cpu(), b['inputs'][m].cpu()
     present = b['present'][:, b['modalities'].index(m)].cpu()
     cam_p = cam[present]
     zero = float((cam_p.flatten(1).amax(1) <= 0).float().mean()) if len(cam_p) else 1.
@@ -631,7 +896,7 @@ def saliency(model:nn.Module, # a model with the library's call
 def _check_saliency(s):
     mods = [m for m in image_modalities(s.model, s.batches[0])
             if isinstance(_inner(s.model.encoders[m]), ConvLSTM) or any(isinstance(x, nn.Conv2d) for x in s.model.encoders[m].modules())]
-    return [f for m in mods for f in saliency(s.model, s.batches, m, ordered=(s.ordered or {}).get(m) is not False)]
+    return [f for m in mods for f in saliency(s.model, s.batches, m, ordered=(s.ordered or {}).get(m) is not False, head=s.score.head)]
 
 # %% ../nbs/06_diagnosis.ipynb #61d6150d
 def fusion_attention(model:nn.Module, # a model with the library's call
@@ -679,20 +944,26 @@ def _check_attention(s): return fusion_attention(s.model, s.batches) if len(s.mo
 def contrastive_batches(labels:Sequence[int], # class of every training sample
                         batches:Sequence[Sequence[int]], # the batches (sample indices) an epoch uses, e.g. a sampler's `global_batches()`
                         max_lonely:float=0.1, # a warning above this share of anchors without a positive, a problem above 0.5
+                        max_single:float=0.5, # any batch of a single class is a warning; above this share of batches, a problem
                        ) -> list:
-    "Supervised-contrastive batches: share of anchors whose class appears only once in their batch (no positive pair), and batches with no pair at all"
+    "Supervised-contrastive batches: anchors whose class appears only once in their batch (no positive), and batches of a single class (no negative)"
     labels = np.asarray(labels)
-    lonely = n = empty = 0
+    lonely = n = empty = single = 0
     for b in batches:
         cls, cnt = np.unique(labels[list(b)], return_counts=True)
-        lonely += int((cnt == 1).sum()); n += len(b); empty += int((cnt < 2).all())
-    share = lonely / max(n, 1)
+        lonely += int((cnt == 1).sum()); n += len(b); empty += int((cnt < 2).all()); single += int(len(cls) == 1 and len(b) > 1)
+    share, single_share = lonely / max(n, 1), single / max(len(batches), 1)
     ev = {'batches': len(batches), 'anchors': n, 'anchors_without_positive': lonely, 'share_without_positive': share,
-          'batches_without_any_pair': empty, 'classes': int(len(np.unique(labels)))}
+          'batches_without_any_pair': empty, 'batches_without_negatives': single, 'classes': int(len(np.unique(labels)))}
+    out = []
     sev = 'problem' if share > 0.5 else 'warning' if share > max_lonely else 'ok'
-    text = (f"{share:.0%} of the anchors have no positive in their batch ({empty} of {len(batches)} batches have no pair at all): "
-            f"the SupCon loss has nothing to pull together" if sev != 'ok' else f"{share:.0%} of the anchors lack a positive in their batch")
-    return [Finding('contrastive_batches', sev, text, ev, remedies('stratified') if sev != 'ok' else [])]
+    if sev != 'ok': out.append(Finding('contrastive_batches', sev, f"{share:.0%} of the anchors have no positive in their batch ({empty} of {len(batches)} batches have "
+                                       f"no pair at all): the SupCon loss has nothing to pull together", ev, remedies('stratified')))
+    if single:
+        B = int(np.mean([len(b) for b in batches]))
+        out.append(Finding('contrastive_batches', 'problem' if single_share > max_single else 'warning', f"{single} of {len(batches)} batches hold a single "
+                           f"class: no negatives, so SupCon has nothing to push apart and sits at log(B-1) = {math.log(max(B - 1, 1)):.3g}", ev, remedies('stratified')))
+    return out or [Finding('contrastive_batches', 'ok', f"{share:.0%} of the anchors lack a positive in their batch; every batch holds two or more classes", ev)]
 
 # %% ../nbs/06_diagnosis.ipynb #7a5088ec
 def class_balance(labels:Sequence[int], # class of every training sample
@@ -773,8 +1044,17 @@ class Subject:
     config: Mapping|None = None  # the run's config
     ordered: Mapping|None = None  # modality -> has a time axis (`declared_order` of the data by default)
     baselines: Mapping|None = None  # name -> single-modality model on the same data (the `detection` check compares against them)
+    reference: Any = None  # the training data: an embedding head is scored by k-NN fitted on it
+    reference_name: str = 'the reference data'  # how the evidence names `reference`
+    head: str|None = None  # the head of a multi-task model to score (default: `primary_head`)
+    knn: Mapping|None = None  # the k-NN protocol {'k', 'metric'} (a run's `evaluation.knn`)
+    n_boot: int = 500  # bootstrap resamples for the intervals
+    seed: int = 0  # bootstrap seed
+    split: str|None = None  # the diagnosed split's name, for the evidence
+    score: OutputScore|None = None  # how outputs are scored (`diagnose` sets it with `output_score`)
+    cache: dict = field(default_factory=dict)  # values several checks share (coalition scores)
 
-MODEL_CHECKS = ('output_dependence', 'modality_contribution', 'feature_magnitude', 'gradient_flow', 'temporal', 'channel_importance',
+MODEL_CHECKS = ('output_dependence', 'modality_contribution', 'modality_interaction', 'feature_magnitude', 'gradient_flow', 'temporal', 'channel_importance',
                 'saliency', 'fusion_attention', 'training_setup')  # what `diagnose` runs by default, in order
 DETECTION_CHECKS = ('detection', 'training_setup')  # ... and on detection models (`detection` is registered by `mmfusion.detection`)
 
@@ -849,17 +1129,19 @@ def diagnose(model_or_run, # a `MultiModalModel`, or a run folder made by `train
              max_samples:int=64, # diagnose on at most this many samples
              batch_size:int=16, # batch size when `data` is a dataset
              title:str='Diagnosis', # report title
-             **known, # more `Subject` fields: splits, train_labels, batch_plan, contrastive, history, config, ordered
+             **known, # more `Subject` fields: reference, head, knn, n_boot, seed, splits, train_labels, batch_plan, contrastive, history, config, ordered
             ) -> Diagnosis:
     "Run the diagnosis checks on a model and data: a `Diagnosis` of findings (written as a report when `out` is given)"
-    if isinstance(model_or_run, (str, Path)): return diagnose_run(model_or_run, out=out, checks=checks, max_samples=max_samples)
+    if isinstance(model_or_run, (str, Path)):
+        return diagnose_run(model_or_run, out=out, checks=checks, max_samples=max_samples, **{k: known[k] for k in ('split', 'head', 'n_boot', 'seed') if k in known})
     batches = as_batches(data, max_samples, batch_size)
     model = model_or_run
     if _is_detection(batches[0]) and checks is None: checks = DETECTION_CHECKS
     s = Subject(model, batches, **known)
     if s.ordered is None: s.ordered = declared_order(data)
     if s.train_labels is None and hasattr(data, 'task') and data.task == 'classification': s.train_labels = list(data.targets)
-    s.contrastive = s.contrastive or isinstance(getattr(model, 'head', None), EmbeddingHead)
+    s.contrastive = s.contrastive or isinstance(getattr(model, 'head', None), EmbeddingHead) or primary_head(model, s.head) == 'embedding'
+    if s.score is None and not _is_detection(batches[0]): s.score = output_score(model, batches, s.head, s.reference, s.knn, s.reference_name)
     findings = [f for name in (checks or MODEL_CHECKS) for f in CHECKS[name](s)]
     d = Diagnosis(findings, title)
     if out is not None: d.write(out)
@@ -888,13 +1170,14 @@ def score_separation(scores, # (N,) anomaly scores of the diagnosed split (large
 
 # %% ../nbs/06_diagnosis.ipynb #51c0e7ba
 def diagnose_scorer_run(run_dir, # a run folder whose config names a `model.scorer`
-                        split:str='test', # the split role to diagnose on
+                        split:str|None=None, # the split role to diagnose on (default 'valid' when the run has one, else 'test')
                         out=None, # report folder (default RUN_DIR/diagnosis)
                         checkpoint:str='best', # 'best' or 'last'
                         max_samples:int=64, # finite-input check on at most this many samples
                        ) -> Diagnosis:
     "Diagnose an anomaly-scorer run: score separation, saved threshold, finite inputs, split leakage, lr schedule"
     run = Path(run_dir); cfg = load_config(run/'config.yaml')
+    split = split or ('valid' if cfg['data'].get('valid') else 'test')
     ck = run_checkpoint(run, checkpoint)
     scorer, data = load_scorer(ck), cfg['data']
     splits = build_splits({**data, 'augment': None}, cfg.get('seed', 0))
@@ -917,24 +1200,62 @@ def diagnose_scorer_run(run_dir, # a run folder whose config names a `model.scor
     d.write(out if out is not None else run/'diagnosis')
     return d
 
+# %% ../nbs/06_diagnosis.ipynb #a7c1e126
+def ablation_agreement(findings:Sequence[Finding], # the diagnosis's findings: its 'modality_contribution' and 'modality_interaction' ones are compared
+                       record:Mapping, # an evaluation's metrics.json (`evaluate_run`): its metrics hold an 'ablation' table
+                       split:str|None=None, # the split the diagnosis looked at
+                       rel_tol:float=0.05, # an ablation change within this fraction of the full metric is 'no change' ...
+                      ) -> list:
+    "Does each modality's contribution verdict agree with the evaluation's 'without m' ablation? A contradiction is a problem finding"
+    met = record.get('metrics', record)
+    rows = {r['setting']: r for r in met.get('ablation') or []}
+    if 'all' not in rows: return []
+    lower_better = met.get('task') == 'regression'  # the regression headline is an error (MAE)
+    full, ev_split = rows['all']['metric'], met.get('split')
+    n = (record.get('split_sizes') or {}).get(ev_split)
+    tol = max(rel_tol * abs(full), 1.5 / n if n and not lower_better else 0.)  # ... or within 1.5 samples' worth of accuracy
+    redundant = {m for f in findings if f.check == 'modality_interaction' and f.evidence.get('kind') == 'redundant' for m in f.evidence['pair']}
+    out = []
+    for f in findings:
+        m = f.subject
+        if f.check != 'modality_contribution' or f'without {m}' not in rows: continue
+        change = rows[f'without {m}']['change']
+        cost = change if lower_better else -change  # > 0: removing m makes the run worse
+        v = f.evidence['verdict']
+        ev = {'verdict': v, 'shapley_share': f.evidence['shapley_share'], 'share_ci': f.evidence['share_ci'], 'score': f.evidence['score'],
+              'ablation_change': change, 'ablation_metric': met.get('headline', {}).get('name'), 'metric_all': full, 'tolerance': tol,
+              'diagnosed_split': split, 'ablation_split': ev_split}
+        where = f"(diagnosis on {split}, ablation on {ev_split})"
+        if v == 'contributes' and cost < tol and m not in redundant: bad = f"the diagnosis says {m} contributes, but removing it changes {ev['ablation_metric']} by {change:+.3g} {where}"
+        elif v in ('ignored', 'uninformative') and cost >= tol: bad = f"the diagnosis says {m} is not used ({v}), but removing it costs {cost:.3g} of {ev['ablation_metric']} {where}"
+        elif v == 'contributes little' and cost >= 3 * tol: bad = f"the diagnosis says {m} contributes little, but removing it costs {cost:.3g} of {ev['ablation_metric']} {where}"
+        else: bad = None
+        ok = (f"'{v}' cannot contradict the ablation" if v == 'inconclusive' else f"'{v}' agrees with the ablation") + f": without {m}, {ev['ablation_metric']} changes by {change:+.3g}" + (" (a redundant partner stands in)" if m in redundant and v == 'contributes' and cost < tol else '') + f" {where}"
+        out.append(Finding('ablation_agreement', 'problem' if bad else 'ok', bad or ok, ev, remedies('ablation_disagreement') if bad else [], m))
+    return out
+
 # %% ../nbs/06_diagnosis.ipynb #b5b4a9b6
 def diagnose_run(run_dir, # a run folder written by `mmfusion.training.train`
-                 split:str='test', # the split role to diagnose on: 'train', 'valid' or 'test' (or a split name)
+                 split:str|None=None, # the split role to diagnose on: 'train', 'valid' or 'test' (or a split name); default 'valid' when the run has one, else 'test'
                  out=None, # report folder (default RUN_DIR/diagnosis)
                  checkpoint:str='best', # 'best' or 'last' (falls back to last.pt when best.pt is missing)
                  checks:Sequence[str]|None=None, # names in `CHECKS`
                  max_samples:int=64, # diagnose on at most this many samples
+                 head:str|None=None, # the head of a multi-task model (default: the config's `diagnosis.head`, else what `evaluate_run` scores)
+                 n_boot:int=500, # bootstrap resamples for the intervals
+                 seed:int=0, # bootstrap seed
                 ) -> Diagnosis:
-    "Load a run folder (config.yaml, checkpoints, history.csv), rebuild its data splits and diagnose it; the report goes to RUN_DIR/diagnosis"
+    "Load a run folder, rebuild its splits and diagnose it (validation split by default), checked against its evaluation's ablation; the report goes to RUN_DIR/diagnosis"
     run = Path(run_dir)
     if not (run/'config.yaml').is_file(): raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
     cfg = load_config(run/'config.yaml')
-    if 'baseline' in cfg and 'modalities' in cfg.get('data', {}):  # a `run_detection` folder: loaded by the detection module
+    data = cfg['data']
+    split = split or ('valid' if data.get('valid') else 'test')  # remedies are not chosen on the test split when there is a validation split
+    if 'baseline' in cfg and 'modalities' in data:  # a `run_detection` folder: loaded by the detection module
         return importlib.import_module('mmfusion.detection').diagnose_detection_run(run, None if split == 'test' else split, out, checkpoint, checks, max_samples)
     if 'scorer' in cfg.get('model', {}): return diagnose_scorer_run(run, split, out, checkpoint, max_samples)  # an anomaly scorer run
     ck = run_checkpoint(run, checkpoint)
     model = load_model(ck)
-    data = cfg['data']
     splits = build_splits({**data, 'augment': None}, cfg.get('seed', 0))
     name = data.get(split) or split
     if name not in splits: raise KeyError(f"split {split!r} not in this run's data ({list(splits)})")
@@ -946,6 +1267,11 @@ def diagnose_run(run_dir, # a run folder written by `mmfusion.training.train`
         plan = StratifiedBatchSampler(labels, data['batch_size'], k=k, seed=cfg.get('seed', 0)).global_batches()
     hist = pd.read_csv(run/'history.csv').to_dict('records') if (run/'history.csv').is_file() else None
     contrastive = str((cfg.get('loss') or {}).get('name', '')).startswith('supcon')
-    return diagnose(model, splits[name], checks, out if out is not None else run/'diagnosis', max_samples, data.get('batch_size', 16),
-                    f'Diagnosis of {run.name} ({name} split, {ck.name})', splits=splits, train_labels=labels, batch_plan=plan,
-                    contrastive=contrastive, history=hist, config=cfg)
+    head = primary_head(model, head or (cfg.get('diagnosis') or {}).get('head'))
+    d = diagnose(model, splits[name], checks, None, max_samples, data.get('batch_size', 16),
+                 f"Diagnosis of {run.name} ({name} split, {ck.name}" + (f", head '{head}')" if head else ')'), splits=splits, train_labels=labels,
+                 batch_plan=plan, contrastive=contrastive, history=hist, config=cfg, reference=train, reference_name=f"the training split ({data['train']})",
+                 head=head, knn=(cfg.get('evaluation') or {}).get('knn'), n_boot=n_boot, seed=seed, split=name)
+    if (run/'eval'/'metrics.json').is_file(): d.findings += ablation_agreement(d.findings, json.loads((run/'eval'/'metrics.json').read_text()), name)
+    d.write(out if out is not None else run/'diagnosis')
+    return d
