@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_detection.ipynb #e1eeaf46
 from __future__ import annotations
-import json, logging, shutil, tempfile, warnings
+import copy, json, logging, shutil, tempfile, time, warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +13,8 @@ from typing import Callable, Mapping, Sequence
 
 import albumentations as A, cv2, matplotlib.pyplot as plt, numpy as np, pandas as pd, torch, torch.nn as nn, yaml
 import ultralytics.data.utils as ultralytics_data_utils
+from pytorch_grad_cam import EigenCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
 from ultralytics import YOLO
 from ultralytics.cfg import get_cfg
 from ultralytics.models.yolo.detect import DetectionValidator
@@ -34,8 +36,10 @@ from .training import (Callback, Checkpoint, CSVLogger, DeviceCB, GradientClip, 
 # %% auto #0
 __all__ = ['MultiModalYOLO', 'fit_size', 'detection_splits', 'DetectionLoss', 'postprocess_detections', 'validate_detection',
            'DetectionValidation', 'fit_detector', 'yolo_dataset_view', 'train_baseline', 'ablation_table',
-           'draw_detections', 'load_detector', 'predict_detections', 'predict_cli', 'DetectionRun', 'run_detection',
-           'detection_contribution', 'diagnose_detection_run']
+           'draw_detections', 'load_detector', 'predict_detections', 'predict_cli', 'DetectionRun', 'detection_config',
+           'train_single_detector', 'load_single_detector', 'train_detection_baselines', 'build_fused_detector',
+           'evaluate_detection_run', 'run_detection', 'detector_cams', 'plot_detector_cams', 'detection_contribution',
+           'diagnose_detection_run']
 
 # %% ../nbs/07_detection.ipynb #9a19d80b
 def _read_yolo_checkpoint(path) -> DetectionModel:
@@ -537,8 +541,9 @@ def predict_cli(run_dir, # a run folder (or checkpoint) of a `MultiModalYOLO`
 class DetectionRun:
     "What `run_detection` returns"
     dir: Path  # the run folder
-    baseline: Path  # the Phase-1 single-modality checkpoint
-    table: pd.DataFrame  # evaluation-split metrics: fused, each modality removed, the baseline
+    baseline: Path  # the base modality's Phase-1 checkpoint (the fused model's initialisation)
+    baselines: dict  # modality -> record of its trained single-modality detector (paths, seconds, test metrics)
+    table: pd.DataFrame  # evaluation-split metrics: fused, each modality removed, each trained baseline
     history: list  # one dict per epoch of fine-tuning (epoch 0: the start)
     model: MultiModalYOLO  # the fused detector with its best weights
 
@@ -548,62 +553,245 @@ def _merge(a:Mapping, b:Mapping) -> dict:
     for k, v in b.items(): out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
     return out
 
+def detection_config(config:str|Path|Mapping='configs/night_person.yaml', # a YAML file or a config mapping
+                     overrides:Mapping|None=None, # nested values replacing the config's (e.g. {'training': {'epochs': 2}})
+                    ) -> dict:
+    "A detection run's config with its defaults: `baseline.modalities` (else the base modality alone) and `baseline.finetune` (True)"
+    cfg = _merge(yaml.safe_load(Path(config).read_text()) if isinstance(config, (str, Path)) else copy.deepcopy(dict(config)), overrides or {})
+    cfg['baseline'] = b = dict(cfg['baseline'])
+    mods = cfg['data']['modalities']
+    b['modalities'] = list(b.get('modalities') or [b['modality']])
+    b.setdefault('finetune', True)
+    unknown = [m for m in [b['modality'], *b['modalities'], *(b['weights'] if isinstance(b.get('weights'), Mapping) else [])] if m not in mods]
+    if unknown: raise ValueError(f"baseline modality {unknown[0]!r} is not one of data.modalities {list(mods)}")
+    return cfg
+
+# %% ../nbs/07_detection.ipynb #8169afc2
+def train_single_detector(root, # a paired-folder dataset root
+                          modality:str, # the one modality this detector sees
+                          run_dir='runs/single', # Phase 1 goes to `run_dir/baseline/{modality}`, fine-tuning to `run_dir/baselines/{modality}`
+                          channels:int|None=None, # its channels (default: from `NIGHT_MODALITIES`, else 3)
+                          model:str|Path='yolo11n.yaml', # YOLO yaml, or a local .pt to start Phase 1 from
+                          imgsz:int=320, epochs:int=30, batch:int=8, # Phase 1: ultralytics' trainer
+                          finetune:Mapping|None=None, # Phase 2: `fit_detector` arguments (the fused model's recipe); None: Phase 1 only
+                          batch_size:int=8, # Phase 2 batch size
+                          augment:bool=True, # Phase 2 training augmentation (`detection_augment`)
+                          class_names:Sequence[str]=('person',), # detection classes
+                          seed:int=0, # seed of both phases
+                          weights:str|Path|None=None, # an existing Phase-1 .pt: skip Phase 1
+                          **overrides, # other `yolo train` arguments for Phase 1 (nbs=..., lr0=...)
+                         ) -> dict:
+    "A single-modality detector with the fused model's recipe: Phase 1 (ultralytics), then the same fine-tuning if asked; a record of paths and seconds"
+    c, run_dir, t0 = channels or NIGHT_MODALITIES.get(modality, 3), Path(run_dir), time.perf_counter()
+    pt = Path(weights) if weights else train_baseline(root, modality, model, run_dir/'baseline', imgsz, epochs, batch, seed=seed, channels=c, **overrides)
+    rec = {'modality': modality, 'channels': c, 'phase1': str(pt), 'phase1_seconds': 0.0 if weights else round(time.perf_counter() - t0, 1),
+           'finetuned': None, 'finetune_seconds': 0.0}
+    if finetune:
+        t0 = time.perf_counter()
+        splits = detection_splits(root, imgsz, {modality: c}, augment, seed, ('train', 'val'), class_names)
+        single = MultiModalYOLO({modality: c}, pt, fusion=None, names=class_names, imgsz=imgsz)
+        fit_detector(single, splits['train'].loader(batch_size, shuffle=True, seed=seed), splits['val'].loader(batch_size),
+                     run_dir=run_dir/'baselines'/modality, seed=seed, **{**finetune, 'freeze_base_epochs': 0})  # nothing new to learn first
+        rec.update(finetuned=str(run_checkpoint(run_dir/'baselines'/modality)), finetune_seconds=round(time.perf_counter() - t0, 1))
+    return rec
+
+def load_single_detector(record:Mapping, # a `train_single_detector` record
+                         names:Sequence[str]=('person',), # class names (for a Phase-1-only record)
+                         imgsz:int|None=None, # working size (for a Phase-1-only record)
+                        ) -> MultiModalYOLO:
+    "The detector a record describes: its fine-tuned checkpoint when there is one, else its Phase-1 weights; in eval mode"
+    if record.get('finetuned'): return load_detector(record['finetuned'])
+    return MultiModalYOLO({record['modality']: int(record['channels'])}, record['phase1'], fusion=None, names=names, imgsz=imgsz).eval()
+
+# %% ../nbs/07_detection.ipynb #197ee6d2
+def train_detection_baselines(cfg:Mapping, # a `detection_config`
+                              run_dir, # the run folder
+                             ) -> dict:
+    "Step 1 of `run_detection`: a `train_single_detector` per `baseline.modalities` (and the base's Phase 1); modality -> record"
+    d, b, seed = cfg['data'], cfg['baseline'], cfg.get('seed', 0)
+    w = b.get('weights')
+    weights = dict(w) if isinstance(w, Mapping) else ({b['modality']: w} if w else {})
+    out = {}
+    for m in dict.fromkeys([b['modality'], *b['modalities']]):  # the base first: its Phase 1 starts the fused model
+        out[m] = train_single_detector(d['root'], m, run_dir, int(d['modalities'][m]), b.get('model', 'yolo11n.yaml'), d['imgsz'], b['epochs'],
+                                       b.get('batch', d['batch_size']), cfg['training'] if b['finetune'] and m in b['modalities'] else None,
+                                       d['batch_size'], d.get('augment', True), d.get('class_names', ['person']), seed, weights.get(m),
+                                       **b.get('ultralytics', {}))
+    return out
+
+def build_fused_detector(cfg:Mapping, # a `detection_config`
+                         base_weights, # the base modality's Phase-1 .pt
+                        ) -> MultiModalYOLO:
+    "Step 2: the fused detector, its backbones (`model.init: all`) or only its base branch (`base`) initialised from the Phase-1 weights"
+    d, b, m = cfg['data'], cfg['baseline'], cfg['model']
+    init = m.get('init', 'all')
+    if init not in ('all', 'base'): raise ValueError(f"model.init must be 'all' or 'base', got {init!r}")
+    seed_everything(cfg.get('seed', 0))
+    model = MultiModalYOLO({k: int(v) for k, v in d['modalities'].items()}, base_weights if init == 'all' else _yolo_architecture(base_weights),
+                           m.get('fusion', 'map_attention'), m.get('base', b['modality']), m.get('shared_backbone', False),
+                           d.get('class_names', ['person']), d['imgsz'])
+    if init == 'base': model.load_single(base_weights, into=[model.base])
+    return model
+
+# %% ../nbs/07_detection.ipynb #8c8ebe0d
+def evaluate_detection_run(cfg:Mapping, # a `detection_config`
+                           run_dir, # the run folder
+                           model:MultiModalYOLO, # the fine-tuned fused detector
+                           baselines:Mapping[str, Mapping], # modality -> `train_single_detector` record (gets its test metrics)
+                           history:list, # the fused model's fine-tuning history
+                           seconds:Mapping[str, float], # step -> wall seconds
+                          ) -> pd.DataFrame:
+    "Step 4: the evaluation split's table (fused, each modality removed, each trained baseline); writes metrics.json, ablation.csv, predictions.png"
+    d, ev, run_dir = cfg['data'], cfg['evaluation'], Path(run_dir)
+    names, split = d.get('class_names', ['person']), ev.get('split', 'test')
+    nms = {k: ev[k] for k in ('conf', 'iou', 'max_det') if k in ev}
+    data = detection_splits(d['root'], d['imgsz'], model.channels, False, cfg.get('seed', 0), (split,), names)[split]
+    test_dl, device = data.loader(d['batch_size']), next(model.parameters()).device
+    score = lambda m: {k: v for k, v in validate_detection(m.to(device), test_dl, **nms).items() if k in _COLUMNS}
+    for m in cfg['baseline']['modalities']:
+        r = baselines[m]
+        r['test'] = score(load_single_detector(r, names, d['imgsz']))
+        if r['finetuned']: r['phase1_test'] = score(load_single_detector({**r, 'finetuned': None}, names, d['imgsz']))
+    table = ablation_table(model, test_dl, {f"{m} only (baseline)": baselines[m]['test'] for m in cfg['baseline']['modalities']}, **nms)
+    write_json_atomic({'split': split, 'imgsz': d['imgsz'], 'baseline': baselines[cfg['baseline']['modality']]['phase1'], 'baselines': dict(baselines),
+                       'table': table.to_dict('index'), 'history': history, 'seconds': dict(seconds)}, run_dir/'metrics.json')
+    table.to_csv(run_dir/'ablation.csv')
+    s = data[0]
+    rec = predict_detections(model, dict(s.inputs))[0]
+    dets = torch.tensor([[*r['box_xyxy'], r['confidence'], r['class']] for r in rec['detections']]).view(-1, 6)
+    cv2.imwrite(str(run_dir/'predictions.png'), cv2.cvtColor(draw_detections(s.inputs, dets, s.target['boxes'], model.names, scale=2), cv2.COLOR_RGB2BGR))
+    return table
+
 def run_detection(config:str|Path|Mapping='configs/night_person.yaml', # a YAML file or a config mapping
                   overrides:Mapping|None=None, # nested values replacing the config's (e.g. {'training': {'epochs': 2}})
                   run_dir:str|Path|None=None, # default: `runs_dir/name`
                  ) -> DetectionRun:
-    "Phase 1 baseline, baseline-first fused model, fine-tuning with the `Learner`, ablation table and drawing on the evaluation split"
-    cfg = _merge(yaml.safe_load(Path(config).read_text()) if isinstance(config, (str, Path)) else dict(config), overrides or {})
-    d, b, m, t, ev = cfg['data'], cfg['baseline'], cfg['model'], cfg['training'], cfg['evaluation']
+    "Trained single-modality baselines, the baseline-first fused model fine-tuned with the `Learner`, the evaluation table and a drawing"
+    cfg = detection_config(config, overrides)
     run_dir = Path(run_dir or Path(cfg.get('runs_dir', 'runs'))/cfg['name'])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir/'config.yaml').write_text(yaml.safe_dump(cfg, sort_keys=False))
-    seed, mods, names = cfg.get('seed', 0), {k: int(v) for k, v in d['modalities'].items()}, d.get('class_names', ['person'])
-    baseline = Path(b['weights']) if b.get('weights') else train_baseline(
-        d['root'], b['modality'], b.get('model', 'yolo11n.yaml'), run_dir/'baseline', d['imgsz'], b['epochs'], b.get('batch', d['batch_size']),
-        seed=seed, **b.get('ultralytics', {}))
-    seed_everything(seed)
-    init = m.get('init', 'all')
-    if init not in ('all', 'base'): raise ValueError(f"model.init must be 'all' or 'base', got {init!r}")
-    model = MultiModalYOLO(mods, baseline if init == 'all' else _yolo_architecture(baseline), m.get('fusion', 'map_attention'),
-                           m.get('base', b['modality']), m.get('shared_backbone', False), names, d['imgsz'])
-    if init == 'base': model.load_single(baseline, into=[model.base])
-    splits = detection_splits(d['root'], d['imgsz'], mods, d.get('augment', True), seed, class_names=names)
-    train_dl, valid_dl = splits['train'].loader(d['batch_size'], shuffle=True, seed=seed), splits['val'].loader(d['batch_size'])
-    learn = fit_detector(model, train_dl, valid_dl, run_dir=run_dir, seed=seed, **t)
-    nms = {k: ev[k] for k in ('conf', 'iou', 'max_det') if k in ev}
-    test_dl = splits[ev.get('split', 'test')].loader(d['batch_size'])
-    single = MultiModalYOLO({b['modality']: mods[b['modality']]}, baseline, fusion=None, names=names).to(next(model.parameters()).device)
-    table = ablation_table(model, test_dl, {f"{b['modality']} only (baseline)": validate_detection(single, test_dl, **nms)}, **nms)
-    write_json_atomic({'split': ev.get('split', 'test'), 'imgsz': d['imgsz'], 'baseline': str(baseline), 'table': table.to_dict('index'),
-                       'history': learn.history}, run_dir/'metrics.json')
-    table.to_csv(run_dir/'ablation.csv')
-    s = splits[ev.get('split', 'test')][0]
-    recs = predict_detections(model, {k: v for k, v in s.inputs.items()})
-    dets = torch.tensor([[*r['box_xyxy'], r['confidence'], r['class']] for r in recs[0]['detections']]).view(-1, 6)
-    cv2.imwrite(str(run_dir/'predictions.png'), cv2.cvtColor(draw_detections(s.inputs, dets, s.target['boxes'], model.names, scale=2), cv2.COLOR_RGB2BGR))
-    return DetectionRun(run_dir, baseline, table, learn.history, model)
+    d, seed, t0 = cfg['data'], cfg.get('seed', 0), time.perf_counter()
+    baselines = train_detection_baselines(cfg, run_dir)
+    seconds = {f'{m} {p}': r[f'{p}_seconds'] for m, r in baselines.items() for p in ('phase1', 'finetune')}
+    model, t1 = build_fused_detector(cfg, baselines[cfg['baseline']['modality']]['phase1']), time.perf_counter()
+    splits = detection_splits(d['root'], d['imgsz'], model.channels, d.get('augment', True), seed, ('train', 'val'), model.config['names'])
+    learn = fit_detector(model, splits['train'].loader(d['batch_size'], shuffle=True, seed=seed), splits['val'].loader(d['batch_size']),
+                         run_dir=run_dir, seed=seed, **cfg['training'])
+    seconds['fused finetune'] = round(time.perf_counter() - t1, 1)
+    seconds['training'] = round(time.perf_counter() - t0, 1)  # all training; the evaluation comes after
+    table = evaluate_detection_run(cfg, run_dir, model, baselines, learn.history, seconds)
+    return DetectionRun(run_dir, Path(baselines[cfg['baseline']['modality']]['phase1']), baselines, table, learn.history, model)
+
+# %% ../nbs/07_detection.ipynb #e91aaab1
+class _BackboneMaps(nn.Module):
+    "One modality's backbone alone (its P3/P4/P5 layers are what EigenCAM hooks); returns the pooled P5 map"
+    def __init__(self, model:MultiModalYOLO, m:str): super().__init__(); self.model, self.m = model, m
+    def forward(self, x): return self.model.backbones[self.model._key(self.m)](self.model._input(self.m, x)).pooled
+
+class _FusedMaps(nn.Module):
+    "The fused P3/P4/P5 maps behind identity taps (what EigenCAM hooks), from the modalities stacked along channels"
+    def __init__(self, model:MultiModalYOLO):
+        super().__init__()
+        self.model, self.taps = model, nn.ModuleList(nn.Identity() for _ in model.map_channels)
+    def forward(self, x):
+        inputs = dict(zip(self.model.modalities, x.split(list(self.model.channels.values()), 1)))
+        maps = {m: self.model.backbones[self.model._key(m)](self.model._input(m, v)).maps for m, v in inputs.items()}
+        present = torch.ones(len(x), len(inputs), dtype=torch.bool, device=x.device)
+        fused = next(iter(maps.values())) if self.model.fusions is None else \
+                [f({m: mp[level] for m, mp in maps.items()}, present).fused for level, f in enumerate(self.model.fusions)]
+        return torch.stack([tap(f).mean((1, 2, 3)) for tap, f in zip(self.taps, fused)], 1)
+
+def detector_cams(model:MultiModalYOLO, # a detector
+                  frame:Mapping[str, torch.Tensor], # modality -> (C, H, W) frame in [0, 1], every modality of the model
+                 ) -> dict:
+    "EigenCAM (pytorch-grad-cam) over P3-P5 of each modality's backbone and of the fused maps: name -> (H, W) map in [0, 1]"
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    missing = [m for m in model.modalities if m not in frame]
+    if missing: raise KeyError(f"the frame has no {missing[0]!r} image; this model takes {model.modalities}")
+    x = {m: torch.as_tensor(frame[m]).float()[None].to(device) for m in model.modalities}
+    try:
+        out = {}
+        for m in model.modalities:
+            net = _BackboneMaps(model, m)
+            layers = [net.model.backbones[model._key(m)].model[i] for i in model.feature_indices]
+            with EigenCAM(net, layers) as cam: out[m] = cam(x[m], None)[0]
+        if len(model.modalities) > 1:
+            net = _FusedMaps(model)
+            with EigenCAM(net, list(net.taps)) as cam: out['fused'] = cam(torch.cat(list(x.values()), 1), None)[0]
+    finally: model.train(was_training)
+    return out
+
+def plot_detector_cams(model:MultiModalYOLO, # a detector
+                       frame:Mapping[str, torch.Tensor], # modality -> (C, H, W) frame in [0, 1]
+                       title:str|None=None, # figure title
+                      ) -> plt.Figure:
+    "One panel per modality (its backbone's EigenCAM over its own frame) and one for the fused maps (over the base or first modality's frame)"
+    cams = detector_cams(model, frame)
+    fig, axes = plt.subplots(1, len(cams), figsize=(2.6 * len(cams), 2.4), squeeze=False)
+    for ax, (name, cam) in zip(axes[0], cams.items()):
+        img = _panel(frame[name if name in frame else (model.base or model.modalities[0])], *cam.shape).astype(np.float32) / 255
+        ax.imshow(show_cam_on_image(img, cam, use_rgb=True)); ax.set_title(f"{name}: P3-P5", fontsize=9); ax.axis('off')
+    if title: fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/07_detection.ipynb #99a34169
+def _single_modality(model:nn.Module) -> str|None:
+    "The one modality a detector sees (None when it sees several or does not say)"
+    mods = list(getattr(model, 'modalities', None) or [])
+    return mods[0] if len(mods) == 1 else None
+
+def _versus_baselines(model:nn.Module, full:Mapping, trained:Mapping[str, Mapping], covers:Mapping[str, str|None], metric:str, min_gain:float, ev:Mapping) -> Finding|None:
+    "The fused detector against its trained single-modality detectors (never against its own ablation); None for a one-modality model without baselines"
+    if not trained:
+        if len(model.modalities) < 2: return None
+        return Finding('detection', 'warning', "whether the fused detector beats its best single modality is unknown: the run has no trained "
+                       "single-modality detector to compare it with (removing modalities from the fused model is an ablation, not a baseline)",
+                       {**ev, 'compared': False}, [f"train one per modality with the fused model's recipe: `baseline.modalities: {list(model.modalities)}`"])
+    best = max(trained, key=lambda k: trained[k][metric])
+    missing = [m for m in model.modalities if m not in covers.values()]
+    e = {**ev, 'compared': True, 'fused': full[metric], 'best_single': best, 'best_single_value': trained[best][metric],
+         'margin': full[metric] - trained[best][metric], 'missing_baselines': missing}
+    base, start = getattr(model, 'base', None), None
+    if base is not None and (start := next((n for n, m in covers.items() if m == base), None)):  # the baseline it started from
+        e['start'] = {'baseline': start, 'value': trained[start][metric], 'margin': full[metric] - trained[start][metric]}
+    if e['margin'] <= min_gain:
+        bm = covers.get(best)
+        first = (f"start from the best single modality instead: `baseline.modality: {bm}` and `model.base: {bm}`, so fine-tuning begins at that detector"
+                 if bm and bm != base else "start from the best single-modality model and add the others through zero-initialised paths "
+                 "(`model.base`, `model.init: all`), so fine-tuning begins at the baseline")
+        return Finding('detection', 'problem', f"the fused detector ({metric} {full[metric]:.3g}) is not better than its best trained single-modality "
+                       f"detector, {best} ({trained[best][metric]:.3g})", e,
+                       [first, "keep the base branch frozen first: `training.freeze_base_epochs: 5`", "if a modality only adds noise, leave it out (`data.modalities`)"])
+    if missing:
+        return Finding('detection', 'warning', f"the fused detector beats {', '.join(trained)} by at least {e['margin']:.3g} {metric}, but no single-modality "
+                       f"detector was trained for {', '.join(missing)}: whether it beats its best single modality is unknown", e,
+                       [f"train the missing baselines with the same recipe: `baseline.modalities: {list(model.modalities)}`"])
+    return Finding('detection', 'ok', f"the fused detector beats its best single modality, the trained {best} ({trained[best][metric]:.3g}), "
+                   f"by {e['margin']:.3g} {metric}", e)
 
 # %% ../nbs/07_detection.ipynb #7cc2d5af
 def detection_contribution(model:MultiModalYOLO, # the fused detector
                            loader, # the evaluation split's batches
-                           baselines:Mapping[str, nn.Module]|None=None, # name -> single-modality detector on the same data (e.g. the Phase-1 baseline)
+                           baselines:Mapping[str, nn.Module]|None=None, # name -> trained single-modality detector on the same data (`train_single_detector`)
                            metric:str='mAP50-95', # the metric compared
                            min_gain:float=0.0, # a modality (or the fusion) must add more than this to count
                            **kwargs, # `validate_detection` settings
                           ) -> list:
-    "Per-modality ablation mAP (each modality removed, each alone) and the fused model against its best single modality; `Finding`s"
-    mods = model.modalities
-    scored = {}  # frozenset of dropped modalities -> metrics: with two modalities, "a alone" is "without b"
+    "Each modality's ablation (removed at test time), and the fused model against its trained single-modality detectors; `Finding`s"
+    mods, scored = model.modalities, {}  # frozenset of dropped modalities -> metrics: with two modalities, "a alone" is "without b"
     def score(drop):
         if frozenset(drop) not in scored: scored[frozenset(drop)] = validate_detection(model, loader, **({'drop': list(drop)} if drop else {}), **kwargs)
         return scored[frozenset(drop)]
     full = score([])
     without = {m: score([m]) for m in mods} if len(mods) > 1 else {}
-    singles = {f'fused model, {m} alone': score([o for o in mods if o != m]) for m in without}
-    singles.update({name: validate_detection(b, loader, **kwargs) for name, b in (baselines or {}).items()})
-    rows = {'fused: all modalities': full, **{f'fused without {m}': r for m, r in without.items()}, **singles}
-    ev = {'metric': metric, 'table': {k: {c: v[c] for c in _COLUMNS} for k, v in rows.items()}, 'images': full['images']}
+    alone = {f'fused model, {m} alone': score([o for o in mods if o != m]) for m in without}  # ablation evidence, not a baseline
+    trained = {name: validate_detection(b, loader, **kwargs) for name, b in (baselines or {}).items()}
+    rows = {'fused: all modalities': full, **{f'fused without {m}': r for m, r in without.items()}, **alone, **trained}
+    ev = {'metric': metric, 'table': {k: {c: v[c] for c in _COLUMNS} for k, v in rows.items()}, 'images': full['images'],
+          'baselines': {n: _single_modality(b) for n, b in (baselines or {}).items()}, 'ablation_rows': [*(f'fused without {m}' for m in without), *alone]}
     findings = []
     for m, r in without.items():
         gain = full[metric] - r[metric]
@@ -612,45 +800,51 @@ def detection_contribution(model:MultiModalYOLO, # the fused detector
         else: findings.append(Finding('detection', 'problem', f"the fused detector gains nothing from {m}: removing it changes {metric} by {r[metric] - full[metric]:+.3g}", e,
                                       remedies('lr_mult', 'modality_dropout', m=m) + [
                                           f"fine-tune longer, or let the zero-initialised fusion paths learn faster: `training.lr_mult: {{fusions: 10.0}}`"], m))
-    if singles:
-        best = max(singles, key=lambda k: singles[k][metric])
-        e = {**ev, 'fused': full[metric], 'best_single': best, 'best_single_value': singles[best][metric], 'margin': full[metric] - singles[best][metric]}
-        if e['margin'] > min_gain: findings.append(Finding('detection', 'ok', f"the fused detector beats its best single modality ({best}) by {e['margin']:.3g} {metric}", e))
-        else: findings.append(Finding('detection', 'problem', f"the fused detector ({metric} {full[metric]:.3g}) is not better than its best single modality, "
-                                      f"{best} ({singles[best][metric]:.3g})", e,
-                                      ["start from the best single-modality model and add the others through zero-initialised paths (`model.base`, `model.init: all`), "
-                                       "so fine-tuning begins at the baseline", "keep the base branch frozen first: `training.freeze_base_epochs: 5`",
-                                       "if a modality only adds noise, leave it out (`data.modalities`)"]))
+    versus = _versus_baselines(model, full, trained, ev['baselines'], metric, min_gain, ev)
+    if versus is not None: findings.append(versus)
     if not findings: return [Finding('detection', 'ok', "skipped: one modality and no single-modality baseline to compare it with", {**ev, 'skipped': True})]
     df = pd.DataFrame(ev['table']).T
     fig, ax = plt.subplots(figsize=(5.5, 0.6 + 0.4 * len(df)))
-    df[['mAP50', 'mAP50-95']].iloc[::-1].plot.barh(ax=ax); ax.set(xlabel='test metric', title='detection ablation'); fig.tight_layout()
+    df[['mAP50', 'mAP50-95']].iloc[::-1].plot.barh(ax=ax); ax.set(xlabel='metric', title='detection: ablation and trained baselines'); fig.tight_layout()
     findings[0].figures['detection_ablation'] = fig
+    if isinstance(model, MultiModalYOLO):  # where each backbone looks, on the first frame
+        b = next(iter(loader))
+        findings[0].figures['detection_eigencam'] = plot_detector_cams(model, {m: b['inputs'][m][0] for m in mods}, f"EigenCAM on {b['ids'][0]}")
     return findings
 
 @CHECKS.register('detection')
 def _check_detection(s): return detection_contribution(s.model, s.batches, s.baselines)
 
+# %% ../nbs/07_detection.ipynb #5423f6c0
+def _recorded_baselines(run:Path, cfg:Mapping) -> dict:
+    "Row name -> trained single-modality detector of a run folder: metrics.json's `baselines`, else (older runs) the base modality's Phase-1 .pt"
+    d, b = cfg['data'], cfg['baseline']
+    names, metrics = d.get('class_names', ['person']), json.loads((run/'metrics.json').read_text()) if (run/'metrics.json').is_file() else {}
+    wanted = b.get('modalities') or [b['modality']]
+    records = {m: r for m, r in (metrics.get('baselines') or {}).items() if m in wanted}
+    if not records:  # a run from before `baseline.modalities`: its thermal Phase 1 is its only trained baseline
+        w = b.get('weights') if not isinstance(b.get('weights'), Mapping) else b['weights'].get(b['modality'])
+        pt = next((Path(p) for p in (w, metrics.get('baseline'), run/'baseline'/b['modality']/'weights'/'best.pt') if p and Path(p).is_file()), None)
+        records = {b['modality']: {'modality': b['modality'], 'channels': int(d['modalities'][b['modality']]), 'phase1': str(pt), 'finetuned': None}} if pt else {}
+    return {f"{m} only (baseline)": load_single_detector(r, names, d['imgsz']) for m, r in records.items()}
+
 def diagnose_detection_run(run_dir, # a run folder written by `run_detection`
-                           split:str|None=None, # the split folder to diagnose on (default: the config's evaluation split)
+                           split:str|None=None, # the split folder ('valid' means 'val'; default: 'val', so remedies are not chosen on test)
                            out=None, # report folder (default RUN_DIR/diagnosis)
                            checkpoint:str='best', # 'best' or 'last'
                            checks:Sequence[str]|None=None, # names in `CHECKS` (default `DETECTION_CHECKS`)
                            max_samples:int=64, # diagnose on at most this many frames
                           ) -> Diagnosis:
-    "Load a detection run folder (config, fused checkpoint, Phase-1 baseline, history) and diagnose it; the report goes to RUN_DIR/diagnosis"
+    "Load a detection run folder (config, fused checkpoint, every trained baseline, history) and diagnose it; the report goes to RUN_DIR/diagnosis"
     run = Path(run_dir)
-    cfg = yaml.safe_load((run/'config.yaml').read_text())
-    d, b = cfg['data'], cfg['baseline']
-    split = split or cfg.get('evaluation', {}).get('split', 'test')
+    cfg = detection_config(run/'config.yaml')
+    d = cfg['data']
+    split = {'valid': 'val'}.get(split, split) or 'val'
     ck = run_checkpoint(run, checkpoint)
     model = load_detector(ck)
     mods, names = {k: int(v) for k, v in d['modalities'].items()}, d.get('class_names', ['person'])
     splits = detection_splits(d['root'], d['imgsz'], mods, augment=False, seed=cfg.get('seed', 0), class_names=names)
     if split not in splits: raise KeyError(f"split {split!r} not in this run's data ({list(splits)})")
-    made = json.loads((run/'metrics.json').read_text()).get('baseline') if (run/'metrics.json').is_file() else None
-    pt = next((Path(p) for p in (b.get('weights'), made, run/'baseline'/b['modality']/'weights'/'best.pt') if p and Path(p).is_file()), None)
-    baselines = {f"{b['modality']} only (baseline)": MultiModalYOLO({b['modality']: mods[b['modality']]}, pt, fusion=None, names=names)} if pt else {}
     hist = pd.read_csv(run/'history.csv').to_dict('records') if (run/'history.csv').is_file() else None
     return diagnose(model, splits[split], checks or DETECTION_CHECKS, out if out is not None else run/'diagnosis', max_samples, d['batch_size'],
-                    f'Diagnosis of {run.name} ({split} split, {ck.name})', splits=splits, baselines=baselines, history=hist, config=cfg)
+                    f'Diagnosis of {run.name} ({split} split, {ck.name})', splits=splits, baselines=_recorded_baselines(run, cfg), history=hist, config=cfg)

@@ -6,9 +6,10 @@ from types import SimpleNamespace
 import pytest, torch
 from torch.utils.data import DataLoader, Subset
 
-from mmfusion.data import NIGHT_MODALITIES
-from mmfusion.detection import (DetectionLoss, MultiModalYOLO, _read_yolo_checkpoint, detection_splits, fit_detector,
-                                load_detector, predict_cli, train_baseline, validate_detection, yolo_dataset_view)
+from mmfusion.data import NIGHT_MODALITIES, make_night_data
+from mmfusion.detection import (DetectionLoss, MultiModalYOLO, _read_yolo_checkpoint, detection_config, detection_contribution,
+                                detection_splits, detector_cams, diagnose_detection_run, fit_detector, load_detector, predict_cli,
+                                run_detection, train_baseline, validate_detection, yolo_dataset_view)
 from mmfusion.encoders import _adapt_in_channels, load_yolo_model
 from mmfusion.model import save_checkpoint
 
@@ -172,7 +173,7 @@ def test_checkpoint_round_trip_and_predict_cli(tmp_path):
     assert torch.equal(load_detector(tmp_path/'run')(x)[0], model.eval()(x)[0])
     out = predict_cli(tmp_path/'run', {m: ROOT/'test'/m for m in NIGHT_MODALITIES}, tmp_path/'pred', conf=0.0)
     recs = json.loads(out.read_text())
-    assert len(recs) == 9 and all(r['missing'] == [] for r in recs)
+    assert len(recs) == len(list((ROOT/'test'/'thermal').glob('*.png'))) and all(r['missing'] == [] for r in recs)
     assert sum(len(r['detections']) for r in recs) > 0
     for r in recs:
         H, W = r['size']
@@ -180,12 +181,12 @@ def test_checkpoint_round_trip_and_predict_cli(tmp_path):
             x1, y1, x2, y2 = d['box_xyxy']
             assert 0 <= x1 <= x2 <= W and 0 <= y1 <= y2 <= H and d['name'] == 'person'
         assert Path(r['drawing']).is_file()
-    one = predict_cli(tmp_path/'run', {'thermal': ROOT/'test'/'thermal'/'frame_0052.png'}, tmp_path/'one')
+    one = predict_cli(tmp_path/'run', {'thermal': sorted((ROOT/'test'/'thermal').glob('*.png'))[0]}, tmp_path/'one')
     assert json.loads(one.read_text())[0]['missing'] == ['nvg', 'visual_enhanced']
 
 
 class Oracle(torch.nn.Module):
-    "A stand-in detector that finds the labelled boxes: box j only while modality `needs[j % len(needs)]` is present; noise otherwise"
+    "A stand-in detector that finds the labelled boxes: box j only while modality `needs[j % len(needs)]` is one it sees and present; noise otherwise"
     def __init__(self, modalities, needs):
         super().__init__()
         self.w, self.names, self.modalities, self.needs = torch.nn.Parameter(torch.zeros(1)), {0: 'person'}, list(modalities), list(needs)
@@ -197,22 +198,98 @@ class Oracle(torch.nn.Module):
                          torch.rand(B, 1, A, generator=g) * 0.2], 1)
         for j in range(len(t['batch_idx'])):
             i, m = int(t['batch_idx'][j]), self.needs[j % len(self.needs)]
-            if batch['present'][i, batch['modalities'].index(m)]:
+            if m in self.modalities and batch['present'][i, batch['modalities'].index(m)]:
                 dec[i, :4, j] = t['bboxes'][j] * torch.tensor([W, H, W, H]); dec[i, 4, j] = 0.9
         return dec, {}
 
 
-def test_detection_check_flags_an_ignored_modality_and_a_useless_fusion(splits):
-    "Positive control: a detector that only uses thermal is flagged twice (nvg adds nothing; fused = thermal alone); one needing both is not"
-    from mmfusion.detection import detection_contribution
+def test_detection_check_flags_an_ignored_modality_and_says_when_it_cannot_compare(splits):
+    "Ablation: a detector that only uses thermal is flagged (nvg adds nothing); without trained baselines the fusion verdict is a warning, never a win"
     from mmfusion.diagnosis import as_batches, diagnose
     batches = as_batches(splits['test'], batch_size=4)
     one = Oracle(['thermal', 'nvg'], needs=['thermal'])
     fs = diagnose(one, batches).findings
     assert {f.check for f in fs} == {'detection', 'finite_inputs'}  # detection batches get DETECTION_CHECKS
-    verdict = {f.subject: f.severity for f in fs if f.check == 'detection'}
-    assert verdict == {'thermal': 'ok', 'nvg': 'problem', None: 'problem'}
+    assert {f.subject: f.severity for f in fs if f.check == 'detection'} == {'thermal': 'ok', 'nvg': 'problem', None: 'warning'}
     both = {f.subject: f for f in detection_contribution(Oracle(['thermal', 'nvg'], needs=['thermal', 'nvg']), batches)}
-    assert {m: f.severity for m, f in both.items()} == {'thermal': 'ok', 'nvg': 'ok', None: 'ok'}
-    assert both[None].evidence['margin'] > 0 and both[None].evidence['best_single'] in ('fused model, thermal alone', 'fused model, nvg alone')
+    assert {m: f.severity for m, f in both.items()} == {'thermal': 'ok', 'nvg': 'ok', None: 'warning'}  # its ablation rows are no baselines
+    assert both[None].evidence['compared'] is False and 'unknown' in both[None].summary
 
+
+def test_fusion_verdict_compares_with_trained_baselines_not_the_ablation(splits):
+    """Negative: a fused model that needs both modalities beats its own ablation but not a trained thermal detector that finds every person -> problem.
+    Positive: a fused model no better than its own thermal-alone ablation, but better than every trained baseline -> ok"""
+    batches = detection_splits(ROOT, imgsz=64, splits=('test',))['test'].loader(4)
+    fused = Oracle(['thermal', 'nvg'], needs=['thermal', 'nvg'])
+    strong = {'thermal only (baseline)': Oracle(['thermal'], needs=['thermal']), 'nvg only (baseline)': Oracle(['nvg'], needs=['thermal', 'nvg'])}
+    f = {x.subject: x for x in detection_contribution(fused, batches, strong)}[None]
+    alone = max(v['mAP50-95'] for k, v in f.evidence['table'].items() if k.endswith(' alone'))
+    assert f.evidence['fused'] > alone  # against the ablation it would "win"
+    assert f.severity == 'problem' and f.evidence['best_single'] == 'thermal only (baseline)' and f.evidence['margin'] <= 0
+    lazy = Oracle(['thermal', 'nvg'], needs=['thermal'])  # its "thermal alone" ablation row equals it: against the ablation it would "lose"
+    weak = {'thermal only (baseline)': Oracle(['thermal'], needs=['thermal', 'nvg']), 'nvg only (baseline)': Oracle(['nvg'], needs=['thermal', 'nvg'])}
+    g = {x.subject: x for x in detection_contribution(lazy, batches, weak)}
+    assert g['nvg'].severity == 'problem'  # the ablation still says nvg is unused
+    assert g[None].evidence['table']['fused model, thermal alone']['mAP50-95'] == g[None].evidence['fused']
+    assert g[None].severity == 'ok' and g[None].evidence['margin'] > 0 and g[None].evidence['missing_baselines'] == []
+    assert g[None].evidence['baselines'] == {'thermal only (baseline)': 'thermal', 'nvg only (baseline)': 'nvg'}
+    assert 'start' not in g[None].evidence  # stand-ins have no base modality to have started from
+    h = {x.subject: x for x in detection_contribution(lazy, batches, {'thermal only (baseline)': weak['thermal only (baseline)']})}[None]
+    assert h.severity == 'warning' and h.evidence['missing_baselines'] == ['nvg']  # a win over some baselines is not a win over all
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    "A run_detection run on a tiny generated night set: three trained baselines (1 + 1 epochs at 64 px) and the fused model"
+    tmp = tmp_path_factory.mktemp('night_run')
+    root = make_night_data(tmp/'night', n_frames=20, seed=3)
+    return run_detection(ROOT.parents[1]/'configs'/'night_person.yaml',
+                         {'data': {'root': str(root), 'imgsz': 64}, 'baseline': {'epochs': 1}, 'training': {'epochs': 1}}, tmp/'run')
+
+
+def test_run_records_every_trained_baseline_and_the_diagnosis_loads_them(tiny_run):
+    "The run folder records a checkpoint and test metrics per baseline; the diagnosis compares the fused model with exactly those detectors"
+    metrics = json.loads((tiny_run.dir/'metrics.json').read_text())
+    assert sorted(metrics['baselines']) == sorted(NIGHT_MODALITIES)
+    for m, r in metrics['baselines'].items():
+        assert Path(r['phase1']).is_file() and Path(r['finetuned']).is_file() and set(r['test']) == METRICS
+        assert load_detector(r['finetuned']).modalities == [m]
+        assert metrics['table'][f'{m} only (baseline)'] == r['test']
+    assert metrics['baseline'] == metrics['baselines']['thermal']['phase1']  # the fused model's initialisation
+    assert {'thermal phase1', 'nvg finetune', 'fused finetune', 'training'} <= set(metrics['seconds'])
+    diag = diagnose_detection_run(tiny_run.dir, 'test', out=tiny_run.dir/'diag_test')
+    versus = next(f for f in diag.findings if f.check == 'detection' and f.subject is None)
+    assert versus.evidence['baselines'] == {f'{m} only (baseline)': m for m in NIGHT_MODALITIES}
+    for m in NIGHT_MODALITIES:  # the diagnosis scores the recorded detectors: the same numbers as the run's own evaluation
+        assert versus.evidence['table'][f'{m} only (baseline)']['mAP50-95'] == pytest.approx(metrics['baselines'][m]['test']['mAP50-95'])
+    assert (tiny_run.dir/'diag_test'/'detection_eigencam.png').is_file()
+
+
+def test_old_config_without_baseline_modalities(tiny_run):
+    "A config from before `baseline.modalities` still resolves (the base alone); a run folder without recorded baselines falls back to its Phase 1"
+    import yaml
+    cfg = yaml.safe_load((tiny_run.dir/'config.yaml').read_text())
+    cfg['baseline'].pop('modalities'); cfg['baseline'].pop('finetune')
+    assert detection_config(cfg)['baseline']['modalities'] == ['thermal'] and detection_config(cfg)['baseline']['finetune'] is True
+    with pytest.raises(ValueError, match="'radar' is not one of data.modalities"): detection_config(cfg, {'baseline': {'modalities': ['radar']}})
+    old = tiny_run.dir.parent/'old_run'
+    old.mkdir()
+    for name in ('checkpoints', 'baseline'):
+        (old/name).symlink_to(tiny_run.dir/name)
+    (old/'config.yaml').write_text(yaml.safe_dump(cfg))  # no metrics.json: as if written before the trained baselines
+    versus = next(f for f in diagnose_detection_run(old, 'test').findings if f.check == 'detection' and f.subject is None)
+    assert versus.evidence['baselines'] == {'thermal only (baseline)': 'thermal'}
+    assert versus.severity in ('warning', 'problem') and versus.evidence['missing_baselines'] == ['nvg', 'visual_enhanced']
+
+
+def test_eigencam_of_a_backbone_sees_only_its_own_modality(batch):
+    "EigenCAM per backbone: changing the nvg frame leaves the thermal and visual panels unchanged and changes the nvg panel"
+    torch.manual_seed(8)
+    model = MultiModalYOLO(NIGHT_MODALITIES, 'yolo11n.yaml', base='thermal')
+    frame = {m: x[0] for m, x in batch['inputs'].items()}
+    a = detector_cams(model, frame)
+    b = detector_cams(model, {**frame, 'nvg': torch.rand_like(frame['nvg'])})
+    assert set(a) == {*NIGHT_MODALITIES, 'fused'} and all(v.shape == frame['thermal'].shape[-2:] for v in a.values())
+    assert (a['thermal'] == b['thermal']).all() and (a['visual_enhanced'] == b['visual_enhanced']).all()
+    assert not (a['nvg'] == b['nvg']).all()
+    with pytest.raises(KeyError, match="no 'nvg' image"): detector_cams(model, {'thermal': frame['thermal']})
