@@ -353,15 +353,15 @@ def ratio_interval(num, # (N,) per-sample numerators
 def contribution_verdict(share:float, # Shapley share of the score gain
                          ci:Sequence[float], # its bootstrap interval [low, high]
                          n:int, # samples behind the interval
-                         min_share:float=0.05, # a share surely below this: 'ignored'
-                         weak_share:float=0.1, # surely below this: 'contributes little'; surely above: 'contributes'
+                         min_share:float=0.05, # surely below this: 'ignored'; surely above: 'contributes'
+                         weak_share:float=0.1, # surely below this (but not surely negligible): 'contributes little'
                         ) -> tuple:
-    "The verdict the interval supports ('contributes', 'contributes little', 'ignored', else 'inconclusive') and, when inconclusive, the samples that would decide (width ~ 1/sqrt(n))"
+    "The verdict the interval supports ('ignored', 'contributes little', 'contributes', else 'inconclusive') and, when inconclusive, the samples that would decide (width ~ 1/sqrt(n))"
     lo, hi = ci
     if hi < min_share: return 'ignored', None
     if hi < weak_share: return 'contributes little', None
-    if lo >= weak_share: return 'contributes', None
-    gap = abs(share - weak_share)  # the interval must shrink to this half-width to leave the threshold
+    if lo >= min_share: return 'contributes', None
+    gap = max(share - min_share, weak_share - share)  # the half-width that would leave the interval on one side of a threshold
     return 'inconclusive', (max(n + 1, math.ceil(n * ((hi - lo) / 2 / gap) ** 2 - 1e-6)) if gap > 1e-6 else None)
 
 # %% ../nbs/06_diagnosis.ipynb #a7c1e113
@@ -1236,7 +1236,7 @@ def ablation_agreement(findings:Sequence[Finding], # the diagnosis's findings: i
 
 # %% ../nbs/06_diagnosis.ipynb #b5b4a9b6
 def diagnose_run(run_dir, # a run folder written by `mmfusion.training.train`
-                 split:str|None=None, # the split role to diagnose on: 'train', 'valid' or 'test' (or a split name); default 'valid' when the run has one, else 'test'
+                 split:str|None=None, # 'train', 'valid', 'test' or a split name; default: the config's `diagnosis.split`, else 'valid' when the run has one, else 'test'
                  out=None, # report folder (default RUN_DIR/diagnosis)
                  checkpoint:str='best', # 'best' or 'last' (falls back to last.pt when best.pt is missing)
                  checks:Sequence[str]|None=None, # names in `CHECKS`
@@ -1250,7 +1250,7 @@ def diagnose_run(run_dir, # a run folder written by `mmfusion.training.train`
     if not (run/'config.yaml').is_file(): raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
     cfg = load_config(run/'config.yaml')
     data = cfg['data']
-    split = split or ('valid' if data.get('valid') else 'test')  # remedies are not chosen on the test split when there is a validation split
+    split = split or (cfg.get('diagnosis') or {}).get('split') or ('valid' if data.get('valid') else 'test')  # remedies are not chosen on test when there is a validation split
     if 'baseline' in cfg and 'modalities' in data:  # a `run_detection` folder: loaded by the detection module
         return importlib.import_module('mmfusion.detection').diagnose_detection_run(run, None if split == 'test' else split, out, checkpoint, checks, max_samples)
     if 'scorer' in cfg.get('model', {}): return diagnose_scorer_run(run, split, out, checkpoint, max_samples)  # an anomaly scorer run

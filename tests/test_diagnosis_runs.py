@@ -65,3 +65,51 @@ def test_checks_fit_the_scenario(diagnosed):
     if name == 'solar':  # the image sequence is a time axis: the temporal checks look at it
         assert ('temporal', 'frames') in checks
     print(f"{name}: {found['counts']} in {seconds:.0f}s")
+
+
+# --- the weld run's verdicts against planted truth (data/weld/README.md) and against its own ablation (eval/metrics.json)
+WELD_EPOCHS = 40  # what `make demo` trains (configs/weld.yaml)
+
+
+@pytest.fixture(scope='module')
+def weld_checked(tmp_path_factory):
+    "(findings by check, metrics.json) of a weld run trained WELD_EPOCHS epochs, evaluated, then diagnosed"
+    from mmfusion.diagnosis import diagnose_run
+    from mmfusion.evaluation import evaluate_run
+    run = train(ROOT/'configs/weld.yaml', [f'runs_dir={tmp_path_factory.mktemp("weld_verdicts")}', f'data.root={ROOT/"data"}', 'training.progress=false',
+                                           'training.tensorboard=false', f'training.epochs={WELD_EPOCHS}'], verbose=False).dir
+    evaluate_run(run, progress=False, n_boot=100)
+    d = diagnose_run(run)
+    found = {}
+    for f in d.findings: found.setdefault(f.check, {})[f.subject] = f
+    return found, json.loads((run/'eval'/'metrics.json').read_text())
+
+
+def test_weld_ablation_shows_the_planted_roles(weld_checked):
+    "The premise: removing images or sensors costs the run, removing the video (noise by construction) does not"
+    _, rec = weld_checked
+    change = {r['setting']: r['change'] for r in rec['metrics']['ablation']}
+    assert change['without images'] < -0.1 and change['without sensors'] < -0.1, change
+    assert abs(change['without video']) < 0.05, change
+
+
+def test_weld_verdicts_match_the_data(weld_checked):
+    "The weld video carries no class information: found unused; images and sensors decide most classes: found contributing"
+    found, _ = weld_checked
+    contrib = found['modality_contribution']
+    verdicts = {m: f.evidence['verdict'] for m, f in contrib.items()}
+    print(verdicts, {m: (round(f.evidence['shapley_share'], 3), [round(x, 3) for x in f.evidence['share_ci']]) for m, f in contrib.items()})
+    assert verdicts['video'] in ('ignored', 'uninformative'), verdicts
+    assert verdicts['images'] == 'contributes' and verdicts['sensors'] == 'contributes', verdicts
+    for f in contrib.values():  # the run is judged by k-NN on the embedding head: so is the diagnosis, and it says so
+        assert f.evidence['head'] == 'embedding' and 'k-NN (k=5, cosine)' in f.evidence['score'] and 'training split' in f.evidence['score']
+        assert f.evidence['split'] == 'test'  # weld has no validation split
+
+
+def test_weld_diagnosis_agrees_with_its_ablation(weld_checked):
+    "No finding contradicts eval/metrics.json's ablation: one ablation_agreement finding per modality, all ok"
+    found, rec = weld_checked
+    agree = found['ablation_agreement']
+    assert set(agree) == set(found['modality_contribution']) == {'video', 'images', 'audio', 'sensors'}
+    assert all(f.severity == 'ok' for f in agree.values()), [f.summary for f in agree.values()]
+    assert {f.evidence['ablation_split'] for f in agree.values()} == {rec['metrics']['split']}
