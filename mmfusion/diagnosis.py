@@ -4,12 +4,13 @@
 
 # %% ../nbs/06_diagnosis.ipynb #808364b2
 from __future__ import annotations
-import base64, fnmatch, html, importlib, io, itertools, json, math
+import base64, fnmatch, functools, html, importlib, io, itertools, json, math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt, numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
+from captum.attr import LayerGradCam
 from .data import (MultiModalDataset, StratifiedBatchSampler, batch_to, check_splits, from_arrays, read_image_sequence,
                            read_image_set, read_series, read_video)
 from .encoders import ConvLSTM, ImageSetEncoder, PrecomputedEmbedding, Registry, Standardized
@@ -19,16 +20,16 @@ from .model import EmbeddingHead, atomic_write, load_model, run_checkpoint
 from .training import SupConLoss, build_splits, load_config
 
 # %% auto #0
-__all__ = ['SEVERITIES', 'REMEDIES', 'CHECKS', 'ORDERED_READERS', 'MODEL_CHECKS', 'DETECTION_CHECKS', 'Finding', 'remedies',
-           'as_batches', 'primary_head', 'predict', 'targets_of', 'task_of', 'score', 'OutputScore',
-           'knn_true_class_share', 'output_score', 'shuffle_modalities', 'mean_modality', 'default_loss',
-           'solar_toy_dataset', 'output_dependence', 'shapley_values', 'shapley_interactions', 'coalition_scores',
-           'ratio_interval', 'contribution_verdict', 'modality_probe', 'contribution_table', 'modality_contribution',
-           'modality_interactions', 'feature_magnitudes', 'gradient_flow', 'declared_order', 'sequence_modalities',
-           'image_modalities', 'temporal_behaviour', 'channel_importance', 'grad_cam', 'saliency', 'fusion_attention',
-           'contrastive_batches', 'class_balance', 'split_leakage', 'finite_inputs', 'lr_schedule', 'Subject',
-           'Diagnosis', 'write_diagnosis', 'diagnose', 'score_separation', 'diagnose_scorer_run', 'ablation_agreement',
-           'diagnose_run']
+__all__ = ['SEVERITIES', 'REMEDIES', 'CHECKS', 'REPLACEMENTS', 'ORDERED_READERS', 'MODEL_CHECKS', 'DETECTION_CHECKS', 'Finding',
+           'remedies', 'as_batches', 'primary_head', 'predict', 'targets_of', 'task_of', 'score', 'OutputScore',
+           'knn_true_class_share', 'output_score', 'shuffle_modalities', 'modality_means', 'mean_modality',
+           'default_loss', 'solar_toy_dataset', 'output_dependence', 'shapley_values', 'shapley_interactions',
+           'coalition_scores', 'ratio_interval', 'contribution_verdict', 'modality_probe', 'contribution_table',
+           'modality_contribution', 'modality_interactions', 'feature_magnitudes', 'gradient_flow', 'declared_order',
+           'sequence_modalities', 'image_modalities', 'temporal_behaviour', 'channel_importance', 'grad_cam',
+           'saliency', 'fusion_attention', 'contrastive_batches', 'class_balance', 'split_leakage', 'finite_inputs',
+           'lr_schedule', 'Subject', 'Diagnosis', 'write_diagnosis', 'diagnose', 'score_separation',
+           'diagnose_scorer_run', 'ablation_agreement', 'diagnose_run']
 
 # %% ../nbs/06_diagnosis.ipynb #e36199d9
 SEVERITIES = ('ok', 'warning', 'problem')  # from harmless to must-fix
@@ -220,11 +221,23 @@ def shuffle_modalities(batch:dict, mods:Sequence[str], seed:int=0) -> dict:
         if m in masks: masks[m] = masks[m][p]
     return {**batch, 'present': present, 'masks': masks, 'inputs': {m: x[p] if m in mods else x for m, x in batch['inputs'].items()}}
 
-def mean_modality(batch:dict, m:str) -> dict:
-    "A copy of `batch` where every present sample's `m` input is the mean of the batch's present `m` inputs"
+def modality_means(batches:list) -> dict:
+    "Modality -> (1, ...) mean of its present inputs over all `batches`, or None where the batches' shapes differ (variable lengths)"
+    out = {}
+    for m in batches[0]['inputs']:
+        xs = [(b['inputs'][m], b['present'][:, b['modalities'].index(m)]) for b in batches]
+        if len({tuple(x.shape[1:]) for x, _ in xs}) > 1: out[m] = None; continue
+        n = sum(int(p.sum()) for _, p in xs)
+        out[m] = sum(x[p].float().sum(0, keepdim=True) for x, p in xs) / n if n else None
+    return out
+
+def mean_modality(batch:dict, m:str,
+                  mean:torch.Tensor|None=None, # the value to use (e.g. from `modality_means`); default: the mean of the batch's present `m` inputs
+                 ) -> dict:
+    "A copy of `batch` where every sample's `m` input is `mean`; presence flags stay, so the model still sees m as there"
     x, p = batch['inputs'][m], batch['present'][:, batch['modalities'].index(m)]
-    mean = x[p].mean(0, keepdim=True) if p.any() else torch.zeros_like(x[:1])
-    return {**batch, 'inputs': {**batch['inputs'], m: mean.expand_as(x).clone()}}
+    if mean is None: mean = x[p].mean(0, keepdim=True) if p.any() else torch.zeros_like(x[:1])
+    return {**batch, 'inputs': {**batch['inputs'], m: mean.to(x.device, x.dtype).expand_as(x).clone()}}
 
 # %% ../nbs/06_diagnosis.ipynb #61d05445
 def default_loss(out, batch:dict, aux_weight:float=0.3,
@@ -323,16 +336,24 @@ def shapley_interactions(value:Callable, # `value(frozenset of modalities) -> fl
     return out
 
 # %% ../nbs/06_diagnosis.ipynb #87f4618b
+REPLACEMENTS = ('mean', 'mask', 'shuffle')  # how `coalition_scores` removes a modality's information
+
 def coalition_scores(model:nn.Module, # a model with the library's call
                      batches:list, # from `as_batches`
                      score:OutputScore, # from `output_score`
                      modalities:Sequence[str], # the players
+                     replace:str='mean', # modalities outside a coalition: their 'mean' input (still present), 'mask'ed as missing, or 'shuffle'd
                     ) -> dict:
-    "Per-sample scores (N,) with only each subset of `modalities` present, the others masked as missing: frozenset -> array, 2^M forward passes"
-    mods = list(modalities)
-    drop = lambda S: (lambda b: mask_modalities(b, [m for m in mods if m not in S])) if len(S) < len(mods) else None
-    return {frozenset(S): score.per_sample(predict(model, batches, drop(S), score.head))
-            for r in range(len(mods) + 1) for S in itertools.combinations(mods, r)}
+    "Per-sample scores (N,) with only each subset of `modalities` informative, the others replaced: frozenset -> array, 2^M forward passes"
+    if replace not in REPLACEMENTS: raise ValueError(f"replace must be one of {REPLACEMENTS}, got {replace!r}")
+    mods, means = list(modalities), modality_means(batches)
+    def change(S):
+        out = [m for m in mods if m not in S]
+        if not out: return None
+        if replace == 'mask': return lambda b: mask_modalities(b, out)
+        if replace == 'shuffle': return lambda b: shuffle_modalities(b, out, seed=1)
+        return lambda b: functools.reduce(lambda b, m: mean_modality(b, m, means.get(m)), out, b)
+    return {frozenset(S): score.per_sample(predict(model, batches, change(S), score.head)) for r in range(len(mods) + 1) for S in itertools.combinations(mods, r)}
 
 def ratio_interval(num, # (N,) per-sample numerators
                    den=None, # (N,) per-sample denominators (None: ones, an interval of the mean)
@@ -397,7 +418,7 @@ def modality_probe(model:nn.Module, # a model with the library's call
 
 # %% ../nbs/06_diagnosis.ipynb #a7c1e115
 def _aux_informative(model, batches, task, y, mods, n_boot:int=500, seed:int=0) -> dict:
-    "m -> the auxiliary head's per-sample gain over the prior (true-class probability over its frequency; regression: absolute error under the median's), bootstrapped"
+    "m -> the auxiliary head's per-sample gain over the best constant guess (true-class probability over the majority's; regression: absolute error under the median's), bootstrapped"
     if task == 'embedding' or not getattr(model, 'aux_heads', None): return {}
     was = model.training; model.eval()
     with torch.no_grad(): outs = [_run(model, batch_to(b, _device(model))).aux for b in batches]
@@ -406,8 +427,8 @@ def _aux_informative(model, batches, task, y, mods, n_boot:int=500, seed:int=0) 
     for m in [m for m in model.aux_heads if m in mods]:
         o = torch.cat([_output(x[m]).cpu() for x in outs])
         if task == 'classification':
-            freq = torch.bincount(y.long(), minlength=o.shape[1]).float() / len(y)
-            gain = (o.softmax(-1).gather(1, y.long()[:, None])[:, 0] - freq[y.long()]).numpy()
+            best = torch.bincount(y.long(), minlength=o.shape[1]).argmax()  # the best constant guess of the true class's probability: the majority, surely
+            gain = (o.softmax(-1).gather(1, y.long()[:, None])[:, 0] - (y.long() == best).float()).numpy()
         else:
             t = y.float().reshape(o.shape); gain = ((t - t.median(0).values).abs() - (t - o).abs()).mean(-1).numpy()
         g = ratio_interval(gain, n_boot=n_boot, seed=seed)
@@ -418,23 +439,25 @@ def contribution_table(model:nn.Module, # a model with the library's call; `mode
                        batches:list, # from `as_batches`
                        score:OutputScore, # from `output_score`
                        values:Mapping|None=None, # `coalition_scores` when already computed
+                       replace:str='mean', # how a modality outside a coalition is removed (see `coalition_scores`)
                        n_boot:int=500, seed:int=0) -> dict:
     "Per modality: Shapley value and share of the gain (per sample, then bootstrapped), and the drops when it is masked, averaged or shuffled, with intervals"
     mods = [m for m in model.modalities if m in batches[0]['inputs']]
-    v = values if values is not None else coalition_scores(model, batches, score, mods)
+    v = values if values is not None else coalition_scores(model, batches, score, mods, replace)
+    means = modality_means(batches)
     full, none = v[frozenset(mods)], v[frozenset()]
     phi, gain = shapley_values(lambda S: v[S], mods), full - none  # Shapley is linear in the value: per sample at once
     boot = {'n_boot': n_boot, 'seed': seed}
     g = ratio_interval(gain, **boot)
-    rows = {}
+    rows = {}  # Shapley with `replace`; the drops remove one modality each way
     for m in mods:
-        drops = {'masked': full - v[frozenset(mods) - {m}],
-                 'mean': full - score.per_sample(predict(model, batches, lambda b, m=m: mean_modality(b, m), score.head)),
+        drops = {'masked': full - score.per_sample(predict(model, batches, lambda b, m=m: mask_modalities(b, [m]), score.head)),
+                 'mean': full - score.per_sample(predict(model, batches, lambda b, m=m: mean_modality(b, m, means.get(m)), score.head)),
                  'shuffled': full - score.per_sample(predict(model, batches, lambda b, m=m: shuffle_modalities(b, [m], seed=2), score.head))}
         di = {k: ratio_interval(d, **boot) for k, d in drops.items()}
         sh = [x if math.isfinite(x) else None for x in ratio_interval(phi[m], gain, **boot)] if g[1] > 0 else [None] * 3  # a share of no gain means nothing
         rows[m] = {'score': score.text, 'head': score.head, 'n': len(full), 'score_all': float(full.mean()), 'score_none': float(none.mean()),
-                   'gain': g[0], 'gain_ci': [g[1], g[2]], 'shapley': float(phi[m].mean()), 'shapley_share': sh[0], 'share_ci': [sh[1], sh[2]],
+                   'gain': g[0], 'gain_ci': [g[1], g[2]], 'replace': replace, 'shapley': float(phi[m].mean()), 'shapley_share': sh[0], 'share_ci': [sh[1], sh[2]],
                    'drop': {k: x[0] for k, x in di.items()}, 'drop_ci': {k: [x[1], x[2]] for k, x in di.items()},
                    'exactly_unused': bool(np.abs(phi[m]).max() < 1e-9 and all(np.abs(d).max() < 1e-9 for d in drops.values()))}
     return rows
@@ -443,7 +466,9 @@ def contribution_table(model:nn.Module, # a model with the library's call; `mode
 def _contribution_finding(m:str, ev:dict, informative:bool|None) -> Finding:
     "The finding of one modality's verdict (see `contribution_verdict`), with its remedies"
     v, share, (lo, hi) = ev['verdict'], ev['shapley_share'], ev['share_ci']
-    ci = f"Shapley share {share:.3g}, 95% CI {lo:.2g} to {hi:.2g}, of the score gain" if share is not None and lo is not None else "no clear score gain to share"
+    g, (glo, ghi) = ev['gain'], ev['gain_ci']
+    ci = (f"Shapley share {share:.3g}, 95% CI {lo:.2g} to {hi:.2g}, of the score gain" if share is not None and lo is not None else
+          f"the inputs' score gain, {g:.3g} with 95% CI {glo:.2g} to {ghi:.2g}, is not clearly above 0: no share to judge")
     if v == 'contributes': return Finding('modality_contribution', 'ok', f"{m} contributes ({ci})", ev, subject=m)
     if v == 'uninformative':
         return Finding('modality_contribution', 'warning', f"{m} contributes nothing ({ci}), and neither its own features nor its auxiliary head predict "
@@ -461,6 +486,7 @@ def modality_contribution(model:nn.Module, # a model with the library's call; `m
                           batches:list, # from `as_batches`
                           score:OutputScore|None=None, # how outputs are scored (default: `output_score(model, batches)`)
                           values:Mapping|None=None, # `coalition_scores` when already computed (shared with `modality_interactions`)
+                          replace:str='mean', # how a modality outside a coalition is removed (see `coalition_scores`)
                           min_share:float=0.05, # a share surely below this: 'ignored' (or 'uninformative')
                           weak_share:float=0.1, # surely below this: 'contributes little'; surely above: 'contributes'
                           max_shapley:int=6, # exact Shapley values up to this many modalities (2^M passes)
@@ -469,13 +495,15 @@ def modality_contribution(model:nn.Module, # a model with the library's call; `m
     score = score or output_score(model, batches)
     mods = [m for m in model.modalities if m in batches[0]['inputs']]
     if len(mods) > max_shapley: return [Finding('modality_contribution', 'warning', f"skipped: exact Shapley values over {len(mods)} modalities need 2^{len(mods)} passes (max_shapley={max_shapley})", {'modalities': mods})]
-    rows, y = contribution_table(model, batches, score, values, n_boot, seed), targets_of(batches)
+    rows, y = contribution_table(model, batches, score, values, replace, n_boot, seed), targets_of(batches)
     aux = _aux_informative(model, batches, score.task, y, mods, n_boot, seed) if y is not None else {}
     findings = []
     for m in mods:
         ev = rows[m]
         if ev['exactly_unused']: verdict, need = 'ignored', None
-        elif ev['shapley_share'] is None or ev['share_ci'][0] is None: verdict, need = 'inconclusive', None
+        elif ev['shapley_share'] is None or ev['share_ci'][0] is None:  # enough samples for the gain's interval to clear 0
+            g, (glo, ghi) = ev['gain'], ev['gain_ci']
+            verdict, need = 'inconclusive', (max(ev['n'] + 1, math.ceil(ev['n'] * ((ghi - glo) / 2 / g) ** 2)) if g > 1e-9 else None)
         else: verdict, need = contribution_verdict(ev['shapley_share'], ev['share_ci'], ev['n'], min_share, weak_share)
         informative = None
         if verdict in ('ignored', 'contributes little'):  # no use of it: is there anything to use?
@@ -497,6 +525,7 @@ def modality_interactions(model:nn.Module, # a model with the library's call
                           batches:list, # from `as_batches`
                           score:OutputScore|None=None, # how outputs are scored (default: `output_score(model, batches)`)
                           values:Mapping|None=None, # `coalition_scores` when already computed
+                          replace:str='mean', # how a modality outside a coalition is removed (see `coalition_scores`)
                           min_interaction:float=0.05, # an interaction share surely beyond +-this is named; surely within it, 'independent'
                           max_shapley:int=6, # exact up to this many modalities
                           n_boot:int=500, seed:int=0) -> list:
@@ -504,7 +533,7 @@ def modality_interactions(model:nn.Module, # a model with the library's call
     score = score or output_score(model, batches)
     mods = [m for m in model.modalities if m in batches[0]['inputs']]
     if len(mods) < 2 or len(mods) > max_shapley: return []
-    v = values if values is not None else coalition_scores(model, batches, score, mods)
+    v = values if values is not None else coalition_scores(model, batches, score, mods, replace)
     gain = v[frozenset(mods)] - v[frozenset()]
     inter, findings = shapley_interactions(lambda S: v[S], mods), []
     mat = np.zeros((len(mods), len(mods)))
@@ -810,33 +839,31 @@ def _check_channels(s):
 
 # %% ../nbs/06_diagnosis.ipynb #50d77fc9
 def _cam_target(task:str, out:torch.Tensor) -> torch.Tensor:
-    if task == 'classification': return out.gather(1, out.argmax(1, keepdim=True)).sum()
-    return out.sum() if task == 'regression' else (out * out.detach()).sum()
+    "(B,) what Grad-CAM explains per sample: the predicted class's logit, the sum of the outputs (regression), the embedding's squared norm along itself"
+    if task == 'classification': return out.gather(1, out.argmax(1, keepdim=True))[:, 0]
+    return out.sum(-1) if task == 'regression' else (out * out.detach()).sum(-1)
 
 def grad_cam(model:nn.Module, # a model with the library's call
              batch:dict, # one batch
              modality:str, # an image modality whose encoder has convolutions (or is a ConvLSTM)
              head:str|None=None, # the head of a multi-task model whose output is explained (default: `primary_head`)
             ) -> torch.Tensor:
-    "Grad-CAM maps (B, h, w), or (B, S, h, w) for image sequences/sets: ReLU of the gradient-weighted last conv features (ConvLSTM: hidden states), each scaled to max 1"
+    "Grad-CAM maps (B, h, w), or (B, S, h, w) for image sequences/sets, each scaled to max 1: Captum's `LayerGradCam` on the last Conv2d; a ConvLSTM's hidden states by hand"
     m, enc, head = modality, _inner(model.encoders[modality]), primary_head(model, head)
-    b = batch_to(batch, _device(model)); x = b['inputs'][m].detach().clone().requires_grad_(True)
-    b = {**b, 'inputs': {**b['inputs'], m: x}}
-    feats, hook = {}, None
-    if not isinstance(enc, ConvLSTM):
-        conv = [mod for mod in enc.modules() if isinstance(mod, nn.Conv2d)]
-        if not conv: raise ValueError(f"{m}'s encoder {type(enc).__name__} has no Conv2d layer for Grad-CAM")
-        hook = conv[-1].register_forward_hook(lambda mod, i, o: feats.__setitem__('a', o))
+    b, task = batch_to(batch, _device(model)), task_of(model, [batch], head)
+    forward = lambda xm: _cam_target(task, _output(_run(model, {**b, 'inputs': {**b['inputs'], m: xm}}), head))
+    x = b['inputs'][m].detach()
+    conv = [mod for mod in enc.modules() if isinstance(mod, nn.Conv2d)]
+    if not isinstance(enc, ConvLSTM) and not conv: raise ValueError(f"{m}'s encoder {type(enc).__name__} has no Conv2d layer for Grad-CAM")
     was = model.training; model.eval()
     try:
         with torch.enable_grad():
-            out = _output(_run(model, b), head)
-            a = enc.hidden_states if isinstance(enc, ConvLSTM) else feats['a']
-            g, = torch.autograd.grad(_cam_target(task_of(model, [batch], head), out), a)
-    finally:
-        model.train(was)
-        if hook: hook.remove()
-    cam = F.relu((g.mean((-2, -1), keepdim=True) * a).sum(-3)).detach()
+            if isinstance(enc, ConvLSTM):  # the hidden states of every step are no single layer's output: Grad-CAM by hand
+                out = forward(x.clone().requires_grad_(True)); a = enc.hidden_states
+                g, = torch.autograd.grad(out.sum(), a)
+                cam = F.relu((g.mean((-2, -1), keepdim=True) * a).sum(-3)).detach()
+            else: cam = LayerGradCam(forward, conv[-1]).attribute(x.clone().requires_grad_(True), relu_attributions=True)[:, 0].detach()
+    finally: model.train(was)
     B = x.shape[0]
     if x.ndim == 5 and cam.ndim == 3 and cam.shape[0] == B * x.shape[1]: cam = cam.unflatten(0, (B, x.shape[1]))
     peak = cam.flatten(1).amax(1).clamp(min=1e-12)

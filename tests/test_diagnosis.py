@@ -247,3 +247,57 @@ def test_diagnose_run(tmp_path):
     checks = {f.check for f in d.findings}
     assert {'lr_schedule', 'split_leakage', 'class_balance', 'gradient_flow'} <= checks
     assert severity(d.findings, 'split_leakage') == 'ok'
+
+
+# --- what is scored: the run's primary head, named in every finding (issue 13: the first head of a multi-task model was scored as logits)
+def test_multi_task_model_scored_on_its_primary_head(tiny_batches):
+    from mmfusion.diagnosis import predict, primary_head
+    cfg = {**{k: v for k, v in TINY_CFG.items() if k != 'aux_heads'},
+           'head': {'name': 'multi_task', 'heads': {'embedding': {'name': 'embedding', 'dim': 8}, 'logits': {'name': 'classification', 'n_classes': 3}}}}
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert primary_head(model) == 'embedding'
+    with pytest.raises(ValueError, match='say which one'): predict(model, tiny_batches)  # never silently the first head
+    checks = ('output_dependence', 'modality_contribution', 'modality_interaction')
+    d = diagnose(model, tiny_batches, checks=checks, reference=tiny_dataset(48), n_boot=100)
+    contrib = by(d.findings, 'modality_contribution')
+    assert contrib and all(f.evidence['head'] == 'embedding' and f.evidence['score'].startswith('k-NN (k=5, cosine)') for f in contrib)
+    assert by(d.findings, 'output_dependence')[0].evidence['head'] == 'embedding'
+    d = diagnose(model, tiny_batches, checks=checks, head='logits', n_boot=100)
+    assert all(f.evidence['head'] == 'logits' and 'probability of the true class' in f.evidence['score'] for f in by(d.findings, 'modality_contribution'))
+    with pytest.raises(KeyError, match='no head'): diagnose(model, tiny_batches, checks=checks, head='logit')
+
+
+# --- the verdicts carry intervals; a modality whose content is removed without changing the output gets share exactly 0
+def test_contribution_evidence_has_intervals(healthy, tiny_batches):
+    for f in modality_contribution(healthy, tiny_batches, n_boot=200):
+        ev = f.evidence
+        assert ev['verdict'] in ('contributes', 'contributes little', 'ignored', 'inconclusive', 'uninformative')
+        lo, hi = ev['share_ci']
+        assert lo <= ev['shapley_share'] <= hi and ev['n'] == 24
+        assert (ev['verdict'] == 'inconclusive') == ('samples_needed' in ev)
+
+
+# --- ablation agreement: a verdict the evaluation's ablation contradicts is a problem
+def test_ablation_disagreement_is_a_problem(healthy, tiny_batches):
+    from mmfusion.diagnosis import ablation_agreement
+    fs = modality_contribution(healthy, tiny_batches, n_boot=200)
+    verdict = {f.subject: f.evidence['verdict'] for f in fs}
+    m = next(m for m, v in verdict.items() if v == 'contributes')
+    rec = lambda change: {'split_sizes': {'test': 24}, 'metrics': {'task': 'classification', 'split': 'test', 'headline': {'name': 'f1_macro'},
+                          'ablation': [{'setting': 'all', 'metric': .9, 'change': 0.}, {'setting': f'without {m}', 'metric': .9 + change, 'change': change}]}}
+    bad, = ablation_agreement(fs, rec(0.), 'valid')  # 'contributes', but removing it changes nothing
+    good, = ablation_agreement(fs, rec(-.3), 'valid')
+    assert (bad.severity, good.severity) == ('problem', 'ok') and bad.subject == good.subject == m
+    assert (bad.evidence['diagnosed_split'], bad.evidence['ablation_split']) == ('valid', 'test')
+
+
+# --- section 7: batches without negatives (a single class: SupCon has nothing to push apart)
+def test_single_class_batches_flagged():
+    labels = np.repeat([0, 1], 40)
+    by_class = np.arange(80).reshape(-1, 8).tolist()  # every batch holds one class
+    fs = contrastive_batches(labels, by_class)
+    assert [f.severity for f in fs] == ['problem'] and fs[0].evidence['batches_without_negatives'] == 10 and 'no negatives' in fs[0].summary
+    mixed = StratifiedBatchSampler(labels, 8, k=2, seed=0).global_batches()
+    fs = contrastive_batches(labels, mixed)
+    assert [f.severity for f in fs] == ['ok'] and fs[0].evidence['batches_without_negatives'] == 0
