@@ -553,8 +553,9 @@ def modality_interactions(model:nn.Module, # a model with the library's call
     ax.set_xticks(range(len(mods)), mods, rotation=45, fontsize=7); ax.set_yticks(range(len(mods)), mods, fontsize=7)
     for f in findings:
         i, j = (mods.index(p) for p in f.evidence['pair'])
-        for r, c in ((i, j), (j, i)): ax.text(c, r, f.evidence['kind'][:4], ha='center', va='center', fontsize=6)
-    ax.set_title('modality interactions', fontsize=9); fig.tight_layout(); findings[0].figures['modality_interactions'] = fig
+        label = {'redundant': 'red.', 'complementary': 'comp.', 'independent': 'ind.', 'inconclusive': '?'}[f.evidence['kind']]
+        for r, c in ((i, j), (j, i)): ax.text(c, r, label, ha='center', va='center', fontsize=7, color='w' if abs(mat[r, c]) > .6 * lim else 'k')
+    ax.set_xlabel('red. redundant, comp. complementary,\nind. independent, ? inconclusive', fontsize=6); ax.set_title('modality interactions', fontsize=9); fig.tight_layout(); findings[0].figures['modality_interactions'] = fig
     return findings
 
 # %% ../nbs/06_diagnosis.ipynb #a7c1e124
