@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib, math, re, shutil, warnings, xml.etree.ElementTree as ET
 from functools import partial
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -17,15 +17,16 @@ from torch.utils.data import Dataset, Sampler
 
 # %% auto #0
 __all__ = ['TINY_TABULAR', 'IMAGE_EXTS', 'NIGHT_MODALITIES', 'WELD_CLASSES', 'SOLAR_CHANNELS', 'README_CEILINGS_MARK',
-           'NIGHT_OBJECTS', 'INSPECTION_CLASSES', 'SAMPLE_DATASETS', 'SAMPLE_SETS', 'INSPECTION_METADATA', 'Sample',
-           'DataError', 'SkippedSample', 'Modality', 'Record', 'ArrayRow', 'MultiModalDataset', 'collate_samples',
-           'batch_to', 'from_arrays', 'tiny_dataset', 'read_image', 'read_image_set', 'read_video', 'read_audio',
-           'read_csv_text', 'numeric_columns', 'read_csv_numeric', 'read_series', 'TabularPreprocessor',
-           'read_image_sequence', 'read_yolo_labels', 'read_voc_labels', 'paired_folders', 'normalise_label',
-           'weld_modalities', 'manifest_dataset', 'split_file_datasets', 'class_folders', 'sequence_dataset',
-           'AlignedAugment', 'detection_augment', 'show_sample', 'StratifiedBatchSampler', 'SplitReport',
-           'check_splits', 'summarize_splits', 'make_night_data', 'make_weld_data', 'make_inspection_data',
-           'make_solar_data', 'make_sample_data', 'sample_splits']
+           'NIGHT_OBJECTS', 'INSPECTION_CLASSES', 'SAMPLE_DATASETS', 'SAMPLE_SETS', 'INSPECTION_GROUP',
+           'INSPECTION_METADATA', 'Sample', 'DataError', 'SkippedSample', 'Modality', 'Record', 'ArrayRow',
+           'MultiModalDataset', 'collate_samples', 'batch_to', 'from_arrays', 'tiny_dataset', 'read_image',
+           'read_image_set', 'read_video', 'read_audio', 'read_text', 'read_csv_text', 'numeric_columns',
+           'text_columns', 'read_csv_numeric', 'read_series', 'TabularPreprocessor', 'read_image_sequence',
+           'read_yolo_labels', 'read_voc_labels', 'paired_folders', 'normalise_label', 'weld_modalities',
+           'manifest_dataset', 'split_file_datasets', 'class_folders', 'sequence_dataset', 'AlignedAugment',
+           'detection_augment', 'show_sample', 'StratifiedBatchSampler', 'SplitReport', 'check_splits',
+           'summarize_splits', 'make_night_data', 'make_weld_data', 'make_inspection_data', 'make_solar_data',
+           'make_sample_data', 'sample_splits']
 
 # %% ../nbs/00_data.ipynb #0ac9018b
 @dataclass
@@ -84,6 +85,7 @@ class Record:
     sources: dict  # modality name -> path, list of paths or array row; None when the modality is absent
     target: Any = None  # the sample's target
     origin: str = ''  # where the record was declared (e.g. 'manifest.csv row 4'), for error messages
+    group: Any = None  # what the sample belongs to (a battery, a weld, a patient); samples of one group belong in one split
 
 # %% ../nbs/00_data.ipynb #72566c1b
 class ArrayRow:
@@ -163,6 +165,11 @@ class MultiModalDataset(Dataset):
     def targets(self) -> list:
         "Every sample's target, without reading any file"
         return [r.target for r in self.records]
+
+    @property
+    def groups(self) -> list:
+        "Every sample's group (`Record.group`; None where the layout has none), for group-aware splitting"
+        return [r.group for r in self.records]
 
     def set_epoch(self, epoch:int):
         "Tell a seeded transform which epoch it is, so each epoch draws new, reproducible augmentations"
@@ -263,16 +270,19 @@ def from_arrays(arrays:Mapping[str, Any], # modality name -> array/tensor (N, ..
                 class_names:Sequence[str]|None=None, # class names for classification targets
                 transform:Callable|None=None, # per-sample transform
                 on_error:str='raise', # 'raise' or 'skip' bad rows (NaN/inf)
-                name:str='arrays'): # name used in messages
+                name:str='arrays', # name used in messages
+                groups:Sequence|None=None): # N group labels (e.g. battery ids); samples of one group belong in one split
     "A `MultiModalDataset` over in-memory arrays, one per modality (precomputed embeddings included)"
     lengths = {m: len(a) for m, a in arrays.items()}
     if len(set(lengths.values())) != 1: raise DataError(name, f"modalities have different numbers of rows: {lengths}")
     n = next(iter(lengths.values()))
     if targets is not None and len(targets) != n: raise DataError(name, f"{len(targets)} targets for {n} rows")
+    if groups is not None and len(groups) != n: raise DataError(name, f"{len(groups)} groups for {n} rows")
     ids = [str(i) for i in (ids if ids is not None else range(n))]
     present = present or {}
     records = [Record(ids[i], {m: ArrayRow(m, i, a) if (m not in present or present[m][i]) else None for m, a in arrays.items()},
-                      None if targets is None else _as_target(targets[i]), f"{name} row {i}") for i in range(n)]
+                      None if targets is None else _as_target(targets[i]), f"{name} row {i}",
+                      None if groups is None else groups[i]) for i in range(n)]
     mods = [Modality(m, _read_array_row, required=m not in present) for m in arrays]
     return MultiModalDataset(records, mods, _infer_task(targets), class_names, transform, on_error, name=name)
 
@@ -387,6 +397,13 @@ def read_audio(path, # a WAV/FLAC/OGG file
     return m[None]
 
 # %% ../nbs/00_data.ipynb #22885334
+def read_text(path) -> str:
+    "A text file's content; a missing file or bytes that are not UTF-8 raise a `DataError` naming the file"
+    path = Path(path)
+    try: return path.read_text(encoding='utf-8')
+    except FileNotFoundError: raise DataError(path, "file not found") from None
+    except UnicodeDecodeError as e: raise DataError(path, f"is not UTF-8 text (byte {e.start}: {e.reason})") from None
+
 def read_csv_text(path) -> pd.DataFrame:
     "Read a CSV as text cells, with a `_line` column holding each row's line number in the file (header = 1)"
     path = Path(path)
@@ -403,12 +420,30 @@ def numeric_columns(df:pd.DataFrame, # text cells, as from `read_csv_text`
     missing = [c for c in cols if c not in df.columns]
     if missing: raise DataError(source, f"has no column(s) {missing} (columns: {[c for c in df.columns if c != '_line']})")
     out = df[list(cols)].apply(lambda c: pd.to_numeric(c.astype(str).str.strip(), errors='coerce')).astype('f8')
-    bad = ~np.isfinite(out.to_numpy())
+    bad = ~np.isfinite(out.to_numpy()) | (np.abs(out.to_numpy()) > np.finfo(np.float32).max)  # tensors are float32: 1e300 becomes inf
     if bad.any():
         r, c = map(int, np.argwhere(bad)[0])
         line = df['_line'].iloc[r] if '_line' in df.columns else r + 2
-        raise DataError(f"{source} row {line}", f"column {cols[c]!r} holds {df[cols[c]].iloc[r]!r}, not a finite number")
+        raise DataError(f"{source} row {line}", f"column {cols[c]!r} holds {df[cols[c]].iloc[r]!r}, not a finite float32 number")
     return out
+
+def _non_finite_text(v) -> bool:
+    "True for text that reads as NaN or ±inf (a missing number written by a program)"
+    try: return not math.isfinite(float(str(v).strip()))
+    except ValueError: return False
+
+def text_columns(df:pd.DataFrame, # text cells, as from `read_csv_text`
+                 cols:Sequence[str], # columns that hold text (categories, ids)
+                 source, # file named in errors
+                ) -> None:
+    "Check text columns: a missing column or a cell reading as NaN/inf (a lost number, not a category) raises a `DataError`"
+    missing = [c for c in cols if c not in df.columns]
+    if missing: raise DataError(source, f"has no column(s) {missing} (columns: {[c for c in df.columns if c != '_line']})")
+    for c in cols:
+        bad = df[c].map(_non_finite_text).to_numpy()
+        if bad.any():
+            r = int(np.argmax(bad)); line = df['_line'].iloc[r] if '_line' in df.columns else r + 2
+            raise DataError(f"{source} row {line}", f"column {c!r} holds {df[c].iloc[r]!r}, a missing or non-finite value")
 
 def read_csv_numeric(path, # CSV file with a header row
                      columns:Sequence[str]|None=None, # columns to keep (default: all)
@@ -482,6 +517,7 @@ def read_image_sequence(folder, # folder of `STAMP_CHANNEL.ext` images
 # %% ../nbs/00_data.ipynb #68f47df7
 def _check_box(box, source):
     xc, yc, w, h = box
+    if not all(map(math.isfinite, box)): raise DataError(source, f"box {list(box)} holds a non-finite number")  # NaN passes every comparison below
     if not (w > 0 and h > 0): raise DataError(source, f"box {list(box)} has zero or negative size")
     eps = 1e-6
     if min(xc - w / 2, yc - h / 2) < -eps or max(xc + w / 2, yc + h / 2) > 1 + eps:
@@ -493,7 +529,7 @@ def read_yolo_labels(path, # YOLO label file; a missing file means no objects
     "Read a YOLO label file into `{'boxes': (n, 4) xywh normalised, 'classes': (n,)}`, checking every line"
     path, boxes, classes = Path(path), [], []
     if not path.is_file(): return {'boxes': torch.zeros(0, 4), 'classes': torch.zeros(0, dtype=torch.long)}
-    for k, line in enumerate(path.read_text().splitlines(), 1):
+    for k, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip(): continue
         parts = line.split()
         try: vals = [float(v) for v in parts]
@@ -514,6 +550,7 @@ def read_voc_labels(path, # VOC XML annotation (LLVIP style)
     except ET.ParseError as e: raise DataError(path, f"cannot be parsed as XML ({e})") from None
     try: W, H = float(root.findtext('size/width')), float(root.findtext('size/height'))
     except (TypeError, ValueError): raise DataError(path, "has no valid <size><width>/<height>") from None
+    if not (math.isfinite(W) and math.isfinite(H) and W > 0 and H > 0): raise DataError(path, f"image size {W} x {H} is not a positive finite size")
     boxes, classes = [], []
     for obj in root.iter('object'):
         name = (obj.findtext('name') or '').strip()
@@ -636,7 +673,7 @@ def _read_split_file(path:Path, root:Path, class_names) -> list:
     "[(line, image path, class index or DataError)] of a `path<TAB>label` split file"
     if not path.is_file(): raise DataError(path, "split file not found")
     rows = []
-    for k, line in enumerate(path.read_text().splitlines(), 1):
+    for k, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip(): continue
         where = f"{path} line {k}"
         parts = line.split('\t')
@@ -654,6 +691,7 @@ def split_file_datasets(root, # dataset root
                         id_column:str='sample_id', # metadata column matching the image file's stem
                         numeric:Sequence[str]=(), # numeric metadata columns (standardised)
                         categorical:Sequence[str]=(), # categorical metadata columns (encoded)
+                        group_column:str|None=None, # metadata column naming each sample's group (e.g. 'battery_id')
                         class_names:Sequence[str]|None=None, # classes (default: sorted labels of the first split)
                         channels:int=1, # image channels
                         train_split:str='train', # the split whose statistics are fitted
@@ -672,6 +710,10 @@ def split_file_datasets(root, # dataset root
         meta = read_csv_text(root/metadata)
         if id_column not in meta.columns: raise DataError(root/metadata, f"has no column {id_column!r}")
         meta = meta.set_index(meta[id_column].str.strip(), drop=False)
+        dup = meta.index.duplicated(keep=False)
+        if dup.any():  # two rows for one id would misalign every row after it
+            first = meta.index[dup][0]; lines = meta['_line'][meta.index == first]
+            raise DataError(f"{root/metadata} row {lines.iloc[1]}", f"sample id {first!r} also appears on row {lines.iloc[0]}")
         prep = TabularPreprocessor(numeric, categorical)
     parsed = {s: _read_split_file(root/f, root, class_names) for s, f in splits.items()}
     policies = {s: _ErrorPolicy(on_error) for s in splits}
@@ -684,6 +726,7 @@ def split_file_datasets(root, # dataset root
                 if meta is not None:
                     if sid not in meta.index: raise DataError(root/metadata, f"has no row for sample id {sid!r} (listed in {where})")
                     numeric_columns(meta.loc[[sid]], list(numeric), root/metadata)
+                    text_columns(meta.loc[[sid]], [*categorical, *([group_column] if group_column else [])], root/metadata)
                 good[s].append((sid, p, label, where))
             except DataError as e: policies[s](e, sid)
     if prep is not None:
@@ -692,7 +735,8 @@ def split_file_datasets(root, # dataset root
     out = {}
     for s, rows in good.items():
         tab = prep.transform(meta.loc[[sid for sid, *_ in rows]], root/metadata) if prep is not None and rows else None
-        records = [Record(sid, {'image': p, **({'metadata': ArrayRow('metadata', i, tab)} if tab is not None else {})}, label, where)
+        records = [Record(sid, {'image': p, **({'metadata': ArrayRow('metadata', i, tab)} if tab is not None else {})}, label, where,
+                          meta.loc[sid, group_column].strip() if group_column else None)
                    for i, (sid, p, label, where) in enumerate(rows)]
         mods = [Modality('image', partial(read_image, channels=channels), spatial=True)]
         if prep is not None: mods.append(Modality('metadata', _read_array_row))
@@ -925,25 +969,30 @@ def _content_hashes(src) -> list:
 
 @dataclass
 class SplitReport:
-    "What `check_splits` found: ids and file contents shared between splits"
+    "What `check_splits` found: ids, file contents and groups shared between splits"
     shared_ids: dict  # sample id -> splits it appears in
     shared_content: list  # [[(split, sample id, file), ...]] groups of identical content across splits
+    shared_groups: dict = field(default_factory=dict)  # group (e.g. battery id) -> splits its samples appear in
     @property
-    def ok(self) -> bool: return not self.shared_ids and not self.shared_content
+    def ok(self) -> bool: return not self.shared_ids and not self.shared_content and not self.shared_groups
     def __repr__(self):
-        if self.ok: return "SplitReport: no sample id or file content is shared between splits"
-        lines = [f"SplitReport: {len(self.shared_ids)} shared id(s), {len(self.shared_content)} identical content group(s) across splits"]
+        if self.ok: return "SplitReport: no sample id, file content or group is shared between splits"
+        lines = [f"SplitReport: {len(self.shared_ids)} shared id(s), {len(self.shared_content)} identical content group(s), "
+                 f"{len(self.shared_groups)} shared group(s) across splits"]
         lines += [f"  id {i!r} in {s}" for i, s in list(self.shared_ids.items())[:10]]
+        lines += [f"  group {g!r} in {s}" for g, s in list(self.shared_groups.items())[:10]]
         lines += ["  same content: " + '; '.join(f"{s}:{f}" for s, _, f in g) for g in self.shared_content[:10]]
         return '\n'.join(lines)
 
 def check_splits(splits:Mapping[str, MultiModalDataset], # split name -> dataset
                  content:bool=True, # also hash every file (reads all data once)
                 ) -> SplitReport:
-    "Report sample ids, and identical file contents, that appear in more than one split"
-    where = defaultdict(set)
+    "Report sample ids, identical file contents and sample groups (`Record.group`) that appear in more than one split"
+    where, group_where = defaultdict(set), defaultdict(set)
     for s, ds in splits.items():
-        for r in ds.records: where[r.id].add(s)
+        for r in ds.records:
+            where[r.id].add(s)
+            if r.group is not None: group_where[r.group].add(s)
     shared_ids = {i: sorted(s) for i, s in where.items() if len(s) > 1}
     groups = defaultdict(list)
     if content:
@@ -952,7 +1001,8 @@ def check_splits(splits:Mapping[str, MultiModalDataset], # split name -> dataset
                 for src in r.sources.values():
                     if src is not None:
                         for h, f in _content_hashes(src): groups[h].append((s, r.id, f))
-    return SplitReport(shared_ids, [g for g in groups.values() if len({s for s, *_ in g}) > 1])
+    return SplitReport(shared_ids, [g for g in groups.values() if len({s for s, *_ in g}) > 1],
+                       {g: sorted(s) for g, s in group_where.items() if len(s) > 1})
 
 # %% ../nbs/00_data.ipynb #c3f74db4
 def summarize_splits(splits:Mapping[str, MultiModalDataset], # split name -> dataset
@@ -1287,20 +1337,20 @@ INSPECTION_CLASSES = ('normal', 'crack', 'void', 'swelling', 'misaligned')  # cl
 
 _INSPECTION_TABLE = """| class | CT image | metadata | decided by |
 |---|---|---|---|
-| normal | concentric windings (off-centre on line L2, centred on L1) | nominal | all (absence of every cue) |
-| crack | dark radial line through the windings | nominal | image |
-| void | dark blob inside the windings | nominal | image |
-| swelling | looks normal | weight +3 g, voltage -0.25 V | metadata |
-| misaligned | off-centre core (same offset as every L2 cell) | always line L1 | image + metadata together |
-| - | - | capacity and supplier | nuisance (supplier shifts capacity and weight) |
+| normal | concentric windings; core offset 0-3 px on line L1, 2.5-5.5 px on line L2 | nominal | all (absence of every cue) |
+| crack | dark radial line of random contrast (faint ones invisible) | voltage -0.03 V (cell noise 0.03 V) | image where visible, voltage a little |
+| void | dark blob of random size and contrast | weight -0.4 g (cell noise 0.4 g) | image where visible, weight a little |
+| swelling | looks normal | weight +0.8 g, voltage -0.05 V (overlapping nominal) | metadata, with errors |
+| misaligned | core offset 2.5-5.5 px (overlaps line L1's normal 0-3 px, equals line L2's) | always line L1 | image + metadata together |
+| - | - | capacity, supplier (shifts capacity and weight), battery-level offsets | nuisance |
 
 anomaly/: clean brushed-metal textures (normal) vs the same with scratches or spots (defect)."""
 
 _INSPECTION_LAYOUT = """inspection/
   README.md
   images/cell_0001.png           64x64 8-bit grey CT slice
-  metadata.csv                   sample_id,capacity_mah,voltage,weight_g,supplier,line
-  train.txt val.txt test.txt     `images/cell_0001.png<TAB>label` (normal|crack|void|swelling|misaligned)
+  metadata.csv                   sample_id,battery_id,capacity_mah,voltage,weight_g,supplier,line
+  train.txt val.txt test.txt     `images/cell_0001.png<TAB>label` (normal|crack|void|swelling|misaligned); a battery's cells in one file
   anomaly/
     train/normal/000.png         32x32 RGB, clean surfaces
     test/normal/000.png
@@ -1309,31 +1359,41 @@ _INSPECTION_LAYOUT = """inspection/
 _ANOMALY_N = {'train/normal': 40, 'test/normal': 12, 'test/defect': 12}
 
 def _ct_slice(rng:np.random.Generator, label:str, offset:float) -> np.ndarray:
-    "64x64 CT-like slice of a cylindrical cell whose winding centre sits `offset` px from the can centre"
+    "64x64 CT-like slice of a cylindrical cell whose winding centre sits `offset` px from the can centre; defects of random contrast"
     yy, xx = np.mgrid[:64, :64].astype(np.float32)
     a = rng.uniform(0, 2*np.pi); cx, cy = 32 + offset*np.cos(a), 32 + offset*np.sin(a)
     r, rc = np.hypot(xx-32, yy-32), np.hypot(xx-cx, yy-cy)
     img = np.where(r < 27, .45 + .22*np.cos(2*np.pi*rc/2.6), .04) + .5*np.exp(-((r-27.5)/1.)**2)
     img = np.where(rc < 3.5, .06, img)
     if label == 'crack':
-        b, r0 = rng.uniform(0, 2*np.pi), rng.uniform(6, 9)
-        p = [(round(cx + rr*np.cos(b + .15*(rr > 12))), round(cy + rr*np.sin(b + .15*(rr > 12)))) for rr in (r0, 12, r0 + 14)]
+        b, r0, c = rng.uniform(0, 2*np.pi), rng.uniform(6, 9), rng.uniform(.35, 1)
+        p = [(round(cx + rr*np.cos(b + .15*(rr > 12))), round(cy + rr*np.sin(b + .15*(rr > 12)))) for rr in (r0, 12, r0 + rng.uniform(4, 14))]
         m = cv2.polylines(np.zeros((64, 64), np.float32), [np.array(p, np.int32)], False, 1., 2)
-        img = np.where(m > 0, .05, img)
+        img = np.where(m > 0, (1-c)*img + c*.05, img)
     if label == 'void':
-        b, rr = rng.uniform(0, 2*np.pi), rng.uniform(10, 18)
-        img = np.where(_disc(64, 64, cx + rr*np.cos(b), cy + rr*np.sin(b), rng.uniform(3.5, 5)) > .5, .08, img)
+        b, rr, c = rng.uniform(0, 2*np.pi), rng.uniform(10, 18), rng.uniform(.4, 1)
+        d = _disc(64, 64, cx + rr*np.cos(b), cy + rr*np.sin(b), rng.uniform(1.5, 4.5)) > .5
+        img = np.where(d, (1-c)*img + c*.08, img)
     img = cv2.GaussianBlur(img.astype(np.float32), (0, 0), .6)*rng.uniform(.9, 1.1)
-    return _u8(img + .04*rng.standard_normal((64, 64)))
+    return _u8(img + .05*rng.standard_normal((64, 64)))
 
-def _cell_meta(rng:np.random.Generator, label:str) -> dict:
-    "Metadata of one cell: swelling shifts weight and voltage; misaligned cells all come from line L1"
-    supplier = str(rng.choice(['A', 'B', 'C']))
-    cap, weight = {'A': (2500, 45.), 'B': (2450, 45.6), 'C': (2550, 44.5)}[supplier]
-    swell = label == 'swelling'
-    return dict(capacity_mah=int(round(cap + 40*rng.standard_normal())),
-                voltage=round(3.62 - .25*swell + .03*rng.standard_normal(), 3),
-                weight_g=round(weight + 3*swell + .4*rng.standard_normal(), 2), supplier=supplier,
+def _core_offset(rng:np.random.Generator, label:str, line:str) -> float:
+    "Winding-centre offset in px: line L2's jig and a misaligned winding put it at 2.5-5.5, line L1 at 0-3"
+    return rng.uniform(2.5, 5.5) if label == 'misaligned' or line == 'L2' else rng.uniform(0, 3)
+
+_SUPPLIERS = {'A': (2500, 45.), 'B': (2450, 45.6), 'C': (2550, 44.5)}  # supplier -> nominal capacity (mAh), weight (g)
+_META_SHIFT = {'normal': (0, 0), 'crack': (-.03, 0), 'void': (0, -.4), 'swelling': (-.05, .8), 'misaligned': (0, 0)}  # class -> voltage, weight shift
+
+def _battery_meta(rng:np.random.Generator) -> dict:
+    "What a battery's cells share: the supplier and offsets of capacity, voltage and weight"
+    return dict(supplier=str(rng.choice(list(_SUPPLIERS))), cap=40*rng.standard_normal(), volt=.015*rng.standard_normal(), weight=.3*rng.standard_normal())
+
+def _cell_meta(rng:np.random.Generator, label:str, battery:dict) -> dict:
+    "Metadata of one cell: class shifts (smaller than the noise) on top of its battery's; misaligned cells all come from line L1"
+    (cap, weight), (dv, dw) = _SUPPLIERS[battery['supplier']], _META_SHIFT[label]
+    return dict(capacity_mah=int(round(cap + battery['cap'] + 40*rng.standard_normal())),
+                voltage=round(3.62 + battery['volt'] + dv + .03*rng.standard_normal(), 3),
+                weight_g=round(weight + battery['weight'] + dw + .4*rng.standard_normal(), 2), supplier=battery['supplier'],
                 line='L1' if label == 'misaligned' else str(rng.choice(['L1', 'L2'])))
 
 def _anomaly_img(rng:np.random.Generator, defect:bool) -> np.ndarray:
@@ -1351,26 +1411,36 @@ def _anomaly_img(rng:np.random.Generator, defect:bool) -> np.ndarray:
     return _u8(img)
 
 # %% ../nbs/00_data.ipynb #3f6bc926
+def _batteries(splits:Sequence[str], size:int) -> list[str]:
+    "Battery id of each cell: consecutive cells of one split, `size` at a time, so no battery spans two splits"
+    ids, k, n = [], 0, 0
+    for i, s in enumerate(splits):
+        if i == 0 or s != splits[i-1] or n == size: k, n = k + 1, 0
+        ids.append(f'battery_{k:03d}'); n += 1
+    return ids
+
 def make_inspection_data(
     root:str|Path, # folder to write the dataset into (becomes `inspection/`)
-    n_per_class:tuple[int, int, int]=(16, 4, 6), # (train, val, test) cells per class
+    n_per_class:tuple[int, int, int]=(24, 8, 8), # (train, val, test) cells per class
+    cells_per_battery:int=4, # cells that share a battery (the group of the split files)
     seed:int=0, # random seed
 ) -> Path: # `root`
-    "Write the synthetic battery-inspection dataset (CT slices, metadata, split files) and its RGB anomaly set"
+    "Write the synthetic battery-inspection dataset (CT slices, metadata with battery ids, split files) and its RGB anomaly set"
     root, rng = Path(root), _rng(seed, 'inspection')
-    cells = [(lab, split) for lab in INSPECTION_CLASSES for split, n in zip(('train', 'val', 'test'), n_per_class) for _ in range(n)]
-    cells = [cells[i] for i in rng.permutation(len(cells))]  # ids do not reveal the class
+    cells = [(str(lab), split) for split, n in zip(('train', 'val', 'test'), n_per_class)
+             for lab in rng.permutation(np.repeat(INSPECTION_CLASSES, n))]  # ids do not reveal the class
+    batteries = _batteries([s for _, s in cells], cells_per_battery)
+    shared = {b: _battery_meta(rng) for b in dict.fromkeys(batteries)}
     meta = []
-    for i, (lab, _) in enumerate(cells, 1):
-        m = dict(sample_id=f'cell_{i:04d}', **_cell_meta(rng, lab))
-        off = rng.uniform(4, 5.5) if lab == 'misaligned' or m['line'] == 'L2' else rng.uniform(0, .7)
-        _save_img(root/'images'/f"{m['sample_id']}.png", _ct_slice(rng, lab, off)); meta.append(m)
+    for i, ((lab, _), b) in enumerate(zip(cells, batteries), 1):
+        m = dict(sample_id=f'cell_{i:04d}', battery_id=b, **_cell_meta(rng, lab, shared[b]))
+        _save_img(root/'images'/f"{m['sample_id']}.png", _ct_slice(rng, lab, _core_offset(rng, lab, m['line']))); meta.append(m)
     pd.DataFrame(meta).to_csv(root/'metadata.csv', index=False)
     for split in ('train', 'val', 'test'):
         (root/f'{split}.txt').write_text(''.join(f'images/cell_{i:04d}.png\t{lab}\n' for i, (lab, s) in enumerate(cells, 1) if s == split))
     for sub, n in _ANOMALY_N.items():
         for i in range(n): _save_img(root/'anomaly'/sub/f'{i:03d}.png', _anomaly_img(rng, sub.endswith('defect')))
-    _write_readme(root, 'Battery inspection (CT + metadata, RGB anomaly)', dict(n_per_class=n_per_class, seed=seed),
+    _write_readme(root, 'Battery inspection (CT + metadata, RGB anomaly)', dict(n_per_class=n_per_class, cells_per_battery=cells_per_battery, seed=seed),
                   _INSPECTION_LAYOUT, _INSPECTION_TABLE)
     return root
 
@@ -1475,6 +1545,7 @@ def make_sample_data(
 # %% ../nbs/00_data.ipynb #c4bcc5a5
 SAMPLE_DATASETS = ('night', 'weld', 'inspection', 'solar')  # the shipped sample datasets, one per reference scenario
 SAMPLE_SETS = {'night': 'night', 'weld': 'weld', 'inspection': 'inspection', 'inspection_anomaly': 'inspection/anomaly', 'solar': 'solar'}  # loadable set -> its folder
+INSPECTION_GROUP = 'battery_id'  # metadata column naming each inspection cell's battery: its group
 INSPECTION_METADATA = {'numeric': ['capacity_mah', 'voltage', 'weight_g'], 'categorical': ['supplier', 'line']}  # metadata columns of the inspection set
 
 def sample_splits(name:str, # a key of `SAMPLE_SETS`
@@ -1493,7 +1564,7 @@ def sample_splits(name:str, # a key of `SAMPLE_SETS`
         return {s.lower(): manifest_dataset(d, s, modalities=mods, transform=transform if s == 'TRAIN' else None, on_error=on_error)
                 for s in ('TRAIN', 'TEST')}
     if name == 'inspection':
-        return split_file_datasets(d, **INSPECTION_METADATA, class_names=INSPECTION_CLASSES, transforms={'train': transform}, on_error=on_error)
+        return split_file_datasets(d, **INSPECTION_METADATA, group_column=INSPECTION_GROUP, class_names=INSPECTION_CLASSES, transforms={'train': transform}, on_error=on_error)
     if name == 'inspection_anomaly':
         return {s: class_folders(d, s, ['normal', 'defect'], transform=transform if s == 'train' else None, on_error=on_error) for s in ('train', 'test')}
     return {s: sequence_dataset(d, s, transform=transform if s == 'train' else None, on_error=on_error) for s in ('train', 'val', 'test')}

@@ -174,3 +174,205 @@ def test_empty_split_is_an_error(corpus, make_empty):
     else:
         for d in (corpus/'night/val').iterdir(): shutil.rmtree(d); d.mkdir()
         with pytest.raises(DataError, match='split has no samples'): paired_folders(corpus/'night', 'val')
+
+
+# --- non-finite numbers: one positive (raises, naming file and line/row) and one negative (loads) case per reader ---------
+from mmfusion.data import (check_splits, from_arrays, read_csv_numeric, read_series, read_voc_labels, read_yolo_labels,
+                           INSPECTION_GROUP)
+import math, random, torch
+
+NON_FINITE = ['nan', 'NaN', '-nan', 'inf', '-inf', '+Infinity', '1e999']
+
+VOC = """<annotation><size><width>{W}</width><height>{H}</height></size>
+<object><name>person</name><bndbox><xmin>{x0}</xmin><ymin>10</ymin><xmax>30</xmax><ymax>40</ymax></bndbox></object></annotation>"""
+
+
+@pytest.mark.parametrize('value', NON_FINITE)
+@pytest.mark.parametrize('field', [0, 1, 2, 3, 4])
+def test_yolo_label_non_finite_field_names_file_and_line(tmp_path, field, value):
+    f = tmp_path/'frame.txt'
+    cells = ['0', '0.5', '0.5', '0.2', '0.4']; cells[field] = value
+    f.write_text('0 0.5 0.5 0.1 0.1\n' + ' '.join(cells) + '\n')
+    with pytest.raises(DataError, match=f'{f} line 2'): read_yolo_labels(f, 1)
+
+
+def test_yolo_label_finite_fields_load(tmp_path):
+    f = tmp_path/'frame.txt'; f.write_text('0 0.5 0.5 0.1 0.1\n0 1e-3 0.5 2e-3 0.4\n')
+    out = read_yolo_labels(f, 1)
+    assert out['boxes'].shape == (2, 4) and torch.isfinite(out['boxes']).all()
+
+
+@pytest.mark.parametrize('key', ['W', 'H', 'x0'])
+@pytest.mark.parametrize('value', ['nan', 'inf', '0'])
+def test_voc_label_non_finite_or_zero_size_names_file(tmp_path, key, value):
+    f = tmp_path/'frame.xml'
+    vals = dict(W='64', H='48', x0='10'); vals[key] = value
+    if key == 'x0' and value == '0': pytest.skip('xmin 0 is a valid box')
+    f.write_text(VOC.format(**vals))
+    with pytest.raises(DataError, match=str(f)): read_voc_labels(f, ['person'])
+
+
+def test_voc_label_finite_loads(tmp_path):
+    f = tmp_path/'frame.xml'; f.write_text(VOC.format(W='64', H='48', x0='10'))
+    assert torch.isfinite(read_voc_labels(f, ['person'])['boxes']).all()
+
+
+@pytest.mark.parametrize('value', NON_FINITE)
+def test_series_csv_non_finite_names_file_and_row(tmp_path, value):
+    f = tmp_path/'sensors.csv'; f.write_text(f"time,current\n0,1\n1,{value}\n2,3\n")
+    with pytest.raises(DataError, match=f'{f} row 3'): read_series(f)
+    with pytest.raises(DataError, match=f'{f} row 3'): read_csv_numeric(f)
+
+
+def test_series_csv_finite_loads(tmp_path):
+    f = tmp_path/'sensors.csv'; f.write_text("time,current\n0,1\n1,-2.5e3\n2,3\n")
+    assert torch.isfinite(read_series(f)).all()
+
+
+def _metadata_cell(root, column, value):
+    sid = Path((root/'inspection/train.txt').read_text().splitlines()[0].split('\t')[0]).stem
+    path = root/'inspection/metadata.csv'; df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    i = df.index[df.sample_id == sid][0]; df.loc[i, column] = value; df.to_csv(path, index=False)
+    return f"{path} row {i + 2}"
+
+
+@pytest.mark.parametrize('column', ['capacity_mah', 'weight_g', 'supplier', 'line', INSPECTION_GROUP])
+@pytest.mark.parametrize('value', ['nan', '-inf'])
+def test_metadata_table_non_finite_names_file_and_row(corpus, column, value):
+    where = _metadata_cell(corpus, column, value)
+    with pytest.raises(DataError, match=where):
+        split_file_datasets(corpus/'inspection', **INSPECTION_METADATA, group_column=INSPECTION_GROUP, class_names=INSPECTION_CLASSES)
+
+
+def test_metadata_table_finite_loads(corpus):
+    _metadata_cell(corpus, 'supplier', 'Nanotech')  # a category that merely starts like 'nan'
+    splits = split_file_datasets(corpus/'inspection', **INSPECTION_METADATA, group_column=INSPECTION_GROUP, class_names=INSPECTION_CLASSES)
+    assert all(torch.isfinite(s.inputs['metadata']).all() for ds in splits.values() for s in read_all(ds))
+
+
+@pytest.mark.parametrize('value', ['inf', 'nan'])
+def test_targets_csv_non_finite_names_file_and_row(corpus, value):
+    path = corpus/'solar/train/targets.csv'; df = pd.read_csv(path, dtype=str)
+    df.loc[1, 'kp'] = value; df.to_csv(path, index=False)
+    with pytest.raises(DataError, match=f'{path} row 3'): solar(corpus)
+
+
+def test_targets_csv_finite_loads(corpus):
+    assert all(torch.isfinite(s.target).all() for s in read_all(solar(corpus)))
+
+
+# --- group-aware split hygiene --------------------------------------------------------------------------------------------
+def test_inspection_cells_carry_their_battery_and_the_committed_splits_keep_batteries_whole(corpus):
+    splits = split_file_datasets(corpus/'inspection', **INSPECTION_METADATA, group_column=INSPECTION_GROUP, class_names=INSPECTION_CLASSES)
+    meta = pd.read_csv(corpus/'inspection/metadata.csv').set_index('sample_id')
+    for ds in splits.values():
+        assert ds.groups == meta.loc[[r.id for r in ds.records], INSPECTION_GROUP].tolist()
+    report = check_splits(splits, content=False)
+    assert report.ok and report.shared_groups == {}
+
+
+def test_check_splits_reports_a_battery_split_across_train_and_test(corpus):
+    path = corpus/'inspection/metadata.csv'; df = pd.read_csv(path, dtype=str)
+    test_id = Path((corpus/'inspection/test.txt').read_text().splitlines()[0].split('\t')[0]).stem
+    train_battery = df.set_index('sample_id').loc[Path((corpus/'inspection/train.txt').read_text().splitlines()[0].split('\t')[0]).stem, INSPECTION_GROUP]
+    df.loc[df.sample_id == test_id, INSPECTION_GROUP] = train_battery; df.to_csv(path, index=False)  # a test cell joins a train battery
+    report = check_splits(split_file_datasets(corpus/'inspection', **INSPECTION_METADATA, group_column=INSPECTION_GROUP,
+                                              class_names=INSPECTION_CLASSES), content=False)
+    assert not report.ok and report.shared_groups == {train_battery: ['test', 'train']}
+    assert train_battery in repr(report)
+
+
+def test_groups_from_arrays_and_without_groups():
+    x = np.zeros((4, 2), 'f4')
+    assert from_arrays({'x': x}, [0, 1, 0, 1], groups=['a', 'a', 'b', 'b']).groups == ['a', 'a', 'b', 'b']
+    assert from_arrays({'x': x}, [0, 1, 0, 1]).groups == [None]*4  # no groups: nothing to report
+    assert check_splits({'train': from_arrays({'x': x}, [0, 1, 0, 1]), 'test': from_arrays({'x': x + 1}, [0, 1, 0, 1], ids=list('abcd'))}).ok
+    with pytest.raises(DataError, match='3 groups for 4 rows'): from_arrays({'x': x}, [0, 1, 0, 1], groups=['a', 'b', 'c'])
+
+
+# --- fuzz: random garbage in label and CSV files raises a DataError naming a file, or loads finite data ---------------------
+TOKENS = ['0', '1', '-1', '0.5', '1e-3', '2', '3.62', '1e308', '1e400', 'nan', 'NaN', 'inf', '-inf', '+Infinity', '', ' ',
+          '0x1A', '1,5', '١', '½', '∞', 'None', 'null', 'n/a', '"', "'", 'normal', 'L1', 'A', 'images/cell_0001.png',
+          '../x', 'TRAIN', 'TEST', 'Good', 'sample_0001', 'é', '\x00', '\ufeff', 'a' * 300]
+SEPARATORS = {'yolo': ' ', 'csv': ',', 'split': '\t'}
+
+
+def token(rng:random.Random) -> str:
+    "A garbage cell; half of the time a non-finite number, the case that slips past range checks"
+    return rng.choice(NON_FINITE if rng.random() < .5 else TOKENS)
+
+
+def garbage(rng:random.Random, valid:str, sep:str) -> bytes:
+    "One of: random bytes, a token soup, or the valid file with a few cells, lines or bytes changed"
+    kind = rng.randrange(4)
+    if kind == 0: return bytes(rng.randrange(256) for _ in range(rng.randrange(0, 200)))
+    if kind == 1:
+        return '\n'.join(sep.join(token(rng) for _ in range(rng.randrange(0, 8))) for _ in range(rng.randrange(0, 6))).encode()
+    lines = valid.splitlines()
+    for _ in range(rng.randrange(1, 4)):
+        if not lines: break
+        i = rng.randrange(len(lines)); cells = lines[i].split(sep)
+        op = rng.randrange(5)
+        if op == 0: cells[rng.randrange(len(cells))] = token(rng)
+        elif op == 1: del cells[rng.randrange(len(cells))]
+        elif op == 2: cells.insert(rng.randrange(len(cells) + 1), token(rng))
+        elif op == 3: lines.insert(i, lines[i])
+        else: lines[i] = lines[i][:rng.randrange(len(lines[i]) + 1)]
+        if op < 3: lines[i] = sep.join(cells)
+    data = '\n'.join(lines).encode()
+    if kind == 3 and data:
+        b = bytearray(data); b[rng.randrange(len(b))] = rng.randrange(256); data = bytes(b)
+    return data
+
+
+def finite(x) -> bool:
+    if isinstance(x, torch.Tensor): return not x.is_floating_point() or bool(torch.isfinite(x).all())
+    if isinstance(x, dict): return all(finite(v) for v in x.values())
+    if isinstance(x, (list, tuple)): return all(finite(v) for v in x)
+    if isinstance(x, float): return math.isfinite(x)
+    return True
+
+
+def load_everything(splits) -> list:
+    return [(s.inputs, s.target) for ds in (splits.values() if isinstance(splits, dict) else [splits]) for s in read_all(ds)]
+
+
+FUZZ_TARGETS = {  # name -> (file inside the corpus, separator, loader of everything that reads it, files it may point at)
+    'yolo_label': ('night/train/labels/frame_0001.txt', 'yolo', lambda r: read_yolo_labels(r/'night/train/labels/frame_0001.txt', 1), False),
+    'night_split': ('night/train/labels/frame_0002.txt', 'yolo', lambda r: load_everything(night(r)), False),
+    'sensor_csv': (None, 'csv', None, False),  # a weld sample's sensors.csv, read with read_series
+    'metadata_csv': ('inspection/metadata.csv', 'csv', lambda r: load_everything(split_file_datasets(
+        r/'inspection', **INSPECTION_METADATA, group_column=INSPECTION_GROUP, class_names=INSPECTION_CLASSES)), False),
+    'split_file': ('inspection/train.txt', 'split', lambda r: load_everything(split_file_datasets(
+        r/'inspection', **INSPECTION_METADATA, group_column=INSPECTION_GROUP, class_names=INSPECTION_CLASSES)), True),
+    'manifest_csv': ('weld/manifest.csv', 'csv', lambda r: load_everything(weld(r, split='TEST')), True),
+    'targets_csv': ('solar/train/targets.csv', 'csv', lambda r: load_everything(solar(r)), True),
+    'wind_csv': ('solar/train/sample_0001/wind.csv', 'csv', lambda r: read_series(r/'solar/train/sample_0001/wind.csv'), False),
+}
+
+
+def test_fuzz_label_and_csv_files(corpus):
+    "~200 seeded garbage files: each load raises a DataError naming the file (or, for files listing others, a file under the root) or yields finite data"
+    sensors = corpus/'weld'/weld_train_sample(corpus, 0)/'sensors.csv'
+    targets = {**FUZZ_TARGETS, 'sensor_csv': (sensors.relative_to(corpus).as_posix(), 'csv', lambda r: read_series(sensors), False)}
+    rng, outcomes = random.Random(13), {'DataError': 0, 'loaded': 0}
+    originals = {name: (corpus/rel).read_bytes() for name, (rel, *_) in targets.items()}
+    for case in range(200):
+        name = list(targets)[case % len(targets)]
+        rel, sep, load, lists_files = targets[name]
+        path = corpus/rel
+        path.write_bytes(garbage(rng, originals[name].decode(), SEPARATORS[sep]))
+        try:
+            out = load(corpus)
+        except DataError as e:
+            named = str(path) in str(e) or (lists_files and str(corpus) in str(e))
+            assert named, f"case {case} ({name}): {e!r} does not name {path}; input {path.read_bytes()[:200]!r}"
+            outcomes['DataError'] += 1
+        except Exception as e:
+            raise AssertionError(f"case {case} ({name}): {type(e).__name__}: {e}; input {path.read_bytes()[:200]!r}") from e
+        else:
+            assert finite(out), f"case {case} ({name}) loaded non-finite data from {path.read_bytes()[:200]!r}"
+            outcomes['loaded'] += 1
+        finally:
+            path.write_bytes(originals[name])
+    assert outcomes['DataError'] > 50 and outcomes['loaded'] > 5, outcomes  # the fuzz reaches both outcomes
