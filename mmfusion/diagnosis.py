@@ -24,12 +24,12 @@ __all__ = ['SEVERITIES', 'REMEDIES', 'CHECKS', 'REPLACEMENTS', 'ORDERED_READERS'
            'remedies', 'as_batches', 'primary_head', 'predict', 'targets_of', 'task_of', 'score', 'OutputScore',
            'knn_true_class_share', 'output_score', 'shuffle_modalities', 'modality_means', 'mean_modality',
            'default_loss', 'solar_toy_dataset', 'output_dependence', 'shapley_values', 'shapley_interactions',
-           'coalition_scores', 'ratio_interval', 'contribution_verdict', 'modality_probe', 'contribution_table',
-           'modality_contribution', 'modality_interactions', 'feature_magnitudes', 'gradient_flow', 'declared_order',
-           'sequence_modalities', 'image_modalities', 'temporal_behaviour', 'channel_importance', 'grad_cam',
-           'saliency', 'fusion_attention', 'contrastive_batches', 'class_balance', 'split_leakage', 'finite_inputs',
-           'lr_schedule', 'Subject', 'Diagnosis', 'write_diagnosis', 'diagnose', 'score_separation',
-           'diagnose_scorer_run', 'ablation_agreement', 'diagnose_run']
+           'default_removal', 'coalition_scores', 'ratio_interval', 'contribution_verdict', 'modality_probe',
+           'contribution_table', 'modality_contribution', 'modality_interactions', 'feature_magnitudes',
+           'gradient_flow', 'declared_order', 'sequence_modalities', 'image_modalities', 'temporal_behaviour',
+           'channel_importance', 'grad_cam', 'saliency', 'fusion_attention', 'contrastive_batches', 'class_balance',
+           'split_leakage', 'finite_inputs', 'lr_schedule', 'Subject', 'Diagnosis', 'write_diagnosis', 'diagnose',
+           'score_separation', 'diagnose_scorer_run', 'ablation_agreement', 'diagnose_run']
 
 # %% ../nbs/06_diagnosis.ipynb #e36199d9
 SEVERITIES = ('ok', 'warning', 'problem')  # from harmless to must-fix
@@ -338,6 +338,13 @@ def shapley_interactions(value:Callable, # `value(frozenset of modalities) -> fl
 # %% ../nbs/06_diagnosis.ipynb #87f4618b
 REPLACEMENTS = ('mean', 'mask', 'shuffle')  # how `coalition_scores` removes a modality's information
 
+def default_removal(model:nn.Module, # a model with the library's call
+                    config:Mapping|None=None, # the run's config (its `training.modality_dropout`)
+                   ) -> str:
+    "'mask' for a model trained with modality dropout (absence is what it learned to handle), else 'mean' (no presence effects)"
+    fused = getattr(getattr(model, 'fusion', None), 'modality_dropout', 0) or 0
+    return 'mask' if fused > 0 or ((config or {}).get('training') or {}).get('modality_dropout') else 'mean'
+
 def coalition_scores(model:nn.Module, # a model with the library's call
                      batches:list, # from `as_batches`
                      score:OutputScore, # from `output_score`
@@ -413,8 +420,8 @@ def modality_probe(model:nn.Module, # a model with the library's call
     else:
         y = y.reshape(len(y), -1); med = np.median(y, 0)
         gain = (np.abs(y - med) - np.abs(y - y[nn_idx].mean(1))).mean(1)
-    g = ratio_interval(gain, n_boot=n_boot, seed=seed)
-    return {'probe': f'leave-one-out {k}-NN on the encoder features vs the prior', 'n': len(X), 'probe_gain': g[0], 'probe_gain_ci': [g[1], g[2]], 'informative': bool(g[1] > 0)}
+    g = ratio_interval(gain, n_boot=n_boot, seed=seed, level=0.98)  # 'informative' makes an unused modality a problem: 99% one-sided
+    return {'probe': f'leave-one-out {k}-NN on the encoder features vs the prior', 'n': len(X), 'probe_gain': g[0], 'probe_gain_ci98': [g[1], g[2]], 'informative': bool(g[1] > 0)}
 
 # %% ../nbs/06_diagnosis.ipynb #a7c1e115
 def _aux_informative(model, batches, task, y, mods, n_boot:int=500, seed:int=0) -> dict:
@@ -431,18 +438,18 @@ def _aux_informative(model, batches, task, y, mods, n_boot:int=500, seed:int=0) 
             gain = (o.softmax(-1).gather(1, y.long()[:, None])[:, 0] - (y.long() == best).float()).numpy()
         else:
             t = y.float().reshape(o.shape); gain = ((t - t.median(0).values).abs() - (t - o).abs()).mean(-1).numpy()
-        g = ratio_interval(gain, n_boot=n_boot, seed=seed)
-        res[m] = {'probe': "the modality's auxiliary head vs the prior", 'probe_gain': g[0], 'probe_gain_ci': [g[1], g[2]], 'informative': bool(g[1] > 0)}
+        g = ratio_interval(gain, n_boot=n_boot, seed=seed, level=0.98)  # as `modality_probe`: 99% one-sided
+        res[m] = {'probe': "the modality's auxiliary head vs the prior", 'probe_gain': g[0], 'probe_gain_ci98': [g[1], g[2]], 'informative': bool(g[1] > 0)}
     return res
 
 def contribution_table(model:nn.Module, # a model with the library's call; `model.modalities` lists its modalities
                        batches:list, # from `as_batches`
                        score:OutputScore, # from `output_score`
                        values:Mapping|None=None, # `coalition_scores` when already computed
-                       replace:str='mean', # how a modality outside a coalition is removed (see `coalition_scores`)
+                       replace:str|None=None, # how a modality outside a coalition is removed (see `coalition_scores`); None: `default_removal`
                        n_boot:int=500, seed:int=0) -> dict:
     "Per modality: Shapley value and share of the gain (per sample, then bootstrapped), and the drops when it is masked, averaged or shuffled, with intervals"
-    mods = [m for m in model.modalities if m in batches[0]['inputs']]
+    mods, replace = [m for m in model.modalities if m in batches[0]['inputs']], replace or default_removal(model)
     v = values if values is not None else coalition_scores(model, batches, score, mods, replace)
     means = modality_means(batches)
     full, none = v[frozenset(mods)], v[frozenset()]
@@ -486,7 +493,7 @@ def modality_contribution(model:nn.Module, # a model with the library's call; `m
                           batches:list, # from `as_batches`
                           score:OutputScore|None=None, # how outputs are scored (default: `output_score(model, batches)`)
                           values:Mapping|None=None, # `coalition_scores` when already computed (shared with `modality_interactions`)
-                          replace:str='mean', # how a modality outside a coalition is removed (see `coalition_scores`)
+                          replace:str|None=None, # how a modality outside a coalition is removed (see `coalition_scores`); None: `default_removal`
                           min_share:float=0.05, # a share surely below this: 'ignored' (or 'uninformative')
                           weak_share:float=0.1, # surely below this: 'contributes little'; surely above: 'contributes'
                           max_shapley:int=6, # exact Shapley values up to this many modalities (2^M passes)
@@ -525,7 +532,7 @@ def modality_interactions(model:nn.Module, # a model with the library's call
                           batches:list, # from `as_batches`
                           score:OutputScore|None=None, # how outputs are scored (default: `output_score(model, batches)`)
                           values:Mapping|None=None, # `coalition_scores` when already computed
-                          replace:str='mean', # how a modality outside a coalition is removed (see `coalition_scores`)
+                          replace:str|None=None, # how a modality outside a coalition is removed (see `coalition_scores`); None: `default_removal`
                           min_interaction:float=0.05, # an interaction share surely beyond +-this is named; surely within it, 'independent'
                           max_shapley:int=6, # exact up to this many modalities
                           n_boot:int=500, seed:int=0) -> list:
@@ -533,7 +540,7 @@ def modality_interactions(model:nn.Module, # a model with the library's call
     score = score or output_score(model, batches)
     mods = [m for m in model.modalities if m in batches[0]['inputs']]
     if len(mods) < 2 or len(mods) > max_shapley: return []
-    v = values if values is not None else coalition_scores(model, batches, score, mods, replace)
+    v = values if values is not None else coalition_scores(model, batches, score, mods, replace or default_removal(model))
     gain = v[frozenset(mods)] - v[frozenset()]
     inter, findings = shapley_interactions(lambda S: v[S], mods), []
     mat = np.zeros((len(mods), len(mods)))
@@ -559,11 +566,13 @@ def modality_interactions(model:nn.Module, # a model with the library's call
     return findings
 
 # %% ../nbs/06_diagnosis.ipynb #a7c1e124
+def _removal(s) -> str: return s.removal or default_removal(s.model, s.config)
+
 def _coalitions(s):
     "The diagnosed batches' per-sample coalition scores, computed once per diagnosis and shared by the two checks"
     if 'coalitions' not in s.cache:
         mods = [m for m in s.model.modalities if m in s.batches[0]['inputs']]
-        s.cache['coalitions'] = coalition_scores(s.model, s.batches, s.score, mods) if 1 < len(mods) <= 6 else None
+        s.cache['coalitions'] = coalition_scores(s.model, s.batches, s.score, mods, _removal(s)) if 1 < len(mods) <= 6 else None
     return s.cache['coalitions']
 
 def _on_split(s, findings:list) -> list:
@@ -573,11 +582,11 @@ def _on_split(s, findings:list) -> list:
 
 @CHECKS.register('modality_contribution')
 def _check_contribution(s):
-    return _on_split(s, modality_contribution(s.model, s.batches, s.score, _coalitions(s), n_boot=s.n_boot, seed=s.seed)) if len(s.model.modalities) > 1 else []
+    return _on_split(s, modality_contribution(s.model, s.batches, s.score, _coalitions(s), _removal(s), n_boot=s.n_boot, seed=s.seed)) if len(s.model.modalities) > 1 else []
 
 @CHECKS.register('modality_interaction')
 def _check_interaction(s):
-    return _on_split(s, modality_interactions(s.model, s.batches, s.score, _coalitions(s), n_boot=s.n_boot, seed=s.seed)) if len(s.model.modalities) > 1 else []
+    return _on_split(s, modality_interactions(s.model, s.batches, s.score, _coalitions(s), _removal(s), n_boot=s.n_boot, seed=s.seed)) if len(s.model.modalities) > 1 else []
 
 # %% ../nbs/06_diagnosis.ipynb #91a97e67
 def feature_magnitudes(model:nn.Module, # a model with the library's call
@@ -1080,6 +1089,7 @@ class Subject:
     seed: int = 0  # bootstrap seed
     split: str|None = None  # the diagnosed split's name, for the evidence
     score: OutputScore|None = None  # how outputs are scored (`diagnose` sets it with `output_score`)
+    removal: str|None = None  # how coalitions remove a modality: 'mean', 'mask' or 'shuffle' (default: `default_removal`)
     cache: dict = field(default_factory=dict)  # values several checks share (coalition scores)
 
 MODEL_CHECKS = ('output_dependence', 'modality_contribution', 'modality_interaction', 'feature_magnitude', 'gradient_flow', 'temporal', 'channel_importance',
