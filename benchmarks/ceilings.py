@@ -15,7 +15,8 @@ errors), so "at chance" is a statement the numbers can support.
   solar       R^2 of kp, 193 / 211 / magnetogram image sequences (per-step brightness) / solar wind / all
 
 Writes benchmarks/results/ceilings.json and replaces the ceilings section of every data/*/README.md (below
-`mmfusion.data.README_CEILINGS_MARK`) with a table rendered from that JSON. About a minute on 2 CPU cores.
+`mmfusion.data.README_CEILINGS_MARK`) with a table rendered from that JSON (night: plus the trained single-modality and
+fused detectors of benchmarks/results/night_detection.json, when present). About a minute on 2 CPU cores.
 Run: .venv/bin/python benchmarks/ceilings.py [--root data] [--out benchmarks/results/ceilings.json] [--sets night ...]
      .venv/bin/python benchmarks/ceilings.py --readme-only   (after `mmfusion data generate`: rewrite the READMEs from the JSON)
 """
@@ -35,6 +36,7 @@ from sklearn.preprocessing import StandardScaler
 from mmfusion.data import INSPECTION_CLASSES, NIGHT_MODALITIES, NIGHT_OBJECTS, README_CEILINGS_MARK, WELD_CLASSES, sample_splits
 
 ROOT = Path(__file__).resolve().parents[1]
+DETECTION = ROOT/'benchmarks'/'results'/'night_detection.json'  # trained detectors per modality (benchmarks/night_detection.py)
 SEED = 0
 
 
@@ -185,8 +187,8 @@ def solar(root:Path) -> dict:
 SETS = {'night': night, 'inspection': inspection, 'weld': weld, 'solar': solar}
 
 
-def render(name:str, entry:dict) -> str:
-    "The README's ceilings section for one set, from its JSON entry: the table, then the statements the numbers support"
+def render(name:str, entry:dict, detection:dict|None=None) -> str:
+    "The README's ceilings section for one set, from its JSON entry (and, for night, benchmarks/night_detection.py's JSON)"
     m, subsets = entry['metric'], entry['subsets']
     head = (f"Computed by `benchmarks/ceilings.py`: {entry['task']}, {entry['cv']} cross-validation over all {entry['n']} samples. "
             f"Each score is the better of two simple models (linear, gradient boosting) on that modality's hand-crafted "
@@ -211,6 +213,13 @@ def render(name:str, entry:dict) -> str:
     else:
         lines += [f"R^2 at or below {entry['chance']:.1f} (no better than the mean): "
                   f"{', '.join(k for k in singles if singles[k] <= entry['chance']) or 'none'}."]
+    if name == 'night' and detection:
+        h, d = detection['headline_metric'], detection['data']
+        lines += ['', f"Trained detectors (`benchmarks/night_detection.py`, benchmarks/results/night_detection.json: YOLO11n, the same "
+                      f"recipe for every model, {detection['split']} split of {d['test_frames']} frames with {d['test_persons']} persons "
+                      f"and {d['test_decoys']} decoys):", '', f'| detector | {h} | mAP50 |', '|---|---|---|',
+                  f"| fused (thermal + nvg + visual_enhanced) | {detection['fused']['test'][h]:.3f} | {detection['fused']['test']['mAP50']:.3f} |"]
+        lines += [f"| {m} only | {v['best_phase_test'][h]:.3f} | {v['best_phase_test']['mAP50']:.3f} |" for m, v in detection['single'].items()]
     return '\n'.join(lines)
 
 
@@ -236,9 +245,10 @@ def main(argv=None):
     if not args.readme_only:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix('.tmp'); tmp.write_text(json.dumps(results, indent=1) + '\n'); tmp.replace(out)
+    detection = json.loads(DETECTION.read_text()) if DETECTION.is_file() else None
     for name in args.sets:
         readme = root/name/'README.md'
-        tmp = readme.with_suffix('.tmp'); tmp.write_text(fill_readme(readme, render(name, results[name]))); tmp.replace(readme)
+        tmp = readme.with_suffix('.tmp'); tmp.write_text(fill_readme(readme, render(name, results[name], detection))); tmp.replace(readme)
     return results
 
 
