@@ -649,6 +649,7 @@ def manifest_dataset(root, # dataset root holding the manifest and the sample fo
     df = read_csv_text(path)
     lacking = [c for c in ('CATEGORY', 'SUBDIRS', 'SPLIT') if c not in df.columns]
     if lacking: raise DataError(path, f"lacks column(s) {lacking}")
+    text_columns(df, ['SPLIT'], path)  # a lost SPLIT ('nan') would silently drop its row from every split
     keys = {normalise_label(c): i for i, c in enumerate(class_names)}
     policy, records = _ErrorPolicy(on_error), []
     for _, row in df[df.SPLIT.str.strip().str.upper() == split.upper()].iterrows():

@@ -376,3 +376,13 @@ def test_fuzz_label_and_csv_files(corpus):
         finally:
             path.write_bytes(originals[name])
     assert outcomes['DataError'] > 50 and outcomes['loaded'] > 5, outcomes  # the fuzz reaches both outcomes
+
+
+def test_manifest_non_finite_split_names_file_and_row(corpus):
+    _, where = _edit_manifest(corpus, 2, 'SPLIT', 'nan')  # the row would silently belong to no split
+    with pytest.raises(DataError, match=where): weld(corpus)
+
+
+def test_manifest_text_cells_load(corpus):
+    _edit_manifest(corpus, 2, 'SPLIT', ' train ')  # spacing and case are tolerated
+    assert len(weld(corpus)) == len(weld_rows(corpus).query("SPLIT.str.strip().str.upper() == 'TRAIN'"))
