@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 from sklearn.metrics import f1_score, roc_auc_score
+from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 import albumentations as A
 from .data import (AlignedAugment, MultiModalDataset, StratifiedBatchSampler, batch_to, class_folders, manifest_dataset,
                            paired_folders, sample_splits, sequence_dataset, split_file_datasets, tiny_dataset)
@@ -980,18 +981,30 @@ def fit_standardizer(ds:MultiModalDataset, # the training split
     std = flat.std(0)
     return {'mean': flat.mean(0).tolist(), 'std': torch.where(std > 1e-8, std, torch.ones_like(std)).tolist(), 'channel_dim': cd}
 
+def _held_out(ds:MultiModalDataset, fraction:float, seed:int) -> set:
+    "Indices to hold out: a seeded share of each class (all samples for other tasks); whole groups when samples carry one"
+    classes = ds.targets if ds.task == 'classification' else [0] * len(ds)
+    if all(g is None for g in ds.groups):
+        rng, held = np.random.default_rng(seed), set()
+        for c in sorted(set(classes)):
+            idx = [i for i, t in enumerate(classes) if t == c]
+            held.update(rng.permutation(idx)[:round(fraction * len(idx))].tolist())
+        return held
+    groups = [r.id if r.group is None else r.group for r in ds.records]  # a sample without a group is a group of its own
+    n_splits = max(2, round(1 / fraction))
+    if len(set(groups)) < n_splits: raise ValueError(f"holding out {fraction} of {ds.name} by group needs at least {n_splits} groups, it has {len(set(groups))}")
+    splitter = (StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed) if ds.task == 'classification' else
+                GroupShuffleSplit(1, test_size=fraction, random_state=seed))
+    return set(next(splitter.split(np.zeros(len(ds)), classes, groups))[1].tolist())
+
 def hold_out(ds:MultiModalDataset, # the split to take samples from
              fraction:float, # share of each class (of all samples, for other tasks) to take
              seed:int=0, # which samples are taken
              name:str='valid', # name of the new split, for messages
             ) -> tuple:
-    "(the rest of `ds`, a held-out share of each of its classes): seeded, disjoint, both non-empty"
+    "(the rest of `ds`, a held-out share of it): seeded, disjoint, both non-empty; stratified by class, and by group when samples carry one"
     if not 0 < fraction < 1: raise ValueError(f"hold_out fraction must be between 0 and 1, got {fraction}")
-    classes = ds.targets if ds.task == 'classification' else [0] * len(ds)
-    rng, held = np.random.default_rng(seed), set()
-    for c in sorted(set(classes)):
-        idx = [i for i, t in enumerate(classes) if t == c]
-        held.update(rng.permutation(idx)[:round(fraction * len(idx))].tolist())
+    held = _held_out(ds, fraction, seed)
     if not held or len(held) == len(ds): raise ValueError(f"holding out {fraction} of {ds.name} ({len(ds)} samples) leaves an empty split")
     part = lambda keep, label: MultiModalDataset([r for i, r in enumerate(ds.records) if (i in held) == keep], list(ds.modalities.values()),
                                                  ds.task, ds.class_names, ds.transform, name=label)
