@@ -33,6 +33,7 @@ demo: install
 
 data: install
 	$(VENV)/bin/mmfusion data generate --root data
+	$(PY) benchmarks/ceilings.py --readme-only  # each README's ceilings section, from benchmarks/results/*.json
 
 test: install-dev browser
 	$(VENV)/bin/nbdev_export
