@@ -478,8 +478,8 @@ def _contribution_finding(m:str, ev:dict, informative:bool|None) -> Finding:
           f"the inputs' score gain, {g:.3g} with 95% CI {glo:.2g} to {ghi:.2g}, is not clearly above 0: no share to judge")
     if v == 'contributes': return Finding('modality_contribution', 'ok', f"{m} contributes ({ci})", ev, subject=m)
     if v == 'uninformative':
-        return Finding('modality_contribution', 'warning', f"{m} contributes nothing ({ci}), and neither its own features nor its auxiliary head predict "
-                       f"the target better than the prior: the modality carries no information, or its encoder cannot extract it", ev, remedies('encoder_capacity', 'drop_modality', m=m), m)
+        return Finding('modality_contribution', 'warning', f"{m} contributes nothing ({ci}), and a probe ({ev['probe']['probe']}) finds no "
+                       f"information in it either: the modality carries none, or its encoder cannot extract it", ev, remedies('encoder_capacity', 'drop_modality', m=m), m)
     if v == 'contributes little':
         return Finding('modality_contribution', 'warning', f"{m} contributes little ({ci})", ev, remedies('aux_heads', 'norm_before_fusion', 'lr_mult', m=m), m)
     if v == 'ignored':
