@@ -121,7 +121,8 @@ def test_inspection_files_json_and_stream_equal_the_predictor(servers):
 def test_detection_run_serves_boxes(servers):
     url, p, _ = servers['night']
     night = DATA/'night'/'test'
-    frame = {'thermal': night/'thermal'/'frame_0052.png', 'nvg': night/'nvg'/'frame_0052.png'}
+    name = sorted((night/'thermal').glob('*.png'))[0].name  # the first test frame
+    frame = {'thermal': night/'thermal'/name, 'nvg': night/'nvg'/name}
     expected = p.predict({m: str(f) for m, f in frame.items()}, ids=['f52']).to_dict()
     got = httpx.post(f'{url}/predict/files', files=[(m, (f.name, f.read_bytes(), 'image/png')) for m, f in frame.items()], data={'id': 'f52'})
     assert got.status_code == 200, got.text
