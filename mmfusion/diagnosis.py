@@ -336,31 +336,35 @@ def shapley_interactions(value:Callable, # `value(frozenset of modalities) -> fl
     return out
 
 # %% ../nbs/06_diagnosis.ipynb #87f4618b
-REPLACEMENTS = ('mean', 'mask', 'shuffle')  # how `coalition_scores` removes a modality's information
+REPLACEMENTS = ('shuffle', 'mask', 'mean')  # how `coalition_scores` removes a modality's information
 
 def default_removal(model:nn.Module, # a model with the library's call
                     config:Mapping|None=None, # the run's config (its `training.modality_dropout`)
                    ) -> str:
-    "'mask' for a model trained with modality dropout (absence is what it learned to handle), else 'mean' (no presence effects)"
+    "'mask' for a model trained with modality dropout (absence is what it learned to handle), else 'shuffle' (real inputs of other samples: no presence effect, nothing out of distribution)"
     fused = getattr(getattr(model, 'fusion', None), 'modality_dropout', 0) or 0
-    return 'mask' if fused > 0 or ((config or {}).get('training') or {}).get('modality_dropout') else 'mean'
+    return 'mask' if fused > 0 or ((config or {}).get('training') or {}).get('modality_dropout') else 'shuffle'
 
 def coalition_scores(model:nn.Module, # a model with the library's call
                      batches:list, # from `as_batches`
                      score:OutputScore, # from `output_score`
                      modalities:Sequence[str], # the players
-                     replace:str='mean', # modalities outside a coalition: their 'mean' input (still present), 'mask'ed as missing, or 'shuffle'd
+                     replace:str='shuffle', # modalities outside a coalition: 'shuffle'd in from other samples, 'mask'ed as missing, or their 'mean' input
+                     n_donors:int=8, # 'shuffle': average the scores over this many donor samples per sample (interventional Shapley)
                     ) -> dict:
-    "Per-sample scores (N,) with only each subset of `modalities` informative, the others replaced: frozenset -> array, 2^M forward passes"
+    "Per-sample scores (N,) with only each subset of `modalities` informative, the others replaced: frozenset -> array, 2^M forward passes (x `n_donors` when shuffled)"
     if replace not in REPLACEMENTS: raise ValueError(f"replace must be one of {REPLACEMENTS}, got {replace!r}")
     mods, means = list(modalities), modality_means(batches)
-    def change(S):
+    def change(S, donor):
         out = [m for m in mods if m not in S]
         if not out: return None
         if replace == 'mask': return lambda b: mask_modalities(b, out)
-        if replace == 'shuffle': return lambda b: shuffle_modalities(b, out, seed=1)
+        if replace == 'shuffle': return lambda b: shuffle_modalities(b, out, seed=donor)  # the same donors in every coalition
         return lambda b: functools.reduce(lambda b, m: mean_modality(b, m, means.get(m)), out, b)
-    return {frozenset(S): score.per_sample(predict(model, batches, change(S), score.head)) for r in range(len(mods) + 1) for S in itertools.combinations(mods, r)}
+    donors, full = range(1, 1 + (n_donors if replace == 'shuffle' else 1)), score.per_sample(predict(model, batches, head=score.head))
+    run = lambda S, d: full if len(S) == len(mods) else score.per_sample(predict(model, batches, change(S, d), score.head))
+    value = lambda S: np.mean([run(S, d) for d in donors], 0)  # the same averaging everywhere: an unused modality's terms cancel exactly
+    return {frozenset(S): value(S) for r in range(len(mods) + 1) for S in itertools.combinations(mods, r)}
 
 def ratio_interval(num, # (N,) per-sample numerators
                    den=None, # (N,) per-sample denominators (None: ones, an interval of the mean)
@@ -456,11 +460,11 @@ def contribution_table(model:nn.Module, # a model with the library's call; `mode
     phi, gain = shapley_values(lambda S: v[S], mods), full - none  # Shapley is linear in the value: per sample at once
     boot = {'n_boot': n_boot, 'seed': seed}
     g = ratio_interval(gain, **boot)
-    rows = {}  # Shapley with `replace`; the drops remove one modality each way
+    rows, base = {}, score.per_sample(predict(model, batches, head=score.head))  # Shapley with `replace`; the drops remove one modality each way
     for m in mods:
-        drops = {'masked': full - score.per_sample(predict(model, batches, lambda b, m=m: mask_modalities(b, [m]), score.head)),
-                 'mean': full - score.per_sample(predict(model, batches, lambda b, m=m: mean_modality(b, m, means.get(m)), score.head)),
-                 'shuffled': full - score.per_sample(predict(model, batches, lambda b, m=m: shuffle_modalities(b, [m], seed=2), score.head))}
+        drops = {'masked': base - score.per_sample(predict(model, batches, lambda b, m=m: mask_modalities(b, [m]), score.head)),
+                 'mean': base - score.per_sample(predict(model, batches, lambda b, m=m: mean_modality(b, m, means.get(m)), score.head)),
+                 'shuffled': base - score.per_sample(predict(model, batches, lambda b, m=m: shuffle_modalities(b, [m], seed=2), score.head))}
         di = {k: ratio_interval(d, **boot) for k, d in drops.items()}
         sh = [x if math.isfinite(x) else None for x in ratio_interval(phi[m], gain, **boot)] if g[1] > 0 else [None] * 3  # a share of no gain means nothing
         rows[m] = {'score': score.text, 'head': score.head, 'n': len(full), 'score_all': float(full.mean()), 'score_none': float(none.mean()),
