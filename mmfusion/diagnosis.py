@@ -425,7 +425,8 @@ def modality_probe(model:nn.Module, # a model with the library's call
         y = y.reshape(len(y), -1); med = np.median(y, 0)
         gain = (np.abs(y - med) - np.abs(y - y[nn_idx].mean(1))).mean(1)
     g = ratio_interval(gain, n_boot=n_boot, seed=seed, level=0.98)  # 'informative' makes an unused modality a problem: 99% one-sided
-    return {'probe': f'leave-one-out {k}-NN on the encoder features vs the prior', 'n': len(X), 'probe_gain': g[0], 'probe_gain_ci98': [g[1], g[2]], 'informative': bool(g[1] > 0)}
+    on = 'encoder features' if getattr(model, 'encoders', None) is not None and m in model.encoders else 'raw input'
+    return {'probe': f'leave-one-out {k}-NN on the {on} vs the prior', 'n': len(X), 'probe_gain': g[0], 'probe_gain_ci98': [g[1], g[2]], 'informative': bool(g[1] > 0)}
 
 # %% ../nbs/06_diagnosis.ipynb #a7c1e115
 def _aux_informative(model, batches, task, y, mods, n_boot:int=500, seed:int=0) -> dict:
@@ -468,7 +469,7 @@ def contribution_table(model:nn.Module, # a model with the library's call; `mode
         di = {k: ratio_interval(d, **boot) for k, d in drops.items()}
         sh = [x if math.isfinite(x) else None for x in ratio_interval(phi[m], gain, **boot)] if g[1] > 0 else [None] * 3  # a share of no gain means nothing
         rows[m] = {'score': score.text, 'head': score.head, 'n': len(full), 'score_all': float(full.mean()), 'score_none': float(none.mean()),
-                   'gain': g[0], 'gain_ci': [g[1], g[2]], 'replace': replace, 'shapley': float(phi[m].mean()), 'shapley_share': sh[0], 'share_ci': [sh[1], sh[2]],
+                   'gain': g[0], 'gain_ci': [g[1], g[2]], 'replace': replace, 'shapley': float(phi[m].mean()), 'shapley_ci': list(ratio_interval(phi[m], **boot)[1:]), 'shapley_share': sh[0], 'share_ci': [sh[1], sh[2]],
                    'drop': {k: x[0] for k, x in di.items()}, 'drop_ci': {k: [x[1], x[2]] for k, x in di.items()},
                    'exactly_unused': bool(np.abs(phi[m]).max() < 1e-9 and all(np.abs(d).max() < 1e-9 for d in drops.values()))}
     return rows
@@ -479,7 +480,7 @@ def _contribution_finding(m:str, ev:dict, informative:bool|None) -> Finding:
     v, share, (lo, hi) = ev['verdict'], ev['shapley_share'], ev['share_ci']
     g, (glo, ghi) = ev['gain'], ev['gain_ci']
     ci = (f"Shapley share {share:.3g}, 95% CI {lo:.2g} to {hi:.2g}, of the score gain" if share is not None and lo is not None else
-          f"the inputs' score gain, {g:.3g} with 95% CI {glo:.2g} to {ghi:.2g}, is not clearly above 0: no share to judge")
+          f"the model shows no clear score gain over its no-input prediction: gain {g:.3g}, 95% CI {glo:.2g} to {ghi:.2g}")
     if v == 'contributes': return Finding('modality_contribution', 'ok', f"{m} contributes ({ci})", ev, subject=m)
     if v == 'uninformative':
         return Finding('modality_contribution', 'warning', f"{m} contributes nothing ({ci}), and a probe ({ev['probe']['probe']}) finds no "
@@ -491,7 +492,15 @@ def _contribution_finding(m:str, ev:dict, informative:bool|None) -> Finding:
                        (f", though {m}'s own features predict the target" if informative else ''), ev, remedies('aux_heads', 'norm_before_fusion', 'lr_mult', 'modality_dropout', m=m), m)
     need = ev.get('samples_needed')
     return Finding('modality_contribution', 'warning', f"cannot tell yet whether {m} contributes ({ci})" +
-                   (f": about {need} samples would decide" if need else ''), ev, remedies('more_samples'), m)
+                   (f": about {need} samples would decide (this split gave {ev['n']})" if need else ': more samples alone may not settle it'), ev, remedies('more_samples'), m)
+
+def _verdict_without_gain(ev:dict, abs_share:float) -> tuple:
+    "No clear gain to share: 'ignored' when the Shapley value and the drop of the same removal surely stay within `abs_share` of the score's scale, else 'inconclusive'"
+    scale = max(abs(ev['score_all']), abs(ev['score_none']), 1e-12) * abs_share
+    same = {'shuffle': 'shuffled', 'mean': 'mean', 'mask': 'masked'}[ev['replace']]
+    if all(-scale < lo and hi < scale for lo, hi in (ev['shapley_ci'], ev['drop_ci'][same])): return 'ignored', None
+    g, (glo, ghi) = ev['gain'], ev['gain_ci']  # samples for the gain's interval to clear 0
+    return 'inconclusive', (max(ev['n'] + 1, math.ceil(ev['n'] * ((ghi - glo) / 2 / g) ** 2)) if g > 1e-9 else None)
 
 def modality_contribution(model:nn.Module, # a model with the library's call; `model.modalities` lists its modalities
                           batches:list, # from `as_batches`
@@ -500,6 +509,7 @@ def modality_contribution(model:nn.Module, # a model with the library's call; `m
                           replace:str|None=None, # how a modality outside a coalition is removed (see `coalition_scores`); None: `default_removal`
                           min_share:float=0.05, # a share surely below this: 'ignored' (or 'uninformative')
                           weak_share:float=0.1, # surely below this: 'contributes little'; surely above: 'contributes'
+                          abs_share:float=0.01, # without a clear gain: 'ignored' when its effects surely stay within this fraction of the score's scale
                           max_shapley:int=6, # exact Shapley values up to this many modalities (2^M passes)
                           n_boot:int=500, seed:int=0) -> list:
     "Each modality's Shapley share of the score gain with a bootstrap interval, and the verdict the interval supports"
@@ -512,15 +522,14 @@ def modality_contribution(model:nn.Module, # a model with the library's call; `m
     for m in mods:
         ev = rows[m]
         if ev['exactly_unused']: verdict, need = 'ignored', None
-        elif ev['shapley_share'] is None or ev['share_ci'][0] is None:  # enough samples for the gain's interval to clear 0
-            g, (glo, ghi) = ev['gain'], ev['gain_ci']
-            verdict, need = 'inconclusive', (max(ev['n'] + 1, math.ceil(ev['n'] * ((ghi - glo) / 2 / g) ** 2)) if g > 1e-9 else None)
+        elif ev['shapley_share'] is None or ev['share_ci'][0] is None: verdict, need = _verdict_without_gain(ev, abs_share)
         else: verdict, need = contribution_verdict(ev['shapley_share'], ev['share_ci'], ev['n'], min_share, weak_share)
         informative = None
         if verdict in ('ignored', 'contributes little'):  # no use of it: is there anything to use?
             probe = aux.get(m) or (modality_probe(model, batches, m, n_boot=n_boot, seed=seed) if y is not None else {})
             ev['probe'], informative = probe, probe.get('informative')
             if informative is False: verdict = 'uninformative'
+        if need is not None and need > 20 * ev['n']: need = None  # far beyond this split: more samples alone may not settle it
         ev.update(verdict=verdict, **({'samples_needed': need} if verdict == 'inconclusive' else {}))
         findings.append(_contribution_finding(m, ev, informative))
     fig, ax = plt.subplots(figsize=(5, 0.6 + 0.45 * len(mods)))
@@ -1256,6 +1265,8 @@ def ablation_agreement(findings:Sequence[Finding], # the diagnosis's findings: i
     full, ev_split = rows['all']['metric'], met.get('split')
     n = (record.get('split_sizes') or {}).get(ev_split)
     tol = max(rel_tol * abs(full), 1.5 / n if n and not lower_better else 0.)  # ... or within 1.5 samples' worth of accuracy
+    costs = [(r['change'] if lower_better else -r['change']) for k, r in rows.items() if k != 'all']
+    sensitive = any(c >= tol for c in costs)  # could this ablation show a loss at all? Not when no setting moves the metric
     redundant = {m for f in findings if f.check == 'modality_interaction' and f.evidence.get('kind') == 'redundant' for m in f.evidence['pair']}
     out = []
     for f in findings:
@@ -1266,8 +1277,11 @@ def ablation_agreement(findings:Sequence[Finding], # the diagnosis's findings: i
         v = f.evidence['verdict']
         ev = {'verdict': v, 'shapley_share': f.evidence['shapley_share'], 'share_ci': f.evidence['share_ci'], 'score': f.evidence['score'],
               'ablation_change': change, 'ablation_metric': met.get('headline', {}).get('name'), 'metric_all': full, 'tolerance': tol,
-              'diagnosed_split': split, 'ablation_split': ev_split}
+              'diagnosed_split': split, 'ablation_split': ev_split, 'ablation_sensitive': sensitive}
         where = f"(diagnosis on {split}, ablation on {ev_split})"
+        if not sensitive:
+            out.append(Finding('ablation_agreement', 'ok', f"the ablation cannot tell: no setting moves {ev['ablation_metric']} by {tol:.2g} or more (the model's "
+                               f"decisions do not change with its inputs), so '{v}' stands unchecked {where}", ev, subject=m)); continue
         if v == 'contributes' and cost < tol and m not in redundant: bad = f"the diagnosis says {m} contributes, but removing it changes {ev['ablation_metric']} by {change:+.3g} {where}"
         elif v in ('ignored', 'uninformative') and cost >= tol: bad = f"the diagnosis says {m} is not used ({v}), but removing it costs {cost:.3g} of {ev['ablation_metric']} {where}"
         elif v == 'contributes little' and cost >= 3 * tol: bad = f"the diagnosis says {m} contributes little, but removing it costs {cost:.3g} of {ev['ablation_metric']} {where}"

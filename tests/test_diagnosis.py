@@ -285,11 +285,15 @@ def test_ablation_disagreement_is_a_problem(healthy, tiny_batches):
     verdict = {f.subject: f.evidence['verdict'] for f in fs}
     m = next(m for m, v in verdict.items() if v == 'contributes')
     rec = lambda change: {'split_sizes': {'test': 24}, 'metrics': {'task': 'classification', 'split': 'test', 'headline': {'name': 'f1_macro'},
-                          'ablation': [{'setting': 'all', 'metric': .9, 'change': 0.}, {'setting': f'without {m}', 'metric': .9 + change, 'change': change}]}}
+                          'ablation': [{'setting': 'all', 'metric': .9, 'change': 0.}, {'setting': f'without {m}', 'metric': .9 + change, 'change': change},
+                                       {'setting': f'only {m}', 'metric': .4, 'change': -.5}]}}  # the ablation can show a loss
     bad, = ablation_agreement(fs, rec(0.), 'valid')  # 'contributes', but removing it changes nothing
     good, = ablation_agreement(fs, rec(-.3), 'valid')
     assert (bad.severity, good.severity) == ('problem', 'ok') and bad.subject == good.subject == m
     assert (bad.evidence['diagnosed_split'], bad.evidence['ablation_split']) == ('valid', 'test')
+    flat = rec(0.); flat['metrics']['ablation'] = [{**r, 'metric': .9, 'change': 0.} for r in flat['metrics']['ablation']]
+    blind, = ablation_agreement(fs, flat, 'valid')  # no setting moves the metric (decisions never change): nothing to contradict
+    assert blind.severity == 'ok' and blind.evidence['ablation_sensitive'] is False and 'cannot tell' in blind.summary
 
 
 # --- section 7: batches without negatives (a single class: SupCon has nothing to push apart)
