@@ -401,8 +401,9 @@ def modality_probe(model:nn.Module, # a model with the library's call
                    batches:list, # held-out batches (from `as_batches`): training features may have memorised noise
                    modality:str, # the modality whose encoder features are probed
                    k:int=5, # neighbours
-                   n_boot:int=500, seed:int=0) -> dict:
-    "Does the modality carry information? Leave-one-out k-NN on its encoder's pooled features (a model without encoders: the raw input) vs the class prior (regression: the median), with a bootstrap interval of the gain"
+                   n_boot:int=500, # label permutations for the null
+                   seed:int=0) -> dict:
+    "Does the modality carry information? Leave-one-out k-NN on its encoder's pooled features (a model without encoders: the raw input) vs the class prior (regression: the median), tested against permuted labels (informative at p < 0.01)"
     m, dev, feats, ys = modality, _device(model), [], []
     was = model.training; model.eval()
     with torch.no_grad():
@@ -418,15 +419,17 @@ def modality_probe(model:nn.Module, # a model with the library's call
     D = (Z ** 2).sum(1)[:, None] + (Z ** 2).sum(1)[None] - 2 * Z @ Z.T
     D = D + np.random.default_rng(seed).uniform(0, 1e-9, D.shape); np.fill_diagonal(D, np.inf)  # ties broken at random
     nn_idx = np.argsort(D, 1)[:, :k]
-    if y.dtype.kind in 'iu':  # share of neighbours in the true class vs its leave-one-out frequency
-        counts = np.bincount(y)
-        gain = (y[nn_idx] == y[:, None]).mean(1) - (counts[y] - 1) / (len(y) - 1)
+    if y.dtype.kind in 'iu':  # share of the neighbours in the true class, over its leave-one-out frequency
+        chance = ((np.bincount(y)[y] - 1) / (len(y) - 1)).mean()  # the same under any permutation of the labels
+        gain = lambda t: (t[nn_idx] == t[:, None]).mean() - chance
     else:
-        y = y.reshape(len(y), -1); med = np.median(y, 0)
-        gain = (np.abs(y - med) - np.abs(y - y[nn_idx].mean(1))).mean(1)
-    g = ratio_interval(gain, n_boot=n_boot, seed=seed, level=0.98)  # 'informative' makes an unused modality a problem: 99% one-sided
+        y = y.reshape(len(y), -1)
+        gain = lambda t: (np.abs(t - np.median(t, 0)) - np.abs(t - t[nn_idx].mean(1))).mean()
+    rng = np.random.default_rng(seed)  # neighbours are shared between samples, so a bootstrap over samples is too narrow:
+    null = np.array([gain(y[rng.permutation(len(y))]) for _ in range(n_boot)])  # a permutation null keeps the neighbour graph
+    obs = float(gain(y)); p = float((1 + (null >= obs).sum()) / (1 + n_boot))
     on = 'encoder features' if getattr(model, 'encoders', None) is not None and m in model.encoders else 'raw input'
-    return {'probe': f'leave-one-out {k}-NN on the {on} vs the prior', 'n': len(X), 'probe_gain': g[0], 'probe_gain_ci98': [g[1], g[2]], 'informative': bool(g[1] > 0)}
+    return {'probe': f'leave-one-out {k}-NN on the {on} vs the prior', 'n': len(X), 'probe_gain': obs, 'p_value': p, 'permutations': n_boot, 'informative': p < 0.01}
 
 # %% ../nbs/06_diagnosis.ipynb #a7c1e115
 def _aux_informative(model, batches, task, y, mods, n_boot:int=500, seed:int=0) -> dict:
