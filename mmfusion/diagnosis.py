@@ -401,9 +401,10 @@ def modality_probe(model:nn.Module, # a model with the library's call
                    batches:list, # held-out batches (from `as_batches`): training features may have memorised noise
                    modality:str, # the modality whose encoder features are probed
                    k:int=5, # neighbours
-                   n_boot:int=500, # label permutations for the null
+                   n_perm:int=2000, # label permutations for the null
+                   alpha:float=0.001, # informative when the permutation p-value is below this: a false 'ignored' is a problem finding
                    seed:int=0) -> dict:
-    "Does the modality carry information? Leave-one-out k-NN on its encoder's pooled features (a model without encoders: the raw input) vs the class prior (regression: the median), tested against permuted labels (informative at p < 0.01)"
+    "Does the modality carry information? Leave-one-out k-NN on its encoder's pooled features (a model without encoders: the raw input) vs the class prior (regression: the median), tested against permuted labels"
     m, dev, feats, ys = modality, _device(model), [], []
     was = model.training; model.eval()
     with torch.no_grad():
@@ -426,10 +427,10 @@ def modality_probe(model:nn.Module, # a model with the library's call
         y = y.reshape(len(y), -1)
         gain = lambda t: (np.abs(t - np.median(t, 0)) - np.abs(t - t[nn_idx].mean(1))).mean()
     rng = np.random.default_rng(seed)  # neighbours are shared between samples, so a bootstrap over samples is too narrow:
-    null = np.array([gain(y[rng.permutation(len(y))]) for _ in range(n_boot)])  # a permutation null keeps the neighbour graph
-    obs = float(gain(y)); p = float((1 + (null >= obs).sum()) / (1 + n_boot))
+    null = np.array([gain(y[rng.permutation(len(y))]) for _ in range(n_perm)])  # a permutation null keeps the neighbour graph
+    obs = float(gain(y)); p = float((1 + (null >= obs).sum()) / (1 + n_perm))
     on = 'encoder features' if getattr(model, 'encoders', None) is not None and m in model.encoders else 'raw input'
-    return {'probe': f'leave-one-out {k}-NN on the {on} vs the prior', 'n': len(X), 'probe_gain': obs, 'p_value': p, 'permutations': n_boot, 'informative': p < 0.01}
+    return {'probe': f'leave-one-out {k}-NN on the {on} vs the prior', 'n': len(X), 'probe_gain': obs, 'p_value': p, 'permutations': n_perm, 'informative': p < alpha}
 
 # %% ../nbs/06_diagnosis.ipynb #a7c1e115
 def _aux_informative(model, batches, task, y, mods, n_boot:int=500, seed:int=0) -> dict:
@@ -529,7 +530,7 @@ def modality_contribution(model:nn.Module, # a model with the library's call; `m
         else: verdict, need = contribution_verdict(ev['shapley_share'], ev['share_ci'], ev['n'], min_share, weak_share)
         informative = None
         if verdict in ('ignored', 'contributes little'):  # no use of it: is there anything to use?
-            probe = aux.get(m) or (modality_probe(model, batches, m, n_boot=n_boot, seed=seed) if y is not None else {})
+            probe = aux.get(m) or (modality_probe(model, batches, m, seed=seed) if y is not None else {})
             ev['probe'], informative = probe, probe.get('informative')
             if informative is False: verdict = 'uninformative'
         if need is not None and need > 20 * ev['n']: need = None  # far beyond this split: more samples alone may not settle it
