@@ -5,7 +5,7 @@ Cells marked `#| slow`, `#| cuda` or `#| eval: false` are not run: they keep the
 A cell that raises stops the run with the cell's source and error; the notebook is then left unchanged.
 Afterwards `nbdev_clean` normalises the file. Usage: `.venv/bin/python .ci/execute_nb.py nbs/06_diagnosis.ipynb [...]`.
 """
-import re, subprocess, sys, time
+import os, re, subprocess, sys, time
 from pathlib import Path
 
 import nbformat
@@ -25,6 +25,7 @@ def execute(path:Path, timeout:int=1800) -> float:
     return time.time() - t0
 
 if __name__ == '__main__':
+    os.environ.pop('MPLBACKEND', None)  # the kernel's inline backend, so figures are saved in the notebook (Agg would keep only their text)
     bin_dir = Path(sys.executable).parent
     for p in sys.argv[1:]:
         p = Path(p).resolve()
