@@ -21,7 +21,8 @@ def execute(path:Path, timeout:int=1800) -> float:
         for i, cell in enumerate(nb.cells):
             if cell.cell_type != 'code' or SKIP.search(cell.source): continue
             client.execute_cell(cell, i)
-    nbformat.write(nb, path)
+    tmp = path.with_name(f'.{path.name}.tmp')
+    nbformat.write(nb, tmp); os.replace(tmp, path)  # atomic: an interrupted run leaves the notebook as it was
     return time.time() - t0
 
 if __name__ == '__main__':

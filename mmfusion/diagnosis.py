@@ -85,9 +85,14 @@ CHECKS = Registry('check')  # check name -> `check(subject) -> [Finding]`; `diag
 # %% ../nbs/06_diagnosis.ipynb #628a5e9d
 def as_batches(data, # a `MultiModalDataset`, a DataLoader, or a list of `collate_samples` batches
                max_samples:int=64, # stop after this many samples
-               batch_size:int=16) -> list: # batch size when `data` is a dataset
+               batch_size:int=16, # batch size when `data` is a dataset
+               seed:int=0, # a dataset's samples are taken in this seeded random order
+              ) -> list:
     "At most `max_samples` samples of `data` as a list of batches (kept in memory: every check reuses them)"
-    it = data.loader(batch_size=batch_size) if hasattr(data, 'loader') else data
+    if hasattr(data, 'loader'):  # files are often sorted by class: a seeded shuffle mixes the batches (donors of other classes) and the subsample
+        while len(data) % batch_size == 1 and batch_size < len(data): batch_size += 1  # no batch of one: it would have no donor
+        it = data.loader(batch_size=batch_size, shuffle=True, seed=seed)
+    else: it = data
     out, n = [], 0
     for b in it:
         if n >= max_samples: break
@@ -1312,7 +1317,7 @@ def diagnose_run(run_dir, # a run folder written by `mmfusion.training.train`
     data = cfg['data']
     split = split or (cfg.get('diagnosis') or {}).get('split') or ('valid' if data.get('valid') else 'test')  # remedies are not chosen on test when there is a validation split
     if 'baseline' in cfg and 'modalities' in data:  # a `run_detection` folder: loaded by the detection module
-        return importlib.import_module('mmfusion.detection').diagnose_detection_run(run, None if split == 'test' else split, out, checkpoint, checks, max_samples)
+        return importlib.import_module('mmfusion.detection').diagnose_detection_run(run, split, out, checkpoint, checks, max_samples)
     if 'scorer' in cfg.get('model', {}): return diagnose_scorer_run(run, split, out, checkpoint, max_samples)  # an anomaly scorer run
     ck = run_checkpoint(run, checkpoint)
     model = load_model(ck)

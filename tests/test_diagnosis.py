@@ -272,7 +272,8 @@ def test_multi_task_model_scored_on_its_primary_head(tiny_batches):
 def test_contribution_evidence_has_intervals(healthy, tiny_batches):
     for f in modality_contribution(healthy, tiny_batches, n_boot=200):
         ev = f.evidence
-        assert ev['verdict'] in ('contributes', 'contributes little', 'ignored', 'inconclusive', 'uninformative')
+        assert ev['verdict'] in ('contributes', 'contributes little', 'inconclusive', 'uninformative')  # a healthy model ignores nothing
+        assert f.severity != 'problem'
         lo, hi = ev['share_ci']
         assert lo <= ev['shapley_share'] <= hi and ev['n'] == 24
         assert (ev['verdict'] == 'inconclusive') == ('samples_needed' in ev)
@@ -305,3 +306,15 @@ def test_single_class_batches_flagged():
     mixed = StratifiedBatchSampler(labels, 8, k=2, seed=0).global_batches()
     fs = contrastive_batches(labels, mixed)
     assert [f.severity for f in fs] == ['ok'] and fs[0].evidence['batches_without_negatives'] == 0
+
+
+def test_as_batches_mixes_class_sorted_files():
+    "Files sorted by class would give one-class batches (donors of the same class hide a modality's use) and a first-N subsample of one class"
+    from mmfusion.data import from_arrays
+    ds = from_arrays({'x': np.zeros((33, 2), 'f4')}, [0] * 17 + [1] * 16)  # sorted by class; 33 = 2 x 16 + 1
+    batches = as_batches(ds, max_samples=64, batch_size=16)
+    assert all(len(set(b['target'].tolist())) == 2 for b in batches)  # every batch holds both classes
+    assert min(len(b['ids']) for b in batches) > 1 and sum(len(b['ids']) for b in batches) == 33  # no batch of one, nothing lost
+    first = as_batches(ds, max_samples=8, batch_size=8)
+    assert len(set(first[0]['target'].tolist())) == 2  # a subsample, not the first class's files
+    assert [b['ids'] for b in as_batches(ds, 64, 16)] == [b['ids'] for b in batches]  # seeded

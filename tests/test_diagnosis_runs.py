@@ -113,3 +113,12 @@ def test_weld_diagnosis_agrees_with_its_ablation(weld_checked):
     assert set(agree) == set(found['modality_contribution']) == {'video', 'images', 'audio', 'sensors'}
     assert all(f.severity == 'ok' for f in agree.values()), [f.summary for f in agree.values()]
     assert {f.evidence['ablation_split'] for f in agree.values()} == {rec['metrics']['split']}
+
+
+def test_the_requested_split_is_the_one_diagnosed(diagnosed):
+    "`mmfusion diagnose --split test` diagnoses test, detection runs included; by default a run with a validation split is diagnosed on it"
+    name, run, found, _ = diagnosed
+    main(['diagnose', str(run), '--split', 'test', '--out', str(run/'diagnosis_test')])
+    title = json.loads((run/'diagnosis_test'/'findings.json').read_text())['title']
+    assert '(test split' in title, title
+    assert ('(test split' in found['title']) == (name == 'weld'), found['title']  # weld ships no validation split
