@@ -1253,7 +1253,8 @@ def diagnose_scorer_run(run_dir, # a run folder whose config names a `model.scor
     else:
         flagged = p.outputs >= t
         findings.append(Finding('threshold', 'ok', f"saved threshold {t:.4g} flags {int(flagged.sum())} of {len(flagged)} {name} samples "
-                                f"({int(flagged[p.targets == 1].sum())} of {int(p.targets.sum())} anomalous)", {'threshold': t, **(scorer.threshold or {})}))
+                                f"({int(flagged[p.targets == 1].sum())} of {int(p.targets.sum())} anomalous)" + (", the split it was chosen on: optimistic by construction, "
+                                f"judge it on test" if name == data.get('valid') else ''), {'threshold': t, 'fitted_on_this_split': name == data.get('valid'), **(scorer.threshold or {})}))
     findings += finite_inputs(as_batches(ds, max_samples, data.get('batch_size', 16))) + split_leakage(splits)
     if (run/'history.csv').is_file(): findings += lr_schedule(pd.read_csv(run/'history.csv'), cfg.get('training', {}).get('schedule'))
     d = Diagnosis(findings, f'Diagnosis of {run.name} ({name} split, {ck.name}, anomaly scorer)')
