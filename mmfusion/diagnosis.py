@@ -312,18 +312,18 @@ def output_dependence(model:nn.Module, # a model with the library's call
 def _check_output(s): return output_dependence(s.model, s.batches, head=s.score.head)
 
 # %% ../nbs/06_diagnosis.ipynb #2438d1a7
+def _subsets(players:Sequence) -> list:
+    "Every subset of `players`, as frozensets, smallest first"
+    return [frozenset(S) for r in range(len(players) + 1) for S in itertools.combinations(players, r)]
+
 def shapley_values(value:Callable, # `value(frozenset of modalities) -> float`
                    players:Sequence[str], # the modalities
                   ) -> dict:
     "Exact Shapley value of each player from `value` on every subset (2^M evaluations)"
     n, players = len(players), list(players)
-    v = {frozenset(S): value(frozenset(S)) for r in range(n + 1) for S in itertools.combinations(players, r)}
-    phi = {}
-    for p in players:
-        others = [q for q in players if q != p]
-        phi[p] = sum(math.factorial(len(S)) * math.factorial(n - len(S) - 1) / math.factorial(n) * (v[frozenset(S) | {p}] - v[frozenset(S)])
-                     for r in range(n) for S in itertools.combinations(others, r))
-    return phi
+    v = {S: value(S) for S in _subsets(players)}
+    w = lambda S: math.factorial(len(S)) * math.factorial(n - len(S) - 1) / math.factorial(n)
+    return {p: sum(w(S) * (v[S | {p}] - v[S]) for S in _subsets([q for q in players if q != p])) for p in players}
 
 # %% ../nbs/06_diagnosis.ipynb #a7c1e103
 def shapley_interactions(value:Callable, # `value(frozenset of modalities) -> float` (or a per-sample array)
@@ -331,14 +331,10 @@ def shapley_interactions(value:Callable, # `value(frozenset of modalities) -> fl
                         ) -> dict:
     "Exact pairwise Shapley interaction index of every pair (a, b): the average, over coalitions S without them, of v(S+ab) - v(S+a) - v(S+b) + v(S)"
     n, players = len(players), list(players)
-    v = {frozenset(S): value(frozenset(S)) for r in range(n + 1) for S in itertools.combinations(players, r)}
-    out = {}
-    for a, b in itertools.combinations(players, 2):
-        others = [q for q in players if q not in (a, b)]
-        out[(a, b)] = sum(math.factorial(len(S)) * math.factorial(n - len(S) - 2) / math.factorial(n - 1) *
-                          (v[frozenset(S) | {a, b}] - v[frozenset(S) | {a}] - v[frozenset(S) | {b}] + v[frozenset(S)])
-                          for r in range(n - 1) for S in itertools.combinations(others, r))
-    return out
+    v = {S: value(S) for S in _subsets(players)}
+    w = lambda S: math.factorial(len(S)) * math.factorial(n - len(S) - 2) / math.factorial(n - 1)
+    return {(a, b): sum(w(S) * (v[S | {a, b}] - v[S | {a}] - v[S | {b}] + v[S]) for S in _subsets([q for q in players if q not in (a, b)]))
+            for a, b in itertools.combinations(players, 2)}
 
 # %% ../nbs/06_diagnosis.ipynb #87f4618b
 REPLACEMENTS = ('shuffle', 'mask', 'mean')  # how `coalition_scores` removes a modality's information
