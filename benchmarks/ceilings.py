@@ -25,6 +25,7 @@ import argparse, json, math, warnings
 from pathlib import Path
 
 import cv2, numpy as np, pandas as pd
+from mmfusion.training import write_text_atomic
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression, RidgeCV
@@ -244,11 +245,11 @@ def main(argv=None):
         print(name, {k: round(v[results[name]['metric']], 3) for k, v in results[name]['subsets'].items()}, flush=True)
     if not args.readme_only:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix('.tmp'); tmp.write_text(json.dumps(results, indent=1) + '\n'); tmp.replace(out)
+        write_text_atomic(out, json.dumps(results, indent=1) + '\n')
     detection = json.loads(DETECTION.read_text()) if DETECTION.is_file() else None
     for name in args.sets:
         readme = root/name/'README.md'
-        tmp = readme.with_suffix('.tmp'); tmp.write_text(fill_readme(readme, render(name, results[name], detection))); tmp.replace(readme)
+        write_text_atomic(readme, fill_readme(readme, render(name, results[name], detection)))
     return results
 
 
