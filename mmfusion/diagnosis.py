@@ -1312,9 +1312,10 @@ def diagnose_run(run_dir, # a run folder written by `mmfusion.training.train`
     if not (run/'config.yaml').is_file(): raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
     cfg = load_config(run/'config.yaml')
     data = cfg['data']
-    split = split or (cfg.get('diagnosis') or {}).get('split') or ('valid' if data.get('valid') else 'test')  # remedies are not chosen on test when there is a validation split
+    split = split or (cfg.get('diagnosis') or {}).get('split')
     if 'baseline' in cfg and 'modalities' in data:  # a `run_detection` folder: loaded by the detection module
         return importlib.import_module('mmfusion.detection').diagnose_detection_run(run, split, out, checkpoint, checks, max_samples)
+    split = split or ('valid' if data.get('valid') else 'test')  # remedies are not chosen on test when there is a validation split
     if 'scorer' in cfg.get('model', {}): return diagnose_scorer_run(run, split, out, checkpoint, max_samples)  # an anomaly scorer run
     ck = run_checkpoint(run, checkpoint)
     model = load_model(ck)
