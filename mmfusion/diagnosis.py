@@ -1261,7 +1261,7 @@ def diagnose_scorer_run(run_dir, # a run folder whose config names a `model.scor
 def ablation_agreement(findings:Sequence[Finding], # the diagnosis's findings: its 'modality_contribution' and 'modality_interaction' ones are compared
                        record:Mapping, # an evaluation's metrics.json (`evaluate_run`): its metrics hold an 'ablation' table
                        split:str|None=None, # the split the diagnosis looked at
-                       rel_tol:float=0.05, # an ablation change within this fraction of the full metric is 'no change' ...
+                       rel_tol:float=0.05, # a loss below this fraction of the full metric is small: 'ignored' stands; 'contributes' needs any loss ...
                       ) -> list:
     "Does each modality's contribution verdict agree with the evaluation's 'without m' ablation? A contradiction is a problem finding"
     met = record.get('metrics', record)
@@ -1288,11 +1288,11 @@ def ablation_agreement(findings:Sequence[Finding], # the diagnosis's findings: i
         if not sensitive:
             out.append(Finding('ablation_agreement', 'ok', f"the ablation cannot tell: no setting moves {ev['ablation_metric']} by {tol:.2g} or more (the model's "
                                f"decisions do not change with its inputs), so '{v}' stands unchecked {where}", ev, subject=m)); continue
-        if v == 'contributes' and cost < tol and m not in redundant: bad = f"the diagnosis says {m} contributes, but removing it changes {ev['ablation_metric']} by {change:+.3g} {where}"
+        if v == 'contributes' and cost <= 0 and m not in redundant: bad = f"the diagnosis says {m} contributes, but removing it changes {ev['ablation_metric']} by {change:+.3g} {where}"
         elif v in ('ignored', 'uninformative') and cost >= tol: bad = f"the diagnosis says {m} is not used ({v}), but removing it costs {cost:.3g} of {ev['ablation_metric']} {where}"
         elif v == 'contributes little' and cost >= 3 * tol: bad = f"the diagnosis says {m} contributes little, but removing it costs {cost:.3g} of {ev['ablation_metric']} {where}"
         else: bad = None
-        ok = (f"'{v}' cannot contradict the ablation" if v == 'inconclusive' else f"'{v}' agrees with the ablation") + f": without {m}, {ev['ablation_metric']} changes by {change:+.3g}" + (" (a redundant partner stands in)" if m in redundant and v == 'contributes' and cost < tol else '') + f" {where}"
+        ok = (f"'{v}' cannot contradict the ablation" if v == 'inconclusive' else f"'{v}' agrees with the ablation") + f": without {m}, {ev['ablation_metric']} changes by {change:+.3g}" + (" (a redundant partner stands in)" if m in redundant and v == 'contributes' and cost <= 0 else '') + f" {where}"
         out.append(Finding('ablation_agreement', 'problem' if bad else 'ok', bad or ok, ev, remedies('ablation_disagreement') if bad else [], m))
     return out
 

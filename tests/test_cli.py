@@ -62,3 +62,14 @@ def test_export_refuses_variable_length_inputs_by_name(run_dir):
                        env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode != 0 and "['series'] have variable length" in r.stderr, r.stderr[-2000:]
     assert not (run_dir/'export').exists()
+
+
+def test_demo_verdicts_agree_with_its_ablation(tmp_path):
+    "`make demo` (weld): the diagnosis finds the video (noise by construction) unused, images and sensors contributing, and no verdict its own ablation contradicts"
+    out = mmfusion('demo', '--root', ROOT/'data', '--out', tmp_path/'demo', '--scenario', 'weld', cwd=ROOT)
+    found = json.loads((tmp_path/'demo'/'weld'/'diagnosis'/'findings.json').read_text())['findings']
+    verdicts = {f['subject']: f['evidence']['verdict'] for f in found if f['check'] == 'modality_contribution'}
+    assert verdicts['video'] in ('ignored', 'uninformative') and verdicts['images'] == verdicts['sensors'] == 'contributes', verdicts
+    agreement = [f for f in found if f['check'] == 'ablation_agreement']
+    assert len(agreement) == 4 and all(f['severity'] == 'ok' for f in agreement), [f['summary'] for f in agreement]
+    assert '[problem] ablation_agreement' not in out and 'video' in out  # what the demo prints says the same

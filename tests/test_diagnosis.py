@@ -291,6 +291,8 @@ def test_ablation_disagreement_is_a_problem(healthy, tiny_batches):
     bad, = ablation_agreement(fs, rec(0.), 'valid')  # 'contributes', but removing it changes nothing
     good, = ablation_agreement(fs, rec(-.3), 'valid')
     assert (bad.severity, good.severity) == ('problem', 'ok') and bad.subject == good.subject == m
+    small, = ablation_agreement(fs, rec(-.03), 'valid')  # a real loss below the 'small' tolerance (under a sample's worth): no contradiction
+    assert small.severity == 'ok', small.summary
     assert (bad.evidence['diagnosed_split'], bad.evidence['ablation_split']) == ('valid', 'test')
     flat = rec(0.); flat['metrics']['ablation'] = [{**r, 'metric': .9, 'change': 0.} for r in flat['metrics']['ablation']]
     blind, = ablation_agreement(fs, flat, 'valid')  # no setting moves the metric (decisions never change): nothing to contradict
