@@ -25,7 +25,7 @@ import argparse, json, math, warnings
 from pathlib import Path
 
 import cv2, numpy as np, pandas as pd
-from mmfusion.training import write_text_atomic
+from mmfusion.core import write_text_atomic
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression, RidgeCV

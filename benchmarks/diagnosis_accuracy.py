@@ -24,7 +24,7 @@ def main(argv=None):
     import pandas as pd, torch
     import mmfusion
     from mmfusion.planted import PLANTED_CASES, PLANTED_TASKS, check_planted, train_planted
-    from mmfusion.training import write_json_atomic
+    from mmfusion.core import write_json
     torch.set_num_threads(1)
     cases, tasks = a.cases or list(PLANTED_CASES), a.tasks or list(PLANTED_TASKS)
     tables, runs, t0 = [], [], time.perf_counter()
@@ -53,7 +53,7 @@ def main(argv=None):
                'by_case': by('case'), 'by_task': by('task'), 'by_fusion': by('fusion'), 'by_expected': by('expected')}
     print(f"\n{summary['correct']}/{summary['verdicts']} verdicts correct ({summary['correct_share']:.1%}); "
           f"false problems on healthy models: {sum(healthy.got != 'none')}/{len(healthy)}; {time.perf_counter() - t0:.0f}s")
-    write_json_atomic({'summary': summary, 'seeds': a.seeds, 'n_boot': a.n_boot, 'cases': cases, 'tasks': tasks, 'fusions': a.fusions,
+    write_json({'summary': summary, 'seeds': a.seeds, 'n_boot': a.n_boot, 'cases': cases, 'tasks': tasks, 'fusions': a.fusions,
                        'mmfusion': mmfusion.__version__, 'torch': torch.__version__, 'python': platform.python_version(),
                        'seconds': round(time.perf_counter() - t0, 1), 'runs': runs,
                        'table': table[['case', 'task', 'fusion', 'seed', 'subject', 'expected', 'got', 'correct', 'evidence']].to_dict('records')}, a.out)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch, torch.nn as nn, yaml
 
 from mmfusion.detection import _ultralytics_offline, run_detection, validate_detection, yolo_dataset_view
-from mmfusion.training import write_json_atomic
+from mmfusion.core import write_json
 
 COLUMNS = ('precision', 'recall', 'mAP50', 'mAP50-95')
 HEADLINE = 'mAP50-95'
@@ -113,7 +113,7 @@ def main():
     result['metric_check'] = ultralytics_replay_check(Path(run.baselines['thermal']['phase1']),
                                                       yolo_dataset_view(a.root, 'thermal', Path(a.work)/'check_view'), a.imgsz)
     result['total_seconds'] = round(time.perf_counter() - t_all, 1)
-    write_json_atomic(result, a.out)
+    write_json(result, a.out)
     print(run.table.round(3).to_string())
     print('\n'.join(f"{m:>16} only (best phase): " + '  '.join(f"{k} {s['best_phase_test'][k]:.3f}" for k in COLUMNS) + f"   fused - it: {margins[m]:+.3f} {HEADLINE}"
                     for m, s in single.items()))

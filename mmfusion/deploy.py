@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 import numpy as np, onnxruntime as ort, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
 from sklearn.metrics import f1_score
+from .core import atomic_write
 from .data import (DataError, Sample, TabularPreprocessor, collate_samples, read_audio, read_image, read_image_sequence,
                            read_image_set, read_series, read_video)
 from .model import (ClassificationHead, EmbeddingHead, IdentityHead, MultiModalModel, MultiTaskHead, RegressionHead,
-                            atomic_write, load_checkpoint, load_model, run_checkpoint)
+                            load_checkpoint, load_model, run_checkpoint)
 from .training import Callback, Run, build_splits, load_config, train
 from .detection import MultiModalYOLO, load_detector, predict_detections
 

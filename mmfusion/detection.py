@@ -4,6 +4,7 @@
 
 # %% ../nbs/07_detection.ipynb #e1eeaf46
 from __future__ import annotations
+from .core import default_device, seed_everything, write_json  # first: it sets YOLO_OFFLINE before ultralytics is imported
 import copy, json, logging, shutil, tempfile, time, warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from .encoders import YOLOBackbone, _adapt_in_channels
 from .fusion import FUSIONS
 from .model import MultiModalModel, load_checkpoint, run_checkpoint, save_checkpoint
 from .training import (Callback, Checkpoint, CSVLogger, DeviceCB, GradientClip, Learner, LRSchedule, MixedPrecision, NonFiniteGuard,
-                       ProgressCB, StagedTraining, default_device, resolve_precision, seed_everything, write_json_atomic)
+                       ProgressCB, StagedTraining, resolve_precision)
 
 # %% auto #0
 __all__ = ['MultiModalYOLO', 'fit_size', 'detection_splits', 'DetectionLoss', 'postprocess_detections', 'validate_detection',
@@ -514,7 +515,7 @@ def predict_detections(run_or_model, # a run folder, a checkpoint, or a `MultiMo
                 rec['drawing'] = str(out_dir/f"{fid}.png")
             records.append(rec)
     finally: model.train(was_training)
-    if out_dir is not None: write_json_atomic(records, out_dir/'detections.json')
+    if out_dir is not None: write_json(records, out_dir/'detections.json')
     return records
 
 def predict_cli(run_dir, # a run folder (or checkpoint) of a `MultiModalYOLO`
@@ -653,7 +654,7 @@ def evaluate_detection_run(cfg:Mapping, # a `detection_config`
         r['test'] = score(load_single_detector(r, names, d['imgsz']))
         if r['finetuned']: r['phase1_test'] = score(load_single_detector({**r, 'finetuned': None}, names, d['imgsz']))
     table = ablation_table(model, test_dl, {f"{m} only (baseline)": baselines[m]['test'] for m in cfg['baseline']['modalities']}, **nms)
-    write_json_atomic({'split': split, 'imgsz': d['imgsz'], 'baseline': baselines[cfg['baseline']['modality']]['phase1'], 'baselines': dict(baselines),
+    write_json({'split': split, 'imgsz': d['imgsz'], 'baseline': baselines[cfg['baseline']['modality']]['phase1'], 'baselines': dict(baselines),
                        'table': table.to_dict('index'), 'history': history, 'seconds': dict(seconds)}, run_dir/'metrics.json')
     table.to_csv(run_dir/'ablation.csv')
     s = data[0]

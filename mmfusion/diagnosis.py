@@ -13,10 +13,11 @@ import matplotlib.pyplot as plt, numpy as np, pandas as pd, torch, torch.nn as n
 from captum.attr import LayerGradCam
 from .data import (MultiModalDataset, StratifiedBatchSampler, batch_to, check_splits, from_arrays, read_image_sequence,
                            read_image_set, read_series, read_video)
-from .encoders import ConvLSTM, ImageSetEncoder, PrecomputedEmbedding, Registry, Standardized
-from .evaluation import (anomaly_scores, check_finite, check_prediction_spread, knn_predict, load_scorer, mask_modalities,
-                                 normal_class_index, to_jsonable, write_json)
-from .model import EmbeddingHead, atomic_write, load_model, run_checkpoint
+from .core import Registry, atomic_write, check_finite, to_jsonable, write_json
+from .encoders import ConvLSTM, ImageSetEncoder, PrecomputedEmbedding, Standardized
+from .evaluation import (anomaly_scores, check_prediction_spread, knn_predict, load_scorer, mask_modalities,
+                                 normal_class_index)
+from .model import EmbeddingHead, load_model, run_checkpoint
 from .training import SupConLoss, build_splits, load_config
 
 # %% auto #0

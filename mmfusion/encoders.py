@@ -4,6 +4,7 @@
 
 # %% ../nbs/01_encoders.ipynb #8271039d
 from __future__ import annotations
+from .core import Registry  # first: it sets YOLO_OFFLINE before ultralytics is imported
 import math, pickle, warnings
 from collections import defaultdict
 from copy import deepcopy
@@ -15,40 +16,11 @@ import torchvision, transformers, huggingface_hub
 from ultralytics.nn.tasks import DetectionModel, torch_safe_load, yaml_model_load
 
 # %% auto #0
-__all__ = ['ENCODERS', 'COMMON_PREFIXES', 'TINY_DINOV2', 'TINY_AST', 'TINY_VJEPA2', 'TINY_CONFIGS', 'Registry', 'EncoderOutput',
-           'Encoder', 'check_encoder', 'SmallCNN', 'SeriesTransformer', 'SeriesCNN', 'TabularMLP', 'ConvLSTM',
+__all__ = ['ENCODERS', 'COMMON_PREFIXES', 'TINY_DINOV2', 'TINY_AST', 'TINY_VJEPA2', 'TINY_CONFIGS', 'EncoderOutput', 'Encoder',
+           'check_encoder', 'SmallCNN', 'SeriesTransformer', 'SeriesCNN', 'TabularMLP', 'ConvLSTM',
            'PrecomputedEmbedding', 'Standardized', 'ImageSetEncoder', 'StateDictReport', 'load_state_dict_matching',
            'TorchvisionCNN', 'load_yolo_model', 'YOLOBackbone', 'PretrainedUnavailableError', 'load_hf_model',
            'HFEncoder', 'Dinov2Encoder', 'ASTEncoder', 'VJEPA2Encoder']
-
-# %% ../nbs/01_encoders.ipynb #4f2f3c98
-class Registry:
-    "A name -> class map that builds components from config; users add their own with `register`"
-    def __init__(self, kind:str): self.kind, self._items = kind, {}  # kind: what is registered, for messages
-
-    def register(self, name:str|None=None):
-        "Class decorator adding the class under `name` (default: the class name)"
-        def _add(cls):
-            self._items[name or cls.__name__] = cls
-            return cls
-        return _add
-
-    def build(self, cfg:str|Mapping, **kwargs):
-        "Build from a name or a config dict `{'name': ..., **params}`; `kwargs` fill in what the config leaves out"
-        cfg = {'name': cfg} if isinstance(cfg, str) else dict(cfg)
-        name = cfg.pop('name', None)
-        return self[name](**{**kwargs, **cfg})
-
-    def __getitem__(self, name:str):
-        "The class registered under `name`"
-        if name not in self._items:
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}. Register your own with @{self.kind.upper()}S.register()")
-        return self._items[name]
-
-    @property
-    def names(self) -> list: return sorted(self._items)
-    def __contains__(self, name): return name in self._items
-    def __repr__(self): return f"Registry({self.kind!r}: {', '.join(self.names)})"
 
 # %% ../nbs/01_encoders.ipynb #3d059afc
 class EncoderOutput(NamedTuple):

@@ -17,37 +17,17 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.neighbors import KNeighborsClassifier
 from tqdm import tqdm
 from .data import batch_to
-from .encoders import Registry
-from .model import CheckpointError, EmbeddingHead, MultiTaskHead, atomic_write, load_checkpoint, load_model, run_checkpoint
+from .core import NonFiniteError, Registry, atomic_write, check_finite, model_device, to_jsonable, write_json
+from .model import CheckpointError, EmbeddingHead, MultiTaskHead, load_checkpoint, load_model, run_checkpoint
 
 # %% auto #0
-__all__ = ['KNN_METRICS', 'SCORERS', 'THRESHOLD_METHODS', 'TASKS', 'HEADLINE_METRICS', 'NonFiniteError', 'check_finite',
-           'Predictions', 'mask_modalities', 'collect', 'confusion_counts', 'roc_auc_ovr', 'classification_metrics',
-           'per_class_table', 'plot_confusion', 'knn_predict', 'knn_evaluate', 'plot_embeddings',
-           'ReconstructionScorer', 'ConvAutoencoder', 'build_scorer', 'load_scorer', 'fit_autoencoder',
-           'anomaly_scores', 'normal_class_index', 'select_threshold', 'anomaly_metrics', 'plot_anomaly_scores',
-           'check_prediction_spread', 'regression_metrics', 'plot_regression', 'headline_metric', 'bootstrap_ci',
-           'modality_ablation', 'plot_ablation', 'measure_speed', 'to_jsonable', 'write_json', 'write_figure',
+__all__ = ['KNN_METRICS', 'SCORERS', 'THRESHOLD_METHODS', 'TASKS', 'HEADLINE_METRICS', 'Predictions', 'mask_modalities',
+           'collect', 'confusion_counts', 'roc_auc_ovr', 'classification_metrics', 'per_class_table', 'plot_confusion',
+           'knn_predict', 'knn_evaluate', 'plot_embeddings', 'ReconstructionScorer', 'ConvAutoencoder', 'build_scorer',
+           'load_scorer', 'fit_autoencoder', 'anomaly_scores', 'normal_class_index', 'select_threshold',
+           'anomaly_metrics', 'plot_anomaly_scores', 'check_prediction_spread', 'regression_metrics', 'plot_regression',
+           'headline_metric', 'bootstrap_ci', 'modality_ablation', 'plot_ablation', 'measure_speed', 'write_figure',
            'scalar_metrics', 'write_report', 'evaluate_predictions', 'evaluate_model', 'evaluate_run']
-
-# %% ../nbs/05_evaluation.ipynb #c1a95afe
-class NonFiniteError(ValueError):
-    "NaN or inf where evaluation needs a number; the message says what and which samples"
-
-def check_finite(x, # numbers: a scalar or an array whose first axis is the sample axis
-                 what:str, # what the numbers are, for the message (e.g. 'anomaly scores')
-                 ids:Sequence|None=None, # sample ids, to name the bad samples
-                ) -> np.ndarray:
-    "`x` as a float64 array, or a `NonFiniteError` saying how many values (and which samples) are NaN or inf"
-    a = np.asarray(x, dtype=np.float64)
-    bad = ~np.isfinite(a)
-    if bad.any():
-        where = ''
-        if a.ndim and ids is not None:
-            rows = np.flatnonzero(bad.reshape(len(a), -1).any(1))
-            where = f"; samples {[ids[i] for i in rows[:5]]}" + (' ...' if len(rows) > 5 else '')
-        raise NonFiniteError(f"{what}: {int(bad.sum())} of {a.size} values are NaN or inf{where}")
-    return a
 
 # %% ../nbs/05_evaluation.ipynb #6787f83d
 @dataclass
@@ -58,10 +38,6 @@ class Predictions:
     ids: list  # (N,) sample ids
     fused: np.ndarray|None = None  # (N, D) fused vectors, when collected
     def __len__(self): return len(self.ids)
-
-def _model_device(model:nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device('cpu')
 
 def _numpy(x):
     if isinstance(x, Mapping): return {k: _numpy(v) for k, v in x.items()}
@@ -104,7 +80,7 @@ def collect(model:nn.Module, # called as `model(inputs, present, masks)`; return
             progress:bool=True, # show a tqdm progress bar
            ) -> Predictions:
     "Run `model` over `loader` in eval mode without gradients: `Predictions` with outputs, targets and ids row-aligned"
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     def step(batch):
         if drop: batch = mask_modalities(batch, drop)
         res = model(batch['inputs'], batch['present'], batch['masks'])
@@ -325,7 +301,7 @@ def fit_autoencoder(scorer:ReconstructionScorer, # the scorer to train (in place
                     device=None, # default: where the scorer's parameters are
                    ) -> list:
     "Train a `ReconstructionScorer` on normal samples with MSE and Adam (a tiny loop of its own), leave it in eval mode; the mean loss of each epoch"
-    device = torch.device(device) if device is not None else _model_device(scorer)
+    device = torch.device(device) if device is not None else model_device(scorer)
     opt, losses = torch.optim.Adam(scorer.parameters(), lr), []
     scorer.train()
     for epoch in range(epochs):
@@ -351,7 +327,7 @@ def anomaly_scores(scorer:ReconstructionScorer, # a trained scorer
                    normal_class:int|None=None, # targets become 0 for this class and 1 (anomalous) for any other; None: kept as they are
                   ) -> Predictions:
     "Every sample's anomaly score (`outputs`, (N,)) with its target and id"
-    device = torch.device(device) if device is not None else _model_device(scorer)
+    device = torch.device(device) if device is not None else model_device(scorer)
     was_training = scorer.training
     scorer.eval()
     try: p = _gather(loader, lambda b: (scorer.score(b['inputs'][modality]), None), device, progress, 'score')
@@ -633,7 +609,7 @@ def measure_speed(model:nn.Module, # the model to time (put in eval mode; restor
                   forward:Callable=_default_forward, # `forward(model, batch)`: how to call the model
                  ) -> dict:
     "Latency (ms per sample at batch size 1) and throughput (samples/s at `batch_size`): median, p10 and p90 over timed runs"
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     batch_size = batch_size or len(batch['ids'])
     was_training = model.training
     model.eval()
@@ -652,25 +628,6 @@ def measure_speed(model:nn.Module, # the model to time (put in eval mode; restor
             'throughput': {'batch_size': batch_size, **stats(batch_size / many)}}
 
 # %% ../nbs/05_evaluation.ipynb #7be9d091
-def to_jsonable(obj, # nested dicts / lists of numbers, strings, numpy and torch values, Paths, DataFrames
-                where:str='', # key path so far, for the error message
-               ) -> Any:
-    "A plain-JSON copy of `obj`; a NaN or inf raises `NonFiniteError` naming its key"
-    if isinstance(obj, pd.DataFrame): obj = obj.reset_index().to_dict('records')
-    if isinstance(obj, (torch.Tensor, np.ndarray)): obj = obj.tolist()
-    if isinstance(obj, np.generic): obj = obj.item()
-    if isinstance(obj, Mapping): return {str(k): to_jsonable(v, f"{where}.{k}" if where else str(k)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)): return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, float) and not math.isfinite(obj): raise NonFiniteError(f"{where or 'value'} is {obj}; metrics must be finite numbers")
-    if isinstance(obj, Path): return str(obj)
-    if obj is None or isinstance(obj, (bool, int, float, str)): return obj
-    raise TypeError(f"{where or 'value'}: cannot write {type(obj).__name__} as JSON")
-
-def write_json(obj, path) -> Path:
-    "Write `obj` as indented JSON, atomically; NaN/inf raise (see `to_jsonable`) before the file is touched"
-    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + '\n'
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
 def write_figure(fig:plt.Figure, path, dpi:int=110) -> Path:
     "Save `fig` as a PNG atomically and close it"
     try: return atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=dpi, bbox_inches='tight'))

@@ -6,7 +6,7 @@
 from __future__ import annotations
 from typing import Any, Mapping, NamedTuple, Sequence
 import torch, torch.nn as nn, torch.nn.functional as F
-from .encoders import Registry
+from .core import Registry
 
 # %% auto #0
 __all__ = ['FUSIONS', 'FusionOutput', 'pool_tokens', 'masked_softmax', 'attend', 'drop_modalities', 'MaskedAttention',

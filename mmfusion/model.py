@@ -8,13 +8,14 @@ import copy, fnmatch, os, pickle, tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
-from .encoders import ENCODERS, Encoder, Registry
+from .core import Registry, atomic_write
+from .encoders import ENCODERS, Encoder
 from .fusion import FUSIONS
 
 # %% auto #0
 __all__ = ['HEADS', 'ClassificationHead', 'RegressionHead', 'EmbeddingHead', 'IdentityHead', 'MultiTaskHead', 'ModelOutput',
-           'MultiModalModel', 'build_model', 'CheckpointError', 'atomic_write', 'save_checkpoint', 'load_checkpoint',
-           'save_model', 'run_checkpoint', 'load_model']
+           'MultiModalModel', 'build_model', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'save_model',
+           'run_checkpoint', 'load_model']
 
 # %% ../nbs/03_model.ipynb #ab697f68
 HEADS = Registry('head')
@@ -192,22 +193,6 @@ def build_model(cfg:Mapping, # {'encoders': {modality: cfg}, 'fusion': cfg, 'hea
 # %% ../nbs/03_model.ipynb #f8fb3dcb
 class CheckpointError(RuntimeError):
     "A checkpoint that cannot or must not be loaded"
-
-def atomic_write(path, # the file to (re)write; its folder is created
-                 write:Callable, # `write(tmp_path)` writes the whole content to the temporary path it is given
-                ) -> Path:
-    "Write a file through a temporary file in the same folder, flushed to disk, then `os.replace`d onto `path`"
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix='.tmp', dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, 'rb+') as f: os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
-    return path
 
 def save_checkpoint(obj:Mapping, # tensors and plain containers only
                     path, # destination

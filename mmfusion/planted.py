@@ -8,9 +8,10 @@ import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 import matplotlib.pyplot as plt, numpy as np, pandas as pd
+from .core import seed_everything
 from .data import MultiModalDataset, from_arrays
 from .model import MultiModalModel, build_model
-from .training import Learner, ModelLoss, init_output_bias, make_train_loader, seed_everything
+from .training import Learner, ModelLoss, init_output_bias, make_train_loader
 from .diagnosis import Diagnosis, diagnose
 
 # %% auto #0

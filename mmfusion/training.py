@@ -22,53 +22,25 @@ from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 import albumentations as A
 from .data import (AlignedAugment, MultiModalDataset, StratifiedBatchSampler, batch_to, class_folders, manifest_dataset,
                            paired_folders, sample_splits, sequence_dataset, split_file_datasets, tiny_dataset)
-from .encoders import Registry
-from .evaluation import (THRESHOLD_METHODS, anomaly_metrics, anomaly_scores, build_scorer, check_finite, classification_metrics,
+from .core import Registry, check_finite, default_device, rng_state, seed_everything, set_rng_state, write_json, write_text_atomic
+from .evaluation import (THRESHOLD_METHODS, anomaly_metrics, anomaly_scores, build_scorer, classification_metrics,
                                  knn_evaluate, normal_class_index, regression_metrics, select_threshold, write_figure)
 from .fusion import drop_modalities
-from .model import (CheckpointError, EmbeddingHead, ModelOutput, MultiTaskHead, RegressionHead, atomic_write, build_model,
+from .model import (CheckpointError, EmbeddingHead, ModelOutput, MultiTaskHead, RegressionHead, build_model,
                             load_checkpoint, save_checkpoint)
 
 # %% auto #0
-__all__ = ['LOSSES', 'METRICS', 'STEP_METHODS', 'DEFAULT_CONFIG', 'ANOMALY_MODEL', 'OPTIMIZERS', 'seed_everything', 'rng_state',
-           'set_rng_state', 'balanced_class_weights', 'CrossEntropyLoss', 'FocalLoss', 'SupConLoss', 'SupConCELoss',
-           'MSELoss', 'HuberLoss', 'MultiTaskLoss', 'ModelLoss', 'accuracy', 'macro_f1', 'mae', 'rmse', 'r2',
-           'CancelFitException', 'CancelEpochException', 'CancelBatchException', 'NonFiniteLossError', 'Callback',
-           'Learner', 'select_modalities', 'default_device', 'DeviceCB', 'resolve_precision', 'MixedPrecision',
-           'GradientClip', 'GradientAccumulation', 'LRSchedule', 'EarlyStopping', 'Checkpoint', 'ResumableBatches',
-           'write_text_atomic', 'CSVLogger', 'TensorBoardLogger', 'format_row', 'ProgressCB', 'NonFiniteGuard',
-           'StagedTraining', 'Curriculum', 'ModalityDropout', 'Distributed', 'load_config', 'apply_overrides',
-           'resolve_config', 'cache_samples', 'fit_standardizer', 'hold_out', 'normal_samples', 'build_splits',
-           'augmentation', 'ReconstructionTraining', 'evaluate_learner', 'Run', 'plot_history', 'training_callbacks',
-           'fit_config_to_data', 'init_output_bias', 'make_train_loader', 'write_json_atomic', 'train',
+__all__ = ['LOSSES', 'METRICS', 'STEP_METHODS', 'DEFAULT_CONFIG', 'ANOMALY_MODEL', 'OPTIMIZERS', 'balanced_class_weights',
+           'CrossEntropyLoss', 'FocalLoss', 'SupConLoss', 'SupConCELoss', 'MSELoss', 'HuberLoss', 'MultiTaskLoss',
+           'ModelLoss', 'accuracy', 'macro_f1', 'mae', 'rmse', 'r2', 'CancelFitException', 'CancelEpochException',
+           'CancelBatchException', 'NonFiniteLossError', 'Callback', 'Learner', 'select_modalities', 'DeviceCB',
+           'resolve_precision', 'MixedPrecision', 'GradientClip', 'GradientAccumulation', 'LRSchedule', 'EarlyStopping',
+           'Checkpoint', 'ResumableBatches', 'CSVLogger', 'TensorBoardLogger', 'format_row', 'ProgressCB',
+           'NonFiniteGuard', 'StagedTraining', 'Curriculum', 'ModalityDropout', 'Distributed', 'load_config',
+           'apply_overrides', 'resolve_config', 'cache_samples', 'fit_standardizer', 'hold_out', 'normal_samples',
+           'build_splits', 'augmentation', 'ReconstructionTraining', 'evaluate_learner', 'Run', 'plot_history',
+           'training_callbacks', 'fit_config_to_data', 'init_output_bias', 'make_train_loader', 'train',
            'add_train_arguments', 'main_train', 'demo_train']
-
-# %% ../nbs/04_training.ipynb #dfb3bd20
-def seed_everything(seed:int=0, # seed for Python, NumPy and torch (CPU and every GPU)
-                    deterministic:bool=True, # also ask cuDNN for deterministic kernels (and no autotuning)
-                   ) -> int:
-    "Seed every random number generator a training run touches; returns the seed"
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)  # torch.manual_seed seeds every GPU too
-    if deterministic: torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    return seed
-
-def rng_state() -> dict:
-    "The state of every RNG as tensors and plain lists, so it survives `torch.load(weights_only=True)`"
-    version, state, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    out = {'python': [version, list(state), gauss], 'numpy': [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-           'torch': torch.get_rng_state()}
-    if torch.cuda.is_available(): out['cuda'] = torch.cuda.get_rng_state_all()
-    return out
-
-def set_rng_state(state:Mapping):
-    "Restore RNG states saved by `rng_state`"
-    version, s, gauss = state['python']
-    random.setstate((version, tuple(s), gauss))
-    name, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
 
 # %% ../nbs/04_training.ipynb #f3f8cb11
 LOSSES = Registry('loss')
@@ -512,10 +484,6 @@ def select_modalities(ds:MultiModalDataset, # a dataset (changed in place)
     return ds
 
 # %% ../nbs/04_training.ipynb #e6fda52e
-def default_device() -> torch.device:
-    "The first GPU when there is one, else the CPU"
-    return torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
-
 class DeviceCB(Callback):
     "Put the model (and a loss with parameters) on `device`; the learner moves every batch there"
     order = -20
@@ -700,10 +668,6 @@ class ResumableBatches(Sampler):
     def __len__(self): return len(self.batch_sampler)
 
 # %% ../nbs/04_training.ipynb #b30c1aad
-def write_text_atomic(path, text:str) -> Path:
-    "Write `text` through a temporary file renamed over `path` (`atomic_write`): readers never see half a file"
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
 class CSVLogger(Callback):
     "Rewrite `history.csv` atomically from the learner's history after every epoch"
     order = 40
@@ -1262,10 +1226,6 @@ def _init_distributed():
     dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
     if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
 
-def write_json_atomic(obj, path) -> Path:
-    "Write `obj` as indented JSON, atomically"
-    return write_text_atomic(path, json.dumps(_plain(obj), indent=2) + '\n')
-
 # %% ../nbs/04_training.ipynb #8b094541
 def train(config_or_path:str|Path|Mapping|None=None, # a YAML file or a config mapping (not needed with `resume`)
           overrides:Sequence[str]=(), # `key.sub=value` overrides
@@ -1318,7 +1278,7 @@ def train(config_or_path:str|Path|Mapping|None=None, # a YAML file or a config m
     t0 = time.perf_counter()
     try: learn.fit(t['epochs'], resume=ck)
     except BaseException as e:
-        if rank == 0: write_json_atomic({'status': 'failed', 'error': f"{type(e).__name__}: {e}", 'epochs_done': len(learn.history),
+        if rank == 0: write_json({'status': 'failed', 'error': f"{type(e).__name__}: {e}", 'epochs_done': len(learn.history),
                                          'last_checkpoint': str(learn.last_checkpoint) if learn.last_checkpoint else None}, run_dir/'metrics.json')
         raise
     seconds = time.perf_counter() - t0
@@ -1332,7 +1292,7 @@ def train(config_or_path:str|Path|Mapping|None=None, # a YAML file or a config m
             evaluated = f"best (epoch {b['epoch']}, {b['monitor']} {b['value']:.4g})"
         metrics_out = {'status': 'completed', 'stop_reason': learn.stop_reason, 'epochs': len(learn.history), 'train_seconds': round(seconds, 1),
                        'checkpoint': evaluated, **evaluate_learner(learn, splits, cfg)}
-        write_json_atomic(metrics_out, run_dir/'metrics.json')
+        write_json(metrics_out, run_dir/'metrics.json')
         write_figure(plot_history(learn.history), run_dir/'curves.png')
         p = metrics_out['primary']
         say(f"held-out {p['name']} on {metrics_out['split']} ({metrics_out['n']} samples): {p['value']:.4f}  "
