@@ -28,7 +28,7 @@ from ultralytics.utils.ops import xywh2xyxy
 
 from .data import IMAGE_EXTS, NIGHT_MODALITIES, AlignedAugment, batch_to, detection_augment, paired_folders, read_image
 from .diagnosis import CHECKS, DETECTION_CHECKS, Diagnosis, Finding, diagnose, remedies
-from .encoders import YOLOBackbone, _adapt_in_channels
+from .encoders import YOLOBackbone, adapt_in_channels
 from .fusion import FUSIONS
 from .model import MultiModalModel, load_checkpoint, run_checkpoint, save_checkpoint
 from .training import (Callback, Checkpoint, CSVLogger, DeviceCB, GradientClip, Learner, LRSchedule, MixedPrecision, NonFiniteGuard,
@@ -159,7 +159,7 @@ class MultiModalYOLO(nn.Module):
         for k in keys:
             for key, t in self.backbones[k].model.state_dict().items():
                 s = sd[f'model.{key}']
-                if s.shape != t.shape and s.ndim == 4 and s.shape[:1] + s.shape[2:] == t.shape[:1] + t.shape[2:]: s = _adapt_in_channels(s, t.shape[1])  # first conv
+                if s.shape != t.shape and s.ndim == 4 and s.shape[:1] + s.shape[2:] == t.shape[:1] + t.shape[2:]: s = adapt_in_channels(s, t.shape[1])  # first conv
                 pairs[f'backbones.{k}.model.{key}'] = t, s
         for key, t in self.head.state_dict().items():
             i, rest = key.split('.', 1)

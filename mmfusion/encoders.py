@@ -19,8 +19,8 @@ from ultralytics.nn.tasks import DetectionModel, torch_safe_load, yaml_model_loa
 __all__ = ['ENCODERS', 'COMMON_PREFIXES', 'TINY_DINOV2', 'TINY_AST', 'TINY_VJEPA2', 'TINY_CONFIGS', 'EncoderOutput', 'Encoder',
            'check_encoder', 'SmallCNN', 'SeriesTransformer', 'SeriesCNN', 'TabularMLP', 'ConvLSTM',
            'PrecomputedEmbedding', 'Standardized', 'ImageSetEncoder', 'StateDictReport', 'load_state_dict_matching',
-           'TorchvisionCNN', 'load_yolo_model', 'YOLOBackbone', 'PretrainedUnavailableError', 'load_hf_model',
-           'HFEncoder', 'Dinov2Encoder', 'ASTEncoder', 'VJEPA2Encoder']
+           'adapt_in_channels', 'TorchvisionCNN', 'load_yolo_model', 'YOLOBackbone', 'PretrainedUnavailableError',
+           'load_hf_model', 'HFEncoder', 'Dinov2Encoder', 'ASTEncoder', 'VJEPA2Encoder']
 
 # %% ../nbs/01_encoders.ipynb #3d059afc
 class EncoderOutput(NamedTuple):
@@ -405,18 +405,21 @@ def load_state_dict_matching(module:nn.Module, # the module to load into
     if verbose: print(report)
     return report
 
-# %% ../nbs/01_encoders.ipynb #eb040432
+# %% ../nbs/01_encoders.ipynb #c441a9b9
+def adapt_in_channels(w:torch.Tensor, # first-conv weights (O, I, k, k), e.g. of an RGB backbone
+                      c:int, # the input channels wanted
+                     ) -> torch.Tensor:
+    "First-conv weights for `c` input channels: summed over I for c=1, else cycled over I and rescaled by I/c"
+    I = w.shape[1]
+    if c == I: return w
+    return w.sum(1, keepdim=True) if c == 1 else w[:, torch.arange(c) % I] * (I / c)
+
+# %% ../nbs/01_encoders.ipynb #cde36950
 _TORCHVISION_FAMILIES = ('resnet', 'resnext', 'wide_resnet', 'efficientnet', 'convnext')
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def _first_conv(module:nn.Module) -> tuple:
     return next((n, m) for n, m in module.named_modules() if isinstance(m, nn.Conv2d))
-
-def _adapt_in_channels(w:torch.Tensor, c:int) -> torch.Tensor:
-    "First-conv weights (O, I, k, k) for `c` input channels: summed over I for c=1, else cycled over I and rescaled"
-    I = w.shape[1]
-    if c == I: return w
-    return w.sum(1, keepdim=True) if c == 1 else w[:, torch.arange(c) % I] * (I / c)
 
 def _set_in_channels(module:nn.Module, c:int):
     "Replace the first Conv2d of `module` by a fresh one taking `c` channels"
@@ -431,7 +434,7 @@ def _load_adapting_in_channels(module:nn.Module, weights, prefixes:Sequence[str]
     sd = _read_state_dict(weights)
     name, conv = _first_conv(module)
     sk = _match_keys(list(module.state_dict()), list(sd), prefixes).get(f'{name}.weight')
-    if sk is not None and sd[sk].ndim == 4: sd[sk] = _adapt_in_channels(sd[sk], conv.in_channels)
+    if sk is not None and sd[sk].ndim == 4: sd[sk] = adapt_in_channels(sd[sk], conv.in_channels)
     return load_state_dict_matching(module, sd, prefixes, verbose=False)
 
 def _warn_if_incomplete(report:StateDictReport, source):
@@ -448,6 +451,8 @@ class _ImageNorm(nn.Module):
         self.register_buffer('std', s.view(-1, 1, 1), persistent=False)
     def forward(self, x): return (x - self.mean) / self.std
 
+
+# %% ../nbs/01_encoders.ipynb #5b37038d
 @ENCODERS.register('torchvision_cnn')
 class TorchvisionCNN(Encoder):
     "A torchvision ResNet/EfficientNet/ConvNeXt backbone, weights from a local file only; tokens = the flattened last feature map"

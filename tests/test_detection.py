@@ -10,7 +10,7 @@ from mmfusion.data import NIGHT_MODALITIES, make_night_data
 from mmfusion.detection import (DetectionLoss, MultiModalYOLO, _read_yolo_checkpoint, detection_config, detection_contribution,
                                 detection_splits, detector_cams, diagnose_detection_run, fit_detector, load_detector, predict_cli,
                                 run_detection, train_baseline, validate_detection, yolo_dataset_view)
-from mmfusion.encoders import _adapt_in_channels, load_yolo_model
+from mmfusion.encoders import adapt_in_channels, load_yolo_model
 from mmfusion.model import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]/'data'/'night'
@@ -66,7 +66,7 @@ def test_loaded_weights_equal_the_source(tmp_path):
     for m in fused.modalities:
         for k, t in fused.backbones[m].model.state_dict().items():
             s = src[f'model.{k}']
-            assert torch.equal(t, s if s.shape == t.shape else _adapt_in_channels(s, t.shape[1])), (m, k)
+            assert torch.equal(t, s if s.shape == t.shape else adapt_in_channels(s, t.shape[1])), (m, k)
     for k, t in fused.head.state_dict().items():
         i, rest = k.split('.', 1)
         assert torch.equal(t, src[f'model.{int(i) + fused.cut}.{rest}']), k
