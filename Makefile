@@ -9,14 +9,15 @@ export PYTHONHASHSEED := 0
 
 .PHONY: install install-dev browser demo test data readme
 
-$(VENV)/.installed: setup.py settings.ini
+# settings.ini declares compatible ranges; constraints.txt holds the exact versions make installs (and the tests ran with)
+$(VENV)/.installed: setup.py settings.ini constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -c constraints.txt -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev]"
+$(VENV)/.installed-dev: $(VENV)/.installed constraints.txt
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
