@@ -4,7 +4,7 @@ For every sample set, simple models are fitted on hand-crafted or downsampled fe
 and scored by 5-fold cross-validation over all splits pooled (folds keep a group whole where the set has groups:
 a night frame's objects, an inspection battery's cells). Two models per feature set, the better one is the ceiling:
 scikit-learn's logistic regression (standardised features) and histogram gradient boosting (captures interactions such as
-"hot in thermal AND grey in nvg"). The night set also gets an appearance oracle: from `mmfusion.data.NIGHT_OBJECTS`, the
+"hot in thermal AND grey in nvg"). The night set also gets an appearance oracle: from `mmfusion.sample_data.NIGHT_OBJECTS`, the
 best rule that sees only what an object looks like in the given streams (majority label per look, learned on train
 and val, scored on test). Every classification score comes with its chance level and a chance band (chance + 2 binomial standard
 errors), so "at chance" is a statement the numbers can support.
@@ -15,7 +15,7 @@ errors), so "at chance" is a statement the numbers can support.
   solar       R^2 of kp, 193 / 211 / magnetogram image sequences (per-step brightness) / solar wind / all
 
 Writes benchmarks/results/ceilings.json and replaces the ceilings section of every data/*/README.md (below
-`mmfusion.data.README_CEILINGS_MARK`) with a table rendered from that JSON (night: plus the trained single-modality and
+`mmfusion.sample_data.README_CEILINGS_MARK`) with a table rendered from that JSON (night: plus the trained single-modality and
 fused detectors of benchmarks/results/night_detection.json, when present). About a minute on 2 CPU cores.
 Run: .venv/bin/python benchmarks/ceilings.py [--root data] [--out benchmarks/results/ceilings.json] [--sets night ...]
      .venv/bin/python benchmarks/ceilings.py --readme-only   (after `mmfusion data generate`: rewrite the READMEs from the JSON)
@@ -34,7 +34,8 @@ from sklearn.model_selection import KFold, StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from mmfusion.data import INSPECTION_CLASSES, NIGHT_MODALITIES, NIGHT_OBJECTS, README_CEILINGS_MARK, WELD_CLASSES, sample_splits
+from mmfusion.data import NIGHT_MODALITIES, WELD_CLASSES
+from mmfusion.sample_data import INSPECTION_CLASSES, NIGHT_OBJECTS, README_CEILINGS_MARK, sample_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 DETECTION = ROOT/'benchmarks'/'results'/'night_detection.json'  # trained detectors per modality (benchmarks/night_detection.py)

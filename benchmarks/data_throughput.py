@@ -9,7 +9,8 @@ Both are timed in this one run, interleaved, and the ratio is printed.
 import argparse, statistics, tempfile, time
 from pathlib import Path
 import torch
-from mmfusion.data import NIGHT_MODALITIES, detection_augment, make_night_data, paired_folders
+from mmfusion.data import NIGHT_MODALITIES, detection_augment, paired_folders
+from mmfusion.sample_data import make_night_data
 
 
 def samples_per_second(ds, batch, workers):

@@ -4,8 +4,9 @@ import shutil
 from pathlib import Path
 
 import cv2, numpy as np, pandas as pd, pytest
-from mmfusion.data import (DataError, make_inspection_data, make_night_data, make_solar_data, make_weld_data, manifest_dataset,
-                           paired_folders, sequence_dataset, split_file_datasets, weld_modalities, INSPECTION_METADATA, INSPECTION_CLASSES)
+from mmfusion.data import DataError, manifest_dataset, paired_folders, sequence_dataset, split_file_datasets, weld_modalities
+from mmfusion.sample_data import (make_inspection_data, make_night_data, make_solar_data, make_weld_data, INSPECTION_METADATA,
+                                  INSPECTION_CLASSES)
 
 
 @pytest.fixture(scope='module')
@@ -177,8 +178,8 @@ def test_empty_split_is_an_error(corpus, make_empty):
 
 
 # --- non-finite numbers: one positive (raises, naming file and line/row) and one negative (loads) case per reader ---------
-from mmfusion.data import (check_splits, from_arrays, read_csv_numeric, read_series, read_voc_labels, read_yolo_labels,
-                           INSPECTION_GROUP)
+from mmfusion.data import check_splits, from_arrays, read_csv_numeric, read_series, read_voc_labels, read_yolo_labels
+from mmfusion.sample_data import INSPECTION_GROUP
 import math, random, torch
 
 NON_FINITE = ['nan', 'NaN', '-nan', 'inf', '-inf', '+Infinity', '1e999']

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest, torch
 from torch.utils.data import DataLoader, Subset
 
-from mmfusion.data import NIGHT_MODALITIES, make_night_data
+from mmfusion.data import NIGHT_MODALITIES
+from mmfusion.sample_data import make_night_data
 from mmfusion.detection import (DetectionLoss, MultiModalYOLO, _read_yolo_checkpoint, detection_config, detection_contribution,
                                 detection_splits, detector_cams, diagnose_detection_run, fit_detector, load_detector, predict_cli,
                                 run_detection, train_baseline, validate_detection, yolo_dataset_view)

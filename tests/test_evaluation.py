@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch, torch.nn as nn, torch.nn.functional as F
 from sklearn import metrics as skm
 
-from mmfusion.data import MultiModalDataset, sample_splits, tiny_dataset
+from mmfusion.data import MultiModalDataset, tiny_dataset
+from mmfusion.sample_data import sample_splits
 from mmfusion.encoders import TINY_CONFIGS
 from mmfusion.evaluation import (ConvAutoencoder, NonFiniteError, Predictions, anomaly_metrics, atomic_write, bootstrap_ci,
                                  classification_metrics, collect, evaluate_model, evaluate_predictions, fit_autoencoder,

@@ -12,7 +12,7 @@ import hashlib, importlib.util, json, shutil
 from pathlib import Path
 
 import pytest
-from mmfusion.data import README_CEILINGS_MARK, SAMPLE_DATASETS, make_sample_data
+from mmfusion.sample_data import README_CEILINGS_MARK, SAMPLE_DATASETS, make_sample_data
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA, JSON = ROOT/'data', ROOT/'benchmarks'/'results'/'ceilings.json'
