@@ -11,8 +11,9 @@ import argparse, math, statistics, time
 import torch
 from mmfusion.fusion import drop_modalities
 from mmfusion.model import build_model
-from mmfusion.training import (Learner, ModelLoss, OPTIMIZERS, apply_overrides, build_splits, fit_config_to_data, load_config,
-                               make_train_loader, resolve_config, seed_everything, training_callbacks)
+from mmfusion.core import seed_everything
+from mmfusion.training import Learner, ModelLoss, OPTIMIZERS, make_train_loader, training_callbacks
+from mmfusion.config import apply_overrides, build_splits, fit_config_to_data, load_config, resolve_config
 
 
 def setup(cfg, splits):

@@ -2,6 +2,6 @@ __version__ = "0.1.0"
 
 
 def train(*args, **kwargs):
-    "`mmfusion.train(config_or_path, overrides=(), resume=None)`: see `mmfusion.training.train` (imported on first call)"
-    from .training import train as _train
+    "`mmfusion.train(config_or_path, overrides=(), resume=None)`: a run of any kind; see `mmfusion.runs.train` (imported on first call)"
+    from .runs import train as _train
     return _train(*args, **kwargs)

@@ -5,20 +5,20 @@
 # %% ../nbs/09_cli.ipynb #3c8dc8b4
 from __future__ import annotations
 import argparse, sys, time
-import yaml
 from typing import Sequence
 from pathlib import Path
 import matplotlib
-from .data import SAMPLE_SETS, make_sample_data, sample_splits, show_sample, summarize_splits
-from .evaluation import evaluate_run, write_figure
-from .training import add_train_arguments, train
-from .diagnosis import diagnose_run
-from .detection import predict_cli, run_detection
-from .deploy import EXPORT_FORMATS, export_run
+from .config import KindError, RunFolder
+from .data import show_sample, summarize_splits
+from .sample_data import SAMPLE_SETS, make_sample_data, sample_splits
+from .evaluation import write_figure
+from .deploy import EXPORT_FORMATS
 from .serve import serve
+from .runs import capabilities, diagnose, evaluate, export, predict, train
 
 # %% auto #0
-__all__ = ['SCENARIOS', 'data_summary', 'run_scenario', 'demo', 'main']
+__all__ = ['SCENARIOS', 'data_summary', 'headline_line', 'run_scenario', 'demo', 'add_train_arguments', 'add_predict_arguments',
+           'predict_inputs', 'main']
 
 # %% ../nbs/09_cli.ipynb #88df9607
 def data_summary(root='data', # folder holding the sample datasets (night, weld, inspection, solar)
@@ -45,7 +45,7 @@ def data_summary(root='data', # folder holding the sample datasets (night, weld,
 SCENARIOS = {'weld': ['configs/weld.yaml'],  # demo scenario -> its configs, run in order
              'inspection': ['configs/inspection.yaml', 'configs/inspection_anomaly.yaml'],  # CT + metadata classes; RGB anomaly scorer
              'solar': ['configs/solar.yaml'],
-             'night': ['configs/night_person.yaml']}  # detection: a trained baseline per modality + the fused YOLO (tens of minutes on 2 CPU cores)
+             'night': ['configs/night_person.yaml']}  # detection: a trained baseline per modality + the fused YOLO (about 20 minutes on 2 CPU cores)
 
 def _report_diagnosis(diag, run_dir:Path, t0:float):
     print(f"diagnosis: {len(diag.problems)} problem(s), {sum(f.severity == 'warning' for f in diag.findings)} warning(s)")
@@ -53,29 +53,25 @@ def _report_diagnosis(diag, run_dir:Path, t0:float):
         if f.severity != 'ok' or f.check == 'modality_contribution': print(f"  [{f.severity}] {f.check}: {f.summary}")
     print(f"run folder: {run_dir}\n  diagnosis:  {run_dir/'diagnosis'/'report.html'}\n  ({time.time() - t0:.0f} s)", flush=True)
 
-def run_scenario(config, # a YAML config (a detection config, with a `baseline` section, goes to `run_detection`)
+def headline_line(ev:dict) -> str:
+    "One line for a report's headline metric: value and, where there is one, its bootstrap interval"
+    h = ev['headline']
+    ci = f" (bootstrap 95% CI {h['low']:.3f}-{h['high']:.3f})" if 'low' in h else ''
+    return f"{h['name']} = {h['value']:.3f}{ci}"
+
+def run_scenario(config, # a YAML config of any kind
                  root='data', # the sample datasets
                  runs_dir='runs/demo', # where the run folder goes
-                 overrides:Sequence[str]=(), # more `key=value` config overrides (not for detection configs)
+                 overrides:Sequence[str]=(), # more `key=value` config overrides
                 ) -> dict:
     "Train, evaluate and diagnose one config end to end, printing the headline numbers; returns the run, metrics and diagnosis"
     t0 = time.time()
-    cfg = yaml.safe_load(Path(config).read_text())
-    if 'baseline' in cfg:  # multi-modal YOLO: Phase-1 baseline, fused fine-tuning, ablation table on the test split
-        if overrides: raise ValueError(f"{config}: a detection config takes no key=value overrides here; edit the YAML")
-        run = run_detection(config, {'data': {'root': str(Path(root)/Path(cfg['data']['root']).name)}, 'runs_dir': runs_dir})
-        print(f"\n{Path(config).stem}: test-split detection metrics (fused, each modality removed, the trained single-modality baselines)\n"
-              f"{run.table.round(3).to_string()}\n  drawn predictions: {run.dir/'predictions.png'}")
-        diag = diagnose_run(run.dir)
-        _report_diagnosis(diag, run.dir, t0)
-        return {'run': run, 'evaluation': run.table, 'diagnosis': diag}
     run = train(config, [f'data.root={root}', f'runs_dir={runs_dir}', *overrides])
-    ev = evaluate_run(run.dir)
-    diag = diagnose_run(run.dir)
-    h, p = ev['headline'], run.metrics['primary']
-    print(f"\n{Path(config).stem}: held-out {p['name']} = {p['value']:.3f} vs trivial baseline {p['baseline']:.3f}; "
-          f"{h['name']} = {h['value']:.3f} (bootstrap 95% CI {h['low']:.3f}-{h['high']:.3f})\n  evaluation: {run.dir/'eval'/'summary.md'}")
-    _report_diagnosis(diag, run.dir, t0)
+    folder = RunFolder(run.dir)
+    ev = evaluate(folder)
+    diag = diagnose(folder)
+    print(f"\n{Path(config).stem} ({folder.kind}): held-out {headline_line(ev)}\n  evaluation: {folder.path/'eval'}")
+    _report_diagnosis(diag, folder.path, t0)
     return {'run': run, 'evaluation': ev, 'diagnosis': diag}
 
 def demo(root='data', # sample datasets
@@ -91,6 +87,40 @@ def demo(root='data', # sample datasets
     return {Path(c).stem: run_scenario(c, root, out) for n in names for c in SCENARIOS[n]}
 
 # %% ../nbs/09_cli.ipynb #350b2965
+def _run_arguments(p:argparse.ArgumentParser, out_help:str) -> argparse.ArgumentParser:
+    p.add_argument('run_dir'); p.add_argument('--checkpoint', default='best', choices=['best', 'last'])
+    p.add_argument('--out', default=None, help=out_help)
+    return p
+
+def add_train_arguments(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Add `train`'s arguments (CONFIG, --set KEY=VALUE ..., --resume RUN_DIR, --quiet, --force) to a parser"
+    p.add_argument('config', nargs='?', help='YAML config of any kind (see configs/)')
+    p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE', help='override a config value, e.g. training.lr=0.001')
+    p.add_argument('--resume', metavar='RUN_DIR', help='continue an interrupted run from RUN_DIR/checkpoints/last.pt')
+    p.add_argument('--quiet', action='store_true', help='print nothing but errors')
+    p.add_argument('--force', action='store_true', help="detection: start the fused phase even when the baseline is below the config's gate")
+    return p
+
+def add_predict_arguments(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Add `predict`'s arguments: files or folders per modality (--input M=PATH, --thermal/--nvg/--visual) or a manifest"
+    _run_arguments(p, 'default: RUN_DIR/predictions')
+    p.add_argument('--input', action='append', default=[], metavar='MODALITY=PATH', help='a file, or a folder (files paired by name across modalities)')
+    p.add_argument('--thermal'); p.add_argument('--nvg'); p.add_argument('--visual', dest='visual_enhanced', metavar='VISUAL')
+    p.add_argument('--manifest', help="a CSV with an 'id' column and one column per modality (paths relative to the CSV)")
+    p.add_argument('--data-root', default=None, help="the training data, when the run has no preprocessing.json")
+    p.add_argument('--conf', type=float, default=None, help='detection: confidence threshold (default 0.25)')
+    return p
+
+def predict_inputs(a:argparse.Namespace):
+    "What `mmfusion predict` was asked to predict on: a manifest path, or {modality: file or folder}"
+    if a.manifest: return a.manifest
+    files = {m: getattr(a, m) for m in ('thermal', 'nvg', 'visual_enhanced') if getattr(a, m)}
+    for kv in a.input:
+        if '=' not in kv: raise ValueError(f"--input wants MODALITY=PATH, got {kv!r}")
+        k, v = kv.split('=', 1); files[k] = v
+    if not files: raise ValueError("give --input MODALITY=PATH (or --thermal/--nvg/--visual), or --manifest CSV")
+    return files
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='mmfusion', description='Build, train, evaluate and diagnose multi-modal fusion models.')
     sub = p.add_subparsers(dest='command', required=True)
@@ -99,64 +129,58 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument('--root', default='data'); g.add_argument('--seed', type=int, default=0)
     s = d.add_parser('summary', help='print a summary and save a picture per dataset')
     s.add_argument('--root', default='data'); s.add_argument('--out', default='runs/data')
-    add_train_arguments(sub.add_parser('train', help='train a model from a YAML config (or resume a run)'))
-    e = sub.add_parser('evaluate', help='evaluate a run folder: RUN_DIR/eval/{metrics.json, summary.md, *.png}')
-    e.add_argument('run_dir'); e.add_argument('--split', default=None)
-    e.add_argument('--checkpoint', default='best', choices=['best', 'last']); e.add_argument('--out', default=None)
-    g = sub.add_parser('diagnose', help='diagnose a run folder: RUN_DIR/diagnosis/{findings.json, report.md, report.html}')
-    g.add_argument('run_dir'); g.add_argument('--split', default=None, help='default: the validation split when the run has one, else test')
+    add_train_arguments(sub.add_parser('train', help='train a run of any kind from a YAML config (or resume a run)'))
+    _run_arguments(sub.add_parser('evaluate', help='evaluate a run folder: RUN_DIR/eval/'), 'default: RUN_DIR/eval').add_argument('--split', default=None)
+    g = _run_arguments(sub.add_parser('diagnose', help='diagnose a run folder: RUN_DIR/diagnosis/{findings.json, report.html}'), 'default: RUN_DIR/diagnosis')
+    g.add_argument('--split', default=None, help='default: the validation split when the run has one, else test')
     g.add_argument('--head', default=None, help="a multi-task model's head to score (default: the one its evaluation uses)")
-    g.add_argument('--checkpoint', default='best', choices=['best', 'last']); g.add_argument('--out', default=None)
-    r = sub.add_parser('predict', help='detect with a trained multi-modal YOLO run: boxes as JSON + drawn images')
-    r.add_argument('run_dir')
-    r.add_argument('--thermal'); r.add_argument('--nvg'); r.add_argument('--visual', dest='visual_enhanced', metavar='VISUAL')
-    r.add_argument('--input', action='append', default=[], metavar='MODALITY=PATH', help='any other modality: an image or a folder')
-    r.add_argument('--out', default=None, help='default: RUN_DIR/predictions'); r.add_argument('--conf', type=float, default=0.25)
+    add_predict_arguments(sub.add_parser('predict', help='predict with a run of any kind: predictions.json'))
     v = sub.add_parser('serve', help='serve a run folder: HTTP (JSON + multipart) and WebSocket API, OpenAPI docs at /docs')
     v.add_argument('run_dir'); v.add_argument('--host', default='127.0.0.1', help='interface to bind (default: loopback only)')
     v.add_argument('--port', type=int, default=8000); v.add_argument('--checkpoint', default='best', choices=['best', 'last'])
     v.add_argument('--data-root', default=None, help="the training data, when the run has no preprocessing.json (default: the config's data.root)")
     v.add_argument('--max-bytes', type=int, default=16 << 20, help='largest request accepted'); v.add_argument('--max-concurrency', type=int, default=2)
-    x = sub.add_parser('export', help='export a run as ONNX or TorchScript (+ a JSON card), checked against PyTorch')
-    x.add_argument('run_dir'); x.add_argument('--format', default='onnx', choices=list(EXPORT_FORMATS))
-    x.add_argument('--out', default=None, help='default: RUN_DIR/export/model.onnx or model.pt')
-    x.add_argument('--checkpoint', default='best', choices=['best', 'last']); x.add_argument('--data-root', default=None)
+    x = _run_arguments(sub.add_parser('export', help='export a run as ONNX and/or TorchScript, checked against PyTorch'), 'default: RUN_DIR/export')
+    x.add_argument('--format', action='append', choices=list(EXPORT_FORMATS), help='repeat for several (default: the kind\'s own)')
+    x.add_argument('--data-root', default=None)
+    sub.add_parser('kinds', help='what each kind of run can do')
     m = sub.add_parser('demo', help='the main job on the sample data')
     m.add_argument('--root', default='data'); m.add_argument('--out', default='runs/demo')
     m.add_argument('--scenario', default='weld', choices=[*SCENARIOS, 'all'])
     return p
+
+# %% ../nbs/09_cli.ipynb #6fa3c494
+def _optional(**kw) -> dict: return {k: v for k, v in kw.items() if v not in (None, False)}
+
+def _command(a:argparse.Namespace):
+    if a.command == 'data' and a.action == 'generate':
+        for name, path in make_sample_data(a.root, a.seed).items(): print(f"{name}: {path}")
+    elif a.command == 'data': data_summary(a.root, a.out)
+    elif a.command == 'train':
+        if bool(a.config) == bool(a.resume): sys.exit("mmfusion train: give a CONFIG or --resume RUN_DIR (one of them)")
+        run = train(a.config, a.overrides, a.resume, verbose=not a.quiet, **_optional(force=a.force))
+        if not a.quiet: print(f"run folder: {run.dir}")
+    elif a.command == 'evaluate':
+        ev = evaluate(a.run_dir, a.split, a.out, a.checkpoint)
+        print(f"{headline_line(ev)}; report in {a.out or Path(a.run_dir)/'eval'}")
+    elif a.command == 'diagnose':
+        d = diagnose(a.run_dir, a.split, a.out, a.checkpoint, **_optional(head=a.head))
+        print(d); print(f"report in {a.out or Path(a.run_dir)/'diagnosis'}")
+    elif a.command == 'predict':
+        records = predict(a.run_dir, predict_inputs(a), a.out, a.checkpoint, **_optional(data_root=a.data_root, conf=a.conf))
+        print(f"{len(records)} prediction(s): {Path(a.out or Path(a.run_dir)/'predictions')/'predictions.json'}")
+    elif a.command == 'serve': serve(a.run_dir, a.host, a.port, a.checkpoint, a.data_root, a.max_bytes, a.max_concurrency)
+    elif a.command == 'export':
+        for f, r in export(a.run_dir, a.out, a.format, a.checkpoint, **_optional(data_root=a.data_root)).items():
+            print(f"{f}: {r['path']}; max abs difference from PyTorch: " + ', '.join(f"{k} {v:.2e}" for k, v in r['max_abs_diff'].items()))
+    elif a.command == 'kinds': print(capabilities().to_string())
+    elif a.command == 'demo': demo(a.root, a.out, a.scenario)
 
 def main(argv:list|None=None, # arguments (default: sys.argv[1:])
         ):
     "Entry point of the `mmfusion` command"
     if 'ipykernel' not in sys.modules: matplotlib.use('Agg')  # a terminal has no display; a notebook keeps its inline plots
     a = _parser().parse_args(argv)
-    try:
-        if a.command == 'data' and a.action == 'generate':
-            for name, path in make_sample_data(a.root, a.seed).items(): print(f"{name}: {path}")
-        elif a.command == 'data': data_summary(a.root, a.out)
-        elif a.command == 'train':
-            if bool(a.config) == bool(a.resume): sys.exit("mmfusion train: give a CONFIG or --resume RUN_DIR (one of them)")
-            train(a.config, a.overrides, a.resume, verbose=not a.quiet)
-        elif a.command == 'evaluate':
-            ev = evaluate_run(a.run_dir, a.split, a.checkpoint, a.out)
-            h = ev['headline']
-            print(f"{h['name']} = {h['value']:.4f} (95% CI {h['low']:.4f}-{h['high']:.4f}); report in {a.out or Path(a.run_dir)/'eval'}")
-        elif a.command == 'diagnose':
-            d = diagnose_run(a.run_dir, a.split, a.out, a.checkpoint, head=a.head)
-            print(d); print(f"report in {a.out or Path(a.run_dir)/'diagnosis'}")
-        elif a.command == 'predict':
-            files = {m: getattr(a, m) for m in ('thermal', 'nvg', 'visual_enhanced') if getattr(a, m)}
-            for kv in a.input:
-                if '=' not in kv: sys.exit(f"mmfusion predict: --input wants MODALITY=PATH, got {kv!r}")
-                k, v = kv.split('=', 1); files[k] = v
-            if not files: sys.exit("mmfusion predict: give at least one of --thermal, --nvg, --visual, --input MODALITY=PATH")
-            print(f"detections: {predict_cli(a.run_dir, files, a.out or Path(a.run_dir)/'predictions', a.conf)}")
-        elif a.command == 'serve': serve(a.run_dir, a.host, a.port, a.checkpoint, a.data_root, a.max_bytes, a.max_concurrency)
-        elif a.command == 'export':
-            path, diffs = export_run(a.run_dir, a.format, a.out, a.checkpoint, a.data_root)
-            print(f"{a.format}: {path} (card: {path.with_suffix('.json')}); max abs difference from PyTorch: "
-                  + ', '.join(f"{k} {v:.2e}" for k, v in diffs.items()))
-        elif a.command == 'demo': demo(a.root, a.out, a.scenario)
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+    try: _command(a)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:  # KindError and DataError are ValueErrors
         sys.exit(f"mmfusion {a.command}: {type(e).__name__}: {e}")

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import os
 os.environ.setdefault('YOLO_OFFLINE', '1')  # before anything imports ultralytics: no DNS probe or hub check at import
+os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # albumentations asks PyPI for a newer version at import
 import json, math, random, tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence

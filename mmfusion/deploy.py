@@ -11,21 +11,25 @@ from pathlib import Path
 from typing import Mapping, Sequence
 import numpy as np, onnxruntime as ort, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
 from sklearn.metrics import f1_score
-from .core import atomic_write
+from .core import atomic_write, check_finite, write_json
 from .data import (DataError, Sample, TabularPreprocessor, collate_samples, read_audio, read_image, read_image_sequence,
                            read_image_set, read_series, read_video)
+from .evaluation import load_scorer
 from .model import (ClassificationHead, EmbeddingHead, IdentityHead, MultiModalModel, MultiTaskHead, RegressionHead,
                             load_checkpoint, load_model, run_checkpoint)
-from .training import Callback, Run, build_splits, load_config, train
+from .training import Callback, logits_of
+from .config import KindError, RunFolder, build_splits, kind_verb, load_config, register_verb, refuse_verb
+from .kinds import Run, train
 from .detection import MultiModalYOLO, load_detector, predict_detections
 
 # %% auto #0
 __all__ = ['FILE_READERS', 'IMAGE_READERS', 'EXPORT_FORMATS', 'TTA_VIEWS', 'ModalitySpec', 'preprocessing_from_splits',
            'preprocessing_to_json', 'preprocessing_from_json', 'Prediction', 'output_kinds', 'Predictor', 'Box',
-           'Detections', 'DetectionPredictor', 'load_predictor', 'predictor_outputs', 'score', 'ExportModule',
-           'example_inputs', 'export_model', 'ExportedModel', 'check_export', 'flat_inputs', 'export_run', 'zoom',
-           'average_outputs', 'TTAPredictor', 'Ensemble', 'box_iou', 'weighted_box_fusion', 'distillation_loss',
-           'Distill', 'distill']
+           'Detections', 'DetectionPredictor', 'load_predictor', 'fused_predictor', 'detection_predictor',
+           'predictor_outputs', 'score', 'input_samples', 'write_predictions', 'predict_fused_run',
+           'predict_anomaly_run', 'ExportModule', 'example_inputs', 'export_model', 'ExportedModel', 'check_export',
+           'flat_inputs', 'export_run', 'export_fused_run', 'zoom', 'average_outputs', 'TTAPredictor', 'Ensemble',
+           'box_iou', 'weighted_box_fusion', 'distillation_loss', 'Distill', 'distill']
 
 # %% ../nbs/08_deploy.ipynb #c9163e64
 FILE_READERS = {f.__name__: f for f in (read_image, read_image_set, read_video, read_audio, read_series, read_image_sequence)}  # readers a spec may name
@@ -87,8 +91,8 @@ def preprocessing_from_splits(splits:Mapping, # split name -> `MultiModalDataset
     ds = splits[train]
     shapes = ds.shapes()
     seen = {m: set() for m in ds.modalities}
-    for r in ds.records[:n_probe]:
-        s = ds._read(r)  # no augmentation: the shapes as read
+    for i in range(min(n_probe, len(ds))):
+        s = ds.read(i)  # no augmentation: the shapes as read
         for m, x in s.inputs.items(): seen[m].add(tuple(x.shape))
     specs = {}
     for m, mod in ds.modalities.items():
@@ -151,18 +155,14 @@ class Predictor:
         self.device, self.kinds = torch.device(device), output_kinds(model, task)
 
     @classmethod
-    def from_run(cls, run_dir, # a run folder written by `mmfusion.training.train`
+    def from_run(cls, run_dir, # a fused run folder (written by `mmfusion.runs.train`)
                  checkpoint:str='best', # 'best' or 'last' (falls back to last.pt when there is no best.pt)
                  data_root=None, # where the training data is (default: the config's `data.root`); unused when the run has preprocessing.json
                  device:str='cpu'):
         "Load a run's weights (as data only) and its preprocessing: `preprocessing.json` if written, else refitted from the training data"
-        run_dir = Path(run_dir)
-        ck = run_checkpoint(run_dir, checkpoint)
-        if 'modalities' in load_checkpoint(ck).get('config', {}):
-            raise ValueError(f"{run_dir} is a detection run (MultiModalYOLO): load it with `load_predictor` (a `DetectionPredictor`); "
-                             "export covers fused classification/regression/embedding models only")
-        if not (run_dir/'config.yaml').is_file(): raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-        model, cfg = load_model(ck), load_config(run_dir/'config.yaml')
+        run = RunFolder(run_dir)
+        if run.kind != 'fused': raise KindError(f"{run.path} is a {run.kind} run: a `Predictor` serves fused models; `mmfusion.runs.predictor` picks the right one")
+        run_dir, model, cfg = run.path, load_model(run.checkpoint(checkpoint)), run.config
         if (run_dir/'preprocessing.json').is_file():
             info = json.loads((run_dir/'preprocessing.json').read_text())
             specs, names, task = preprocessing_from_json(json.dumps(info['modalities'])), info['class_names'], info['task']
@@ -285,13 +285,22 @@ class DetectionPredictor:
                for i, r in zip(ids, predict_detections(self.model, frames, conf=self.conf, iou=self.iou))]
         return res[0] if one else res
 
-def load_predictor(run_dir, # a run folder (fused model or multi-modal YOLO)
+def load_predictor(run_dir, # a run folder of any kind
                    checkpoint:str='best', # 'best' or 'last'
-                   data_root=None, # the training data, for a fused run without preprocessing.json
-                   device:str='cpu'):
-    "A `DetectionPredictor` for a detection run, else a `Predictor`"
-    if 'modalities' in load_checkpoint(run_checkpoint(run_dir, checkpoint)).get('config', {}): return DetectionPredictor.from_run(run_dir, checkpoint)
-    return Predictor.from_run(run_dir, checkpoint, data_root, device)
+                   **kwargs): # what that kind's predictor takes (e.g. `data_root`, `device`, `conf`)
+    "The predictor a run's kind registered: a `Predictor` for a fused run, a `DetectionPredictor` for a detection run"
+    run = RunFolder(run_dir)
+    return kind_verb(run.kind, 'predictor')(run, checkpoint=checkpoint, **kwargs)
+
+@register_verb('fused', 'predictor')
+def fused_predictor(run:RunFolder, checkpoint:str='best', data_root=None, device:str='cpu') -> Predictor:
+    "A fused run's `Predictor` (the `predictor` verb)"
+    return Predictor.from_run(run.path, checkpoint, data_root, device)
+
+@register_verb('detection', 'predictor')
+def detection_predictor(run:RunFolder, checkpoint:str='best', conf:float=0.25, **kwargs) -> DetectionPredictor:
+    "A detection run's `DetectionPredictor` (the `predictor` verb)"
+    return DetectionPredictor.from_run(run.path, checkpoint, conf)
 
 # %% ../nbs/08_deploy.ipynb #28c3c631
 def predictor_outputs(predictor, # anything with `outputs(batch)`: a `Predictor`, `TTAPredictor` or `Ensemble`
@@ -313,6 +322,60 @@ def score(predictor, ds, batch_size:int=32) -> dict:
         return {'accuracy': float((p == y.numpy()).mean()), 'macro_f1': float(f1_score(y.numpy(), p, average='macro'))}
     k = next(k for k, v in kinds.items() if v == 'regression')
     return {'mae': float((outs[k] - y.float().view_as(outs[k])).abs().mean())}
+
+# %% ../nbs/08_deploy.ipynb #55f2792b
+def input_samples(inputs, # {modality: file or folder}, a list of such dicts, or a manifest .csv (an `id` column, one column per modality)
+                 ) -> tuple:
+    "(samples, ids): a dict modality -> path per sample; folders pair their files by stem; manifest paths are relative to the CSV"
+    if isinstance(inputs, (str, Path)):
+        path = Path(inputs)
+        if path.suffix != '.csv' or not path.is_file(): raise DataError(str(path), "not a manifest .csv (give {modality: file or folder} instead)")
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if 'id' not in df: raise DataError(str(path), f"a manifest needs an 'id' column and one column per modality; it has {list(df)}")
+        rows = df.to_dict('records')
+        return [{m: str(path.parent/v) for m, v in r.items() if m != 'id' and v} for r in rows], [r['id'] for r in rows]
+    samples, ids = [], []
+    for s in ([inputs] if isinstance(inputs, Mapping) else list(inputs)):
+        for m, p in s.items():
+            if isinstance(p, (str, Path)) and not Path(p).exists(): raise DataError(str(p), f"input for {m!r} not found")
+        folders = {m: Path(p) for m, p in s.items() if isinstance(p, (str, Path)) and Path(p).is_dir()}
+        if not folders: samples.append(dict(s)); ids.append(str(len(ids))); continue
+        files = {m: {f.stem: f for f in sorted(d.iterdir()) if f.is_file() and not f.name.startswith('.')} for m, d in folders.items()}
+        for stem in sorted(set().union(*files.values())):
+            samples.append({**{m: v for m, v in s.items() if m not in folders}, **{m: str(f[stem]) for m, f in files.items() if stem in f}})
+            ids.append(stem)
+    if not samples: raise DataError(str(inputs), "no sample found")
+    return samples, ids
+
+def write_predictions(records:list, # JSON-able prediction records
+                      run:RunFolder, out=None, # the folder to write into (default: RUN_DIR/predictions)
+                     ) -> Path:
+    "Write `predictions.json` atomically; returns its path"
+    return write_json(records, Path(out if out is not None else run.path/'predictions')/'predictions.json')
+
+@register_verb('fused', 'predict')
+def predict_fused_run(run:RunFolder, inputs, # see `input_samples`
+                      out=None, checkpoint:str='best', data_root=None, batch_size:int=32) -> list:
+    "The `predict` verb of fused runs: one record per sample (id, the modalities it lacked, each output)"
+    p, (samples, ids) = Predictor.from_run(run.path, checkpoint, data_root), input_samples(inputs)
+    records = [r.to_dict() for s in range(0, len(samples), batch_size) for r in p.predict(samples[s:s + batch_size], ids[s:s + batch_size])]
+    write_predictions(records, run, out)
+    return records
+
+@register_verb('anomaly', 'predict')
+def predict_anomaly_run(run:RunFolder, inputs, # see `input_samples`; each sample needs the scorer's input modality
+                        out=None, checkpoint:str='best', data_root=None) -> list:
+    "The `predict` verb of anomaly scorers: each sample's anomaly score, and whether it is above the threshold the checkpoint carries"
+    scorer, m = load_scorer(run.checkpoint(checkpoint)), run.config['model']['input']
+    data = {**run.config['data'], 'cache': False, 'augment': None, **({'root': str(data_root)} if data_root else {})}
+    spec, (samples, ids) = preprocessing_from_splits(build_splits(data), data['train'])[m], input_samples(inputs)
+    missing = [i for i, s in zip(ids, samples) if m not in s]
+    if missing: raise DataError(f"sample {missing[0]!r}", f"an anomaly scorer reads {m!r}; give --input {m}=FILE_OR_FOLDER")
+    with torch.no_grad(): scores = scorer.eval().score(torch.stack([spec.decode(s[m]) for s in samples]))
+    scores, thr = check_finite(scores, 'anomaly scores', ids), float(scorer.threshold['threshold'])
+    records = [{'id': i, 'score': float(v), 'anomalous': bool(v >= thr), 'threshold': thr} for i, v in zip(ids, scores)]
+    write_predictions(records, run, out)
+    return records
 
 # %% ../nbs/08_deploy.ipynb #9a5dd782
 class ExportModule(nn.Module):
@@ -444,6 +507,24 @@ def export_run(run_dir, # a run folder
     path = export_model(predictor, out or Path(run_dir)/'export'/f'model{EXPORT_FORMATS[format]}', format)
     return path, check_export(path, predictor)
 
+# %% ../nbs/08_deploy.ipynb #2f37b264
+@register_verb('fused', 'export')
+def export_fused_run(run:RunFolder, # a fused run
+                     out=None, # the folder to write into (default: RUN_DIR/export)
+                     formats:Sequence[str]|None=None, # `EXPORT_FORMATS` names (default: onnx)
+                     checkpoint:str='best', data_root=None) -> dict:
+    "The `export` verb of fused runs: each format written and checked against PyTorch; format -> {path, max_abs_diff}"
+    out = Path(out) if out is not None else run.path/'export'
+    res = {}
+    for f in formats or ('onnx',):
+        path, diffs = export_run(run.path, f, out/f'model{EXPORT_FORMATS.get(f, "")}', checkpoint, data_root)
+        res[f] = {'path': str(path), 'max_abs_diff': diffs}
+    return res
+
+refuse_verb('anomaly', 'export', "exporting an anomaly scorer (a reconstruction model plus its threshold) is not built; "
+            "score images with `mmfusion predict RUN --input image=FOLDER` instead")
+refuse_verb('anomaly', 'predictor', "serving an anomaly scorer is not built; score images with `mmfusion predict RUN --input image=FOLDER`")
+
 # %% ../nbs/08_deploy.ipynb #16bbeb08
 def zoom(x:torch.Tensor, # (..., H, W)
          scale:float, # >1 zooms in (crop after upscaling), <1 zooms out (pad after downscaling)
@@ -546,8 +627,6 @@ def distillation_loss(student_logits:torch.Tensor, teacher_logits:torch.Tensor, 
     return F.kl_div(F.log_softmax(student_logits.float() / t, -1), F.log_softmax(teacher_logits.float() / t, -1),
                     reduction='batchmean', log_target=True) * t * t
 
-def _logits_of(out): return out['logits'] if isinstance(out, Mapping) else out
-
 class Distill(Callback):
     "Train the learner's model as a student of `teacher`: the task loss blended with the temperature-scaled KL to the teacher"
     def __init__(self, teacher:nn.Module, # the trained teacher (kept frozen, in eval mode)
@@ -558,8 +637,8 @@ class Distill(Callback):
     def before_fit(self, learn): self.teacher.to(learn.device).eval()
     def get_loss(self, learn):
         task = learn.loss_func(learn.preds, learn.batch)
-        with torch.no_grad(): t = _logits_of(self.teacher(learn.batch).output)
-        learn.loss = (1 - self.alpha) * task + self.alpha * distillation_loss(_logits_of(learn.preds.output), t, self.temperature)
+        with torch.no_grad(): t = logits_of(self.teacher(learn.batch).output)
+        learn.loss = (1 - self.alpha) * task + self.alpha * distillation_loss(logits_of(learn.preds.output), t, self.temperature)
 
 def distill(teacher_run, # the teacher's run folder
             student_config, # the student's config (YAML path or mapping): same data, fewer modalities or smaller encoders

@@ -10,7 +10,8 @@ import numpy as np, pandas as pd, pytest
 from mmfusion.cli import main
 from mmfusion.evaluation import NonFiniteError, anomaly_scores, evaluate_run, load_scorer, select_threshold
 from mmfusion.model import load_checkpoint, save_checkpoint
-from mmfusion.training import build_splits, load_config, train
+from mmfusion.config import build_splits, load_config
+from mmfusion.runs import train
 from conftest import json_numbers
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest, torch, torch.nn.functional as F
 
 from mmfusion.model import CheckpointError, load_checkpoint
-from mmfusion.training import (Callback, NonFiniteLossError, SupConLoss, apply_overrides, load_config, resolve_config,
-                               train)
+from mmfusion.training import Callback, NonFiniteLossError, SupConLoss
+from mmfusion.config import apply_overrides, load_config, resolve_config
+from mmfusion.runs import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT/'configs'/'smoke.yaml'
-TRAIN = 'import sys; from mmfusion.training import main_train; main_train(sys.argv[1:])'  # what `mmfusion train` runs
+TRAIN = "import sys; from mmfusion.cli import main; main(['train', *sys.argv[1:]])"  # what `mmfusion train` runs
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONHASHSEED': '0'}
 
 
@@ -109,7 +110,8 @@ def test_anomaly_config_mistakes_are_clear_errors(tmp_path):
 PAUSE_AT_STEP = '''
 import sys, time
 from pathlib import Path
-from mmfusion.training import Callback, train
+from mmfusion.training import Callback
+from mmfusion.runs import train
 class PauseAt(Callback):
     "Freeze the run right after optimizer step N, in the middle of an epoch, so the test can SIGKILL it there"
     def after_step(self, learn):
@@ -250,7 +252,7 @@ def test_ddp_on_two_gloo_processes_matches_one_process(tmp_path):
 def test_split_off_keeps_groups_whole():
     "data.split_off on a set whose samples carry groups (inspection: 4 cells per battery) moves whole batteries; by sample it would not"
     from mmfusion.data import check_splits
-    from mmfusion.training import build_splits, hold_out
+    from mmfusion.config import build_splits, hold_out
     data = resolve_config({'data': {'sample': 'inspection', 'root': str(ROOT/'data'), 'valid': 'val2', 'cache': False,
                                     'split_off': {'val2': {'from': 'train', 'fraction': 0.25}}}, 'model': {'encoders': {'x': {}}}})['data']
     splits = build_splits(data, seed=0)
