@@ -17,13 +17,13 @@ from torch.utils.data import Dataset, Sampler
 
 # %% auto #0
 __all__ = ['TINY_TABULAR', 'IMAGE_EXTS', 'NIGHT_MODALITIES', 'WELD_CLASSES', 'SOLAR_CHANNELS', 'Sample', 'DataError',
-           'SkippedSample', 'Modality', 'Record', 'ArrayRow', 'MultiModalDataset', 'collate_samples', 'batch_to',
-           'from_arrays', 'tiny_dataset', 'read_image', 'read_image_set', 'read_video', 'read_audio', 'read_text',
-           'read_csv_text', 'numeric_columns', 'text_columns', 'read_csv_numeric', 'read_series', 'TabularPreprocessor',
-           'read_image_sequence', 'read_yolo_labels', 'read_voc_labels', 'paired_folders', 'normalise_label',
-           'weld_modalities', 'manifest_dataset', 'split_file_datasets', 'class_folders', 'sequence_dataset',
-           'AlignedAugment', 'detection_augment', 'show_sample', 'StratifiedBatchSampler', 'SplitReport',
-           'check_splits', 'summarize_splits']
+           'SkippedSample', 'Modality', 'Record', 'ArrayRow', 'read_record', 'patch_to', 'MultiModalDataset',
+           'collate_samples', 'batch_to', 'from_arrays', 'tiny_dataset', 'read_image', 'read_image_set', 'read_video',
+           'read_audio', 'read_text', 'read_csv_text', 'numeric_columns', 'text_columns', 'read_csv_numeric',
+           'read_series', 'TabularPreprocessor', 'read_image_sequence', 'read_yolo_labels', 'read_voc_labels',
+           'paired_folders', 'normalise_label', 'weld_modalities', 'manifest_dataset', 'split_file_datasets',
+           'class_folders', 'sequence_dataset', 'AlignedAugment', 'detection_augment', 'show_sample',
+           'StratifiedBatchSampler', 'SplitReport', 'check_splits', 'summarize_splits']
 
 # %% ../nbs/00_data.ipynb #0ac9018b
 @dataclass
@@ -64,6 +64,10 @@ class _ErrorPolicy:
     def __call__(self, err:DataError, sample_id:str):
         if self.on_error == 'raise': raise err
         self.skipped.append(SkippedSample(sample_id, err.source, err.problem))
+    def passes(self, check:Callable, r, *args) -> bool:
+        "Whether `check(r, *args)` raises no `DataError`; one it raises is raised again or recorded"
+        try: check(r, *args); return True
+        except DataError as e: self(e, r.id); return False
 
 # %% ../nbs/00_data.ipynb #950ea867
 @dataclass
@@ -101,6 +105,43 @@ def _check_finite(x:torch.Tensor, src):
 def _first_path(src):
     return src[0] if isinstance(src, (list, tuple)) and src else src
 
+# %% ../nbs/00_data.ipynb #d0828321
+def _check_record(r:Record, modalities:Sequence[Modality]):
+    "Raise a `DataError` when `r` lacks a required modality"
+    for m in modalities:
+        if m.required and r.sources.get(m.name) is None:
+            raise DataError(r.origin or r.id, f"required modality {m.name!r} is missing for sample {r.id!r}", r.id)
+
+def read_record(r:Record, # where the sample's modalities come from
+                modalities:Sequence[Modality], # how each is read (absent sources are left out)
+               ) -> Sample:
+    "Read every present modality of `r` into a `Sample`: finite numbers, and spatial modalities of one size"
+    inputs, modalities = {}, {m.name: m for m in modalities}
+    for m in modalities.values():
+        src = r.sources.get(m.name)
+        if src is None: continue
+        try: x = m.reader(src)
+        except DataError as e: raise DataError(e.source, e.problem, r.id) from None
+        except Exception as e: raise DataError(_first_path(src), f"cannot read modality {m.name!r}: {e}", r.id) from e
+        _check_finite(x, src)
+        inputs[m.name] = x
+    sizes = {n: tuple(inputs[n].shape[-2:]) for n, m in modalities.items() if m.spatial and n in inputs}
+    if len(set(sizes.values())) > 1:
+        desc = ', '.join(f"{n} {h}x{w}" for n, (h, w) in sizes.items())
+        odd = next(n for n, hw in sizes.items() if hw != next(iter(sizes.values())))
+        raise DataError(_first_path(r.sources[odd]), f"spatial modalities differ in size ({desc}); aligned modalities need equal sizes", r.id)
+    return Sample(inputs, r.target, r.id)
+
+# %% ../nbs/00_data.ipynb #648a32d5
+def patch_to(cls:type): # the class that gets the method
+    "Decorator: add the function (or property) to `cls` under its own name, so a long class is built over several cells"
+    def add(f):
+        name = (f.fget if isinstance(f, property) else f).__name__
+        if callable(f): f.__qualname__ = f"{cls.__name__}.{name}"
+        setattr(cls, name, f)
+        return f
+    return add
+
 # %% ../nbs/00_data.ipynb #95c4dd08
 class MultiModalDataset(Dataset):
     "Samples built from `records`, each modality read by its `Modality`; bad samples raise or are skipped and reported"
@@ -115,47 +156,27 @@ class MultiModalDataset(Dataset):
                  name:str='dataset'): # what to call this split in messages (e.g. its folder)
         self.modalities = {m.name: m for m in modalities}
         self.task, self.class_names, self.transform, self.name = task, list(class_names or []) or None, transform, name
+        self.tabular = None  # the `TabularPreprocessor` a layout fitted for its metadata, if any
+        self._shapes, self._cache = None, None  # see `shapes` and `cache`
         policy = _ErrorPolicy(on_error)
         policy.skipped += list(skipped)
-        kept = []
-        for r in records:
-            try: self._check_record(r); kept.append(r)
-            except DataError as e: policy(e, r.id)
+        kept = [r for r in records if policy.passes(_check_record, r, self.modalities.values())]
         if on_error == 'skip':  # read every sample once so the report lists exactly the bad ones
-            readable = []
-            for r in kept:
-                try: self._read(r); readable.append(r)
-                except DataError as e: policy(e, r.id)
-            kept = readable
-        self.records, self.skipped, self._shapes = kept, policy.skipped, None
+            kept = [r for r in kept if policy.passes(read_record, r, self.modalities.values())]
+        self.records, self.skipped = kept, policy.skipped
         if not self.records:
             raise DataError(name, "split has no samples" + (f" ({len(self.skipped)} skipped as bad)" if self.skipped else ""))
 
-    def _check_record(self, r:Record):
-        for m in self.modalities.values():
-            if m.required and r.sources.get(m.name) is None:
-                raise DataError(r.origin or r.id, f"required modality {m.name!r} is missing for sample {r.id!r}", r.id)
-
-    def _read(self, r:Record) -> Sample:
-        inputs = {}
-        for m in self.modalities.values():
-            src = r.sources.get(m.name)
-            if src is None: continue
-            try: x = m.reader(src)
-            except DataError as e: raise DataError(e.source, e.problem, r.id) from None
-            except Exception as e: raise DataError(_first_path(src), f"cannot read modality {m.name!r}: {e}", r.id) from e
-            _check_finite(x, src)
-            inputs[m.name] = x
-        sizes = {n: tuple(inputs[n].shape[-2:]) for n, m in self.modalities.items() if m.spatial and n in inputs}
-        if len(set(sizes.values())) > 1:
-            desc = ', '.join(f"{n} {h}x{w}" for n, (h, w) in sizes.items())
-            odd = next(n for n, hw in sizes.items() if hw != next(iter(sizes.values())))
-            raise DataError(_first_path(r.sources[odd]), f"spatial modalities differ in size ({desc}); aligned modalities need equal sizes", r.id)
-        return Sample(inputs, r.target, r.id)
-
     def __len__(self): return len(self.records)
+    def read(self, i:int) -> Sample:
+        "Sample `i` as read, before the transform (kept in memory after its first read once `cache` is on)"
+        if self._cache is None: return read_record(self.records[i], self.modalities.values())
+        i = range(len(self.records))[i]  # one key per sample (-1 is the last); by index, since ids may repeat
+        if i not in self._cache: self._cache[i] = read_record(self.records[i], self.modalities.values())
+        return self._cache[i]
+
     def __getitem__(self, i:int) -> Sample:
-        s = self._read(self.records[i])
+        s = self.read(i)
         return self.transform(s) if self.transform else s
 
     @property
@@ -172,32 +193,41 @@ class MultiModalDataset(Dataset):
         "Tell a seeded transform which epoch it is, so each epoch draws new, reproducible augmentations"
         if hasattr(self.transform, 'epoch'): self.transform.epoch = epoch
 
-    def shapes(self) -> dict:
-        "Shape of each modality in one sample that has it (reads at most a few samples; cached)"
-        if self._shapes is None:
-            self._shapes = {}
-            for r in self.records:
-                missing = [m for m in self.modalities if m not in self._shapes and r.sources.get(m) is not None]
-                if not missing: continue
-                s = self._read(r)
-                for m in missing: self._shapes[m] = tuple(s.inputs[m].shape)
-                if len(self._shapes) == len(self.modalities): break
-        return self._shapes
-
-    def collate(self, samples:Sequence[Sample]) -> dict:
-        "Batch `samples` of this dataset (see `collate_samples`)"
-        return collate_samples(samples, list(self.modalities), self.shapes())
-
-    def loader(self, batch_size:int=8, shuffle:bool=False, sampler=None, batch_sampler=None, seed:int=0, **kwargs):
-        "A `DataLoader` over this dataset with its collate function (num_workers=0 unless given)"
-        g = torch.Generator().manual_seed(seed)
-        if batch_sampler is not None:
-            return torch.utils.data.DataLoader(self, batch_sampler=batch_sampler, collate_fn=self.collate, **{'num_workers': 0, **kwargs})
-        return torch.utils.data.DataLoader(self, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=g,
-                                           collate_fn=self.collate, **{'num_workers': 0, **kwargs})
-
     def __repr__(self):
         return f"{type(self).__name__}({self.name!r}, {len(self)} samples, modalities={list(self.modalities)}, task={self.task!r})"
+
+# %% ../nbs/00_data.ipynb #5110406e
+@patch_to(MultiModalDataset)
+def cache(self) -> MultiModalDataset:
+    "Keep every sample in memory after its first read (the transform still runs on every access); returns the dataset"
+    if self._cache is None: self._cache = {}
+    return self
+
+@patch_to(MultiModalDataset)
+@property
+def cached(self) -> bool:
+    "Whether `cache` is on"
+    return self._cache is not None
+
+@patch_to(MultiModalDataset)
+def select(self, modalities:Sequence[str]) -> MultiModalDataset: # modalities to keep, in this order (the `present` column order)
+    "Keep only `modalities` (in place): the others are never read, and batches hold just these (e.g. to train an ablation)"
+    unknown = [m for m in modalities if m not in self.modalities]
+    if unknown: raise KeyError(f"{self.name} has no modality {unknown}; it has {list(self.modalities)}")
+    if not modalities: raise ValueError(f"{self.name}: select at least one modality of {list(self.modalities)}")
+    self.modalities, self._shapes = {m: self.modalities[m] for m in modalities}, None
+    if self._cache is not None: self._cache = {}  # cached samples still hold the dropped modalities
+    return self
+
+@patch_to(MultiModalDataset)
+def subset(self, indices:Sequence[int], # which samples to keep, in this order
+           name:str|None=None, # the new split's name (default: this one's)
+          ) -> MultiModalDataset:
+    "A new dataset of some of these samples: same modalities, task, classes, transform and `tabular`, cached if this one is"
+    out = MultiModalDataset([self.records[i] for i in indices], list(self.modalities.values()), self.task, self.class_names,
+                            self.transform, name=self.name if name is None else name)
+    out.tabular = self.tabular
+    return out.cache() if self.cached else out
 
 # %% ../nbs/00_data.ipynb #51e8f300
 def _pad_sequences(xs:list, ids:list, name:str):
@@ -249,6 +279,34 @@ def batch_to(batch:dict, device) -> dict:
     if isinstance(batch, torch.Tensor): return batch.to(device)
     if isinstance(batch, Mapping): return {k: batch_to(v, device) for k, v in batch.items()}
     return batch
+
+# %% ../nbs/00_data.ipynb #c1507a50
+@patch_to(MultiModalDataset)
+def shapes(self) -> dict:
+    "Shape of each modality in one sample that has it (reads at most a few samples; remembered)"
+    if self._shapes is None:
+        self._shapes = {}
+        for i, r in enumerate(self.records):
+            missing = [m for m in self.modalities if m not in self._shapes and r.sources.get(m) is not None]
+            if not missing: continue
+            s = self.read(i)
+            for m in missing: self._shapes[m] = tuple(s.inputs[m].shape)
+            if len(self._shapes) == len(self.modalities): break
+    return self._shapes
+
+@patch_to(MultiModalDataset)
+def collate(self, samples:Sequence[Sample]) -> dict:
+    "Batch `samples` of this dataset (see `collate_samples`)"
+    return collate_samples(samples, list(self.modalities), self.shapes())
+
+@patch_to(MultiModalDataset)
+def loader(self, batch_size:int=8, shuffle:bool=False, sampler=None, batch_sampler=None, seed:int=0, **kwargs):
+    "A `DataLoader` over this dataset with its collate function (num_workers=0 unless given)"
+    g = torch.Generator().manual_seed(seed)
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(self, batch_sampler=batch_sampler, collate_fn=self.collate, **{'num_workers': 0, **kwargs})
+    return torch.utils.data.DataLoader(self, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=g,
+                                       collate_fn=self.collate, **{'num_workers': 0, **kwargs})
 
 # %% ../nbs/00_data.ipynb #05c6e728
 def _as_target(t):
