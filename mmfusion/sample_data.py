@@ -49,7 +49,7 @@ def _write_readme(root:Path, title:str, params:dict, layout:str, table:str) -> N
     "Write `root/README.md`: the layout, which modality carries which signal, and a ceilings section for `benchmarks/ceilings.py`"
     args = ', '.join(f'{k}={v!r}' for k, v in params.items())
     root.mkdir(parents=True, exist_ok=True)
-    (root/'README.md').write_text(f"# {title}\n\nSynthetic sample data written by `mmfusion.data` ({args}).\n\n"
+    (root/'README.md').write_text(f"# {title}\n\nSynthetic sample data written by `mmfusion.sample_data` ({args}).\n\n"
                                   f"## Layout\n\n```\n{layout}\n```\n\n## Which modality decides what\n\n{table}\n\n"
                                   f"## Ceilings\n\n{README_CEILINGS_MARK}\nNot computed yet: run `python benchmarks/ceilings.py`.\n")
 
