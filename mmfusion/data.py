@@ -16,14 +16,15 @@ from matplotlib.patches import Rectangle
 from torch.utils.data import Dataset, Sampler
 
 # %% auto #0
-__all__ = ['TINY_TABULAR', 'IMAGE_EXTS', 'NIGHT_MODALITIES', 'WELD_CLASSES', 'SOLAR_CHANNELS', 'Sample', 'DataError',
-           'SkippedSample', 'Modality', 'Record', 'ArrayRow', 'read_record', 'patch_to', 'MultiModalDataset',
-           'collate_samples', 'batch_to', 'from_arrays', 'tiny_dataset', 'read_image', 'read_image_set', 'read_video',
-           'read_audio', 'read_text', 'read_csv_text', 'numeric_columns', 'text_columns', 'read_csv_numeric',
-           'read_series', 'TabularPreprocessor', 'read_image_sequence', 'read_yolo_labels', 'read_voc_labels',
-           'paired_folders', 'normalise_label', 'weld_modalities', 'manifest_dataset', 'split_file_datasets',
-           'class_folders', 'sequence_dataset', 'AlignedAugment', 'detection_augment', 'show_sample',
-           'StratifiedBatchSampler', 'SplitReport', 'check_splits', 'summarize_splits']
+__all__ = ['TINY_TABULAR', 'IMAGE_EXTS', 'NIGHT_MODALITIES', 'WELD_CLASSES', 'SOLAR_CHANNELS', 'TARGET_SUMMARIES', 'Sample',
+           'DataError', 'SkippedSample', 'Modality', 'Record', 'ArrayRow', 'read_record', 'patch_to',
+           'MultiModalDataset', 'collate_samples', 'batch_to', 'from_arrays', 'tiny_dataset', 'read_image',
+           'read_image_set', 'read_video', 'read_audio', 'read_text', 'read_csv_text', 'numeric_columns',
+           'text_columns', 'read_csv_numeric', 'read_series', 'TabularPreprocessor', 'read_image_sequence',
+           'read_yolo_labels', 'read_voc_labels', 'paired_folders', 'normalise_label', 'weld_modalities',
+           'manifest_dataset', 'split_file_datasets', 'class_folders', 'sequence_dataset', 'AlignedAugment',
+           'detection_augment', 'show_sample', 'StratifiedBatchSampler', 'SplitReport', 'check_splits',
+           'summarize_splits']
 
 # %% ../nbs/00_data.ipynb #0ac9018b
 @dataclass
@@ -741,6 +742,18 @@ def _read_split_file(path:Path, root:Path, class_names) -> list:
         rows.append((where, p, err or class_names.index(label)))
     return rows
 
+def _read_metadata(path:Path, id_column:str) -> pd.DataFrame:
+    "The metadata CSV as text cells indexed by its (stripped) id column; an id on two rows is a `DataError` naming both"
+    meta = read_csv_text(path)
+    if id_column not in meta.columns: raise DataError(path, f"has no column {id_column!r}")
+    meta = meta.set_index(meta[id_column].str.strip(), drop=False)
+    dup = meta.index.duplicated(keep=False)
+    if dup.any():  # two rows for one id would misalign every row after it
+        first = meta.index[dup][0]; lines = meta['_line'][meta.index == first]
+        raise DataError(f"{path} row {lines.iloc[1]}", f"sample id {first!r} also appears on row {lines.iloc[0]}")
+    return meta
+
+# %% ../nbs/00_data.ipynb #04ee84d4
 def split_file_datasets(root, # dataset root
                         splits:Mapping[str, str]={'train': 'train.txt', 'val': 'val.txt', 'test': 'test.txt'}, # split -> file
                         metadata:str|None='metadata.csv', # metadata CSV inside root (None: images only)
@@ -761,16 +774,8 @@ def split_file_datasets(root, # dataset root
         if not first.is_file(): raise DataError(first, "split file not found")
         class_names = sorted({l.split('\t')[1].strip() for l in first.read_text().splitlines() if l.count('\t') == 1})
     class_names = list(class_names)
-    meta, prep = None, None
-    if metadata:
-        meta = read_csv_text(root/metadata)
-        if id_column not in meta.columns: raise DataError(root/metadata, f"has no column {id_column!r}")
-        meta = meta.set_index(meta[id_column].str.strip(), drop=False)
-        dup = meta.index.duplicated(keep=False)
-        if dup.any():  # two rows for one id would misalign every row after it
-            first = meta.index[dup][0]; lines = meta['_line'][meta.index == first]
-            raise DataError(f"{root/metadata} row {lines.iloc[1]}", f"sample id {first!r} also appears on row {lines.iloc[0]}")
-        prep = TabularPreprocessor(numeric, categorical)
+    meta = _read_metadata(root/metadata, id_column) if metadata else None
+    prep = TabularPreprocessor(numeric, categorical) if metadata else None
     parsed = {s: _read_split_file(root/f, root, class_names) for s, f in splits.items()}
     policies = {s: _ErrorPolicy(on_error) for s in splits}
     good = {s: [] for s in splits}
@@ -1060,6 +1065,20 @@ def check_splits(splits:Mapping[str, MultiModalDataset], # split name -> dataset
     return SplitReport(shared_ids, [g for g in groups.values() if len({s for s, *_ in g}) > 1],
                        {g: sorted(s) for g, s in group_where.items() if len(s) > 1})
 
+# %% ../nbs/00_data.ipynb #8539c03e
+def _class_counts(t:list, class_names) -> str:
+    cnt = Counter(t)
+    return ', '.join(f"{class_names[c] if class_names else c}={cnt[c]}" for c in sorted(cnt))
+
+def _target_moments(t:list, class_names) -> str:
+    y = torch.stack([torch.as_tensor(v).reshape(-1) for v in t])
+    return f"target mean {', '.join(f'{v:.3g}' for v in y.mean(0).tolist())}  std {', '.join(f'{v:.3g}' for v in y.std(0).tolist())}"
+
+def _box_counts(t:list, class_names) -> str:
+    return f"{sum(len(v['boxes']) for v in t)} boxes, {sum(len(v['boxes']) == 0 for v in t)} empty frames"
+
+TARGET_SUMMARIES = {'classification': _class_counts, 'regression': _target_moments, 'detection': _box_counts}  # task -> f(targets, class_names) -> text; a new task adds its own
+
 # %% ../nbs/00_data.ipynb #c3f74db4
 def summarize_splits(splits:Mapping[str, MultiModalDataset], # split name -> dataset
                     ) -> str:
@@ -1067,15 +1086,7 @@ def summarize_splits(splits:Mapping[str, MultiModalDataset], # split name -> dat
     lines = []
     first = next(iter(splits.values()))
     for s, ds in splits.items():
-        t = ds.targets
-        if ds.task == 'classification':
-            cnt = Counter(t)
-            per = ', '.join(f"{(ds.class_names or [])[c] if ds.class_names else c}={cnt[c]}" for c in sorted(cnt))
-        elif ds.task == 'regression':
-            y = torch.stack([torch.as_tensor(v).reshape(-1) for v in t])
-            per = f"target mean {', '.join(f'{v:.3g}' for v in y.mean(0).tolist())}  std {', '.join(f'{v:.3g}' for v in y.std(0).tolist())}"
-        elif ds.task == 'detection': per = f"{sum(len(v['boxes']) for v in t)} boxes, {sum(len(v['boxes']) == 0 for v in t)} empty frames"
-        else: per = ''
+        per = TARGET_SUMMARIES[ds.task](ds.targets, ds.class_names) if ds.task in TARGET_SUMMARIES else ''
         lines.append(f"  {s:<6} {len(ds):>5} samples  {per}" + (f"  ({len(ds.skipped)} skipped)" if ds.skipped else ''))
     lines.append("  modalities:")
     for m in first.modalities:
