@@ -385,3 +385,52 @@ def test_manifest_non_finite_split_names_file_and_row(corpus):
 def test_manifest_text_cells_load(corpus):
     _edit_manifest(corpus, 2, 'SPLIT', ' train ')  # spacing and case are tolerated
     assert len(weld(corpus)) == len(weld_rows(corpus).query("SPLIT.str.strip().str.upper() == 'TRAIN'"))
+
+
+# --- dataset methods: selection refuses unknown names; caching reads each file once; subsets keep what the split carries ----
+from mmfusion.data import Modality, MultiModalDataset, Record
+
+
+def counted_dataset(n=4, reads=None):
+    "A dataset whose reader counts every read of each source"
+    def reader(v): reads[v[0]] = reads.get(v[0], 0) + 1; return torch.tensor(v)
+    return MultiModalDataset([Record(f's{i}', {'x': [float(i), 1.], 'y': [float(i)]}, i % 2) for i in range(n)],
+                             [Modality('x', reader), Modality('y', torch.tensor)], 'classification', ['a', 'b'], name='counted')
+
+
+def test_select_unknown_modality_names_the_dataset_and_changes_nothing(corpus):
+    ds = inspection(corpus)
+    with pytest.raises(KeyError, match=r"inspection/train.txt has no modality \['audio'\]; it has \['image', 'metadata'\]"):
+        ds.select(['image', 'audio'])
+    assert list(ds.modalities) == ['image', 'metadata'] and set(ds[0].inputs) == {'image', 'metadata'}
+    with pytest.raises(ValueError, match='at least one modality'): ds.select([])
+
+
+def test_select_reads_only_the_kept_modalities_in_their_order(corpus):
+    ds = inspection(corpus).select(['metadata'])
+    assert set(ds[0].inputs) == {'metadata'} and ds.shapes() == {'metadata': (5,)}
+    b = next(iter(ds.loader(batch_size=2)))
+    assert b['modalities'] == ['metadata'] and list(b['inputs']) == ['metadata']
+
+
+def test_cache_reads_each_sample_once_and_select_drops_cached_modalities():
+    reads = {}
+    ds = counted_dataset(reads=reads).cache()
+    for _ in range(3): [ds[i] for i in range(len(ds))]
+    assert ds.cached and reads == {0.: 1, 1.: 1, 2.: 1, 3.: 1}
+    ds[-1]; assert reads[3.] == 1  # -1 is the last sample, not a new cache entry
+    assert set(ds.select(['y'])[0].inputs) == {'y'}  # a cached sample read before the selection does not leak 'x'
+    uncached_reads = {}
+    plain = counted_dataset(reads=uncached_reads)
+    for _ in range(3): [plain[i] for i in range(len(plain))]
+    assert not plain.cached and set(uncached_reads.values()) == {3}
+
+
+def test_subset_keeps_settings_tabular_and_caching(corpus):
+    train = inspection(corpus).cache()
+    part = train.subset([2, 0], 'part')
+    assert [r.id for r in part.records] == [train.records[2].id, train.records[0].id]
+    assert (part.name, part.task, part.class_names, part.cached) == ('part', train.task, train.class_names, True)
+    assert part.tabular is train.tabular is not None
+    assert torch.equal(part[1].inputs['metadata'], train[0].inputs['metadata'])
+    assert not counted_dataset(reads={}).subset([0]).cached
