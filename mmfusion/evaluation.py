@@ -6,6 +6,7 @@
 from __future__ import annotations
 import hashlib, json, math, time, warnings
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -18,16 +19,18 @@ from sklearn.neighbors import KNeighborsClassifier
 from tqdm import tqdm
 from .data import batch_to
 from .core import NonFiniteError, Registry, atomic_write, check_finite, model_device, to_jsonable, write_json
-from .model import CheckpointError, EmbeddingHead, MultiTaskHead, load_checkpoint, load_model, run_checkpoint
+from .model import CheckpointError, EmbeddingHead, MultiTaskHead, load_checkpoint, load_model
+from .config import RunFolder, build_splits, kind_verb, register_verb
 
 # %% auto #0
-__all__ = ['KNN_METRICS', 'SCORERS', 'THRESHOLD_METHODS', 'TASKS', 'HEADLINE_METRICS', 'Predictions', 'mask_modalities',
-           'collect', 'confusion_counts', 'roc_auc_ovr', 'classification_metrics', 'per_class_table', 'plot_confusion',
+__all__ = ['KNN_METRICS', 'SCORERS', 'THRESHOLD_METHODS', 'TASKS', 'Predictions', 'mask_modalities', 'collect',
+           'confusion_counts', 'roc_auc_ovr', 'classification_metrics', 'per_class_table', 'plot_confusion',
            'knn_predict', 'knn_evaluate', 'plot_embeddings', 'ReconstructionScorer', 'ConvAutoencoder', 'build_scorer',
-           'load_scorer', 'fit_autoencoder', 'anomaly_scores', 'normal_class_index', 'select_threshold',
-           'anomaly_metrics', 'plot_anomaly_scores', 'check_prediction_spread', 'regression_metrics', 'plot_regression',
-           'headline_metric', 'bootstrap_ci', 'modality_ablation', 'plot_ablation', 'measure_speed', 'write_figure',
-           'scalar_metrics', 'write_report', 'evaluate_predictions', 'evaluate_model', 'evaluate_run']
+           'load_scorer', 'fit_autoencoder', 'anomaly_scores', 'normal_class_index', 'threshold_settings',
+           'select_threshold', 'anomaly_metrics', 'plot_anomaly_scores', 'check_prediction_spread',
+           'regression_metrics', 'plot_regression', 'Task', 'headline_metric', 'bootstrap_ci', 'modality_ablation',
+           'plot_ablation', 'measure_speed', 'write_figure', 'scalar_metrics', 'write_report', 'evaluate_predictions',
+           'evaluate_model', 'rebuild_splits', 'evaluate_fused_run', 'evaluate_run', 'evaluate_anomaly_run']
 
 # %% ../nbs/05_evaluation.ipynb #6787f83d
 @dataclass
@@ -203,6 +206,10 @@ def knn_predict(train_emb, # (N_train, D) training embeddings
     votes[:, knn.classes_] = knn.predict_proba(Q)
     return votes
 
+def _n_classes(class_names, *targets) -> int:
+    "K: the number of class names, else one more than the largest class in `targets`"
+    return len(class_names) if class_names else int(max(np.max(t) for t in targets)) + 1
+
 def knn_evaluate(train_emb, train_targets, test_emb, test_targets, # as in `knn_predict`, plus the test classes
                  k:int=5, # neighbours
                  metric:str='cosine', # one of `KNN_METRICS`
@@ -211,8 +218,7 @@ def knn_evaluate(train_emb, train_targets, test_emb, test_targets, # as in `knn_
                  test_ids:Sequence|None=None,
                 ) -> dict:
     "k-NN fitted on the training embeddings, scored on the test embeddings: `classification_metrics` plus k and metric"
-    n_classes = len(class_names) if class_names else int(max(np.max(train_targets), np.max(test_targets))) + 1
-    votes = knn_predict(train_emb, train_targets, test_emb, k, metric, n_classes, train_ids, test_ids)
+    votes = knn_predict(train_emb, train_targets, test_emb, k, metric, _n_classes(class_names, train_targets, test_targets), train_ids, test_ids)
     return {'k': k, 'metric': metric, **classification_metrics(test_targets, votes, class_names, test_ids)}
 
 # %% ../nbs/05_evaluation.ipynb #4cf2284c
@@ -349,6 +355,18 @@ def normal_class_index(class_names:Sequence[str]|None, # the data's class names
 # %% ../nbs/05_evaluation.ipynb #fcee2823
 THRESHOLD_METHODS = ('percentile', 'youden', 'fpr')  # rules `select_threshold` knows
 
+def threshold_settings(settings:Mapping|None=None, # `select_threshold` arguments {'method', 'percentile', 'max_fpr'}; None: the default rule
+                       where:str='threshold', # how errors name the settings, e.g. 'model.threshold' of a config
+                      ) -> dict:
+    "The threshold rule checked once for every caller (config, training callback, `select_threshold`): known keys and method, parameters in range, defaults filled in"
+    s = {'method': 'percentile', 'percentile': 95., 'max_fpr': 0.05, **(settings or {})}
+    unknown = sorted(set(s) - {'method', 'percentile', 'max_fpr'})
+    if unknown: raise ValueError(f"{where}: unknown key(s) {unknown}; known: method, percentile, max_fpr")
+    if s['method'] not in THRESHOLD_METHODS: raise ValueError(f"{where}.method must be one of {THRESHOLD_METHODS}, got {s['method']!r}")
+    if not 0 <= s['percentile'] <= 100: raise ValueError(f"{where}.percentile must be in [0, 100], got {s['percentile']}")
+    if not 0 < s['max_fpr'] < 1: raise ValueError(f"{where}.max_fpr must be in (0, 1), got {s['max_fpr']}")
+    return s
+
 def _binary_labels(labels, n:int) -> np.ndarray:
     y = np.asarray(labels).astype(np.int64)
     if len(y) != n: raise ValueError(f"{len(y)} labels for {n} scores")
@@ -362,8 +380,8 @@ def select_threshold(scores, # (N,) anomaly scores, larger = more anomalous
                      max_fpr:float=0.05, # 'fpr': the highest recall with a false-positive rate at most this
                     ) -> dict:
     "An anomaly threshold (anomalous = score >= threshold) as a JSON-able dict, by percentile of normal scores, Youden's J or a fixed FPR"
+    method, percentile, max_fpr = threshold_settings({'method': method, 'percentile': percentile, 'max_fpr': max_fpr}).values()
     s = check_finite(scores, 'anomaly scores')
-    if method not in THRESHOLD_METHODS: raise ValueError(f"method must be one of {THRESHOLD_METHODS}, got {method!r}")
     y = np.zeros(len(s), np.int64) if labels is None else _binary_labels(labels, len(s))
     if method == 'percentile':
         if not (y == 0).any(): raise ValueError("no normal scores to take a percentile of")
@@ -485,42 +503,139 @@ def plot_regression(targets, # (N,) or (N, K) targets
     return fig
 
 # %% ../nbs/05_evaluation.ipynb #2829d97e
-TASKS = ('classification', 'regression', 'embedding', 'anomaly')  # what `evaluate_predictions` knows
-HEADLINE_METRICS = {'classification': 'f1_macro', 'regression': 'mae', 'embedding': 'f1_macro', 'anomaly': 'roc_auc'}  # task -> default headline
+@dataclass
+class Task:
+    "What evaluation does differently per task, in one place; `mmfusion.diagnosis` adds how it scores outputs (`diagnosis`)"
+    name: str  # its key in `TASKS`
+    headline: str  # the default headline metric: the one number of ablations, intervals and summaries
+    metrics: Callable  # `metrics(test, train, **opts) -> (metrics, decisions)`: every metric, and the `Predictions` the headline is taken from
+    scorer: Callable  # `scorer(name, reference=None, **opts) -> (Predictions -> float)`: one metric of `decided_as`'s decisions, fast
+    baseline: Callable  # `baseline(train_targets, decisions) -> Predictions|None`: the trivial predictor's decisions (None: cannot say)
+    table: Callable  # `table(decisions, metrics) -> DataFrame`: one row per sample
+    plots: Callable  # `plots(test, decisions, metrics) -> {name: figure}`
+    needs_train: Callable = lambda opts: False  # `needs_train(opts)`: `metrics` needs the training split's predictions
+    run: Callable|None = None  # `run(model, loader, device, progress, **opts) -> Predictions` (None: `collect`)
+    forward: Callable|None = None  # `forward(model, batch, **opts)` timed by `measure_speed` (None: the library's call)
+    by_class: bool = False  # targets are classes: a per-class table
+    ablation: bool = True  # the modality ablation applies
+    lower_is_better: bool = False  # the default headline is an error
+    decided_as: str|None = None  # the task whose `scorer` rates `decisions` (default: this one)
+    diagnosis: Any = None  # how `mmfusion.diagnosis` scores this task's outputs (set there)
+    def __repr__(self): return f"Task({self.name!r}, headline {self.headline!r})"
 
-def headline_metric(task:str, # one of `TASKS`
-                    name:str|None=None, # metric name (default `HEADLINE_METRICS[task]`)
+TASKS = Registry('task')  # task name -> `Task`: the one place where tasks differ
+
+def headline_metric(task:str, # a name in `TASKS`
+                    name:str|None=None, # metric name (default: the task's headline)
                     reference:Predictions|None=None, # 'embedding': training predictions to fit k-NN on
                     k:int=5, # 'embedding': neighbours
                     knn_metric:str='cosine', # 'embedding': distance
                    ) -> Callable:
     "A function `Predictions -> float` computing metric `name` of `task` (fast: no plots, no per-class tables)"
-    if task not in TASKS: raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    name = name or HEADLINE_METRICS[task]
-    def value(x) -> float:
-        v = x.get(name) if isinstance(x, Mapping) else None
-        if v is None: raise ValueError(f"metric {name!r} is undefined or unknown for task {task!r}")
-        return float(v)
-    def of_scores(y, scores):
-        if name == 'roc_auc_ovr': return value({name: roc_auc_ovr(y, scores)})
-        return value(_class_scores(confusion_counts(y, scores.argmax(1), scores.shape[1])))
-    if task == 'classification':
-        def f(p): return of_scores(p.targets, check_finite(p.outputs, 'classification outputs', p.ids))
-    elif task == 'regression':
-        def f(p): return value(regression_metrics(p.targets, p.outputs, warn=False))
-    elif task == 'embedding':
-        if reference is None: raise ValueError("task 'embedding' needs `reference`: the training predictions to fit k-NN on")
-        def f(p):
-            n_classes = int(max(reference.targets.max(), p.targets.max())) + 1
-            return of_scores(p.targets, knn_predict(reference.outputs, reference.targets, p.outputs, k, knn_metric, n_classes))
-    else:
-        def f(p):
-            y = _binary_labels(p.targets, len(p))
-            if name not in ('roc_auc', 'pr_auc'): raise ValueError(f"the anomaly headline is 'roc_auc' or 'pr_auc' (threshold-free), got {name!r}")
-            if len(np.unique(y)) < 2: raise ValueError(f"{name} needs both normal and anomalous samples")  # e.g. a bootstrap resample of one class
-            return float((roc_auc_score if name == 'roc_auc' else average_precision_score)(y, check_finite(p.outputs, 'anomaly scores', p.ids)))
+    t = TASKS[task]
+    name = name or t.headline
+    f = t.scorer(name, reference=reference, k=k, knn_metric=knn_metric)
     f.__name__ = name
     return f
+
+def _metric(x:Mapping, name:str, task:str) -> float:
+    "Metric `name` of a metrics dict, as a float; undefined or unknown raises"
+    v = x.get(name)
+    if v is None: raise ValueError(f"metric {name!r} is undefined or unknown for task {task!r}")
+    return float(v)
+
+# %% ../nbs/05_evaluation.ipynb #5e462274
+def _class_metric(name:str, task:str, y, scores) -> float:
+    "Metric `name` of (N,) classes and (N, K) scores: from the confusion counts alone, ROC-AUC from the scores"
+    if name == 'roc_auc_ovr': return _metric({name: roc_auc_ovr(y, scores)}, name, task)
+    return _metric(_class_scores(confusion_counts(y, scores.argmax(1), scores.shape[1])), name, task)
+
+def _majority(train_targets, p:Predictions) -> Predictions|None:
+    "The trivial classifier's decisions: the training split's most frequent class for every sample (one-hot scores)"
+    if train_targets is None: return None
+    y = np.asarray(train_targets).astype(np.int64)
+    K = max(p.outputs.shape[1] if np.ndim(p.outputs) == 2 else 0, int(y.max()) + 1, int(np.max(p.targets)) + 1)
+    return Predictions(p.targets, np.eye(K)[np.full(len(p), np.bincount(y).argmax())], p.ids)
+
+def _class_table(p:Predictions, metrics:Mapping) -> pd.DataFrame:
+    "One row per sample: id, target, predicted class and its probability (or vote share)"
+    return pd.DataFrame({'id': p.ids, 'target': p.targets, 'predicted': p.outputs.argmax(1), 'confidence': _probabilities(p.outputs).max(1)})
+
+TASKS.register('classification')(Task(
+    'classification', 'f1_macro', by_class=True, baseline=_majority, table=_class_table,
+    metrics=lambda test, train=None, class_names=None, **_: (classification_metrics(test.targets, test.outputs, class_names, test.ids), test),
+    scorer=lambda name, **_: lambda p: _class_metric(name, 'classification', p.targets, check_finite(p.outputs, 'classification outputs', p.ids)),
+    plots=lambda test, p, m: {'confusion': plot_confusion(m['confusion'], m['class_names'])}))
+
+
+# %% ../nbs/05_evaluation.ipynb #e17270cf
+def _mean_target(train_targets, p:Predictions) -> Predictions|None:
+    "The trivial regressor's predictions: the mean of the training targets for every sample"
+    if train_targets is None: return None
+    mean = np.asarray(train_targets, dtype=np.float64).reshape(len(train_targets), -1).mean(0)
+    return Predictions(p.targets, np.broadcast_to(mean, np.shape(p.outputs)).copy(), p.ids)
+
+def _regression_table(p:Predictions, metrics:Mapping) -> pd.DataFrame:
+    "One row per sample: id, then every output's target and prediction"
+    y, o, names = p.targets.reshape(len(p), -1), p.outputs.reshape(len(p), -1), list(metrics['per_output'])
+    return pd.DataFrame({'id': p.ids, **{f'target_{n}': y[:, j] for j, n in enumerate(names)}, **{f'predicted_{n}': o[:, j] for j, n in enumerate(names)}})
+
+TASKS.register('regression')(Task(
+    'regression', 'mae', lower_is_better=True, baseline=_mean_target, table=_regression_table,
+    metrics=lambda test, train=None, output_names=None, **_: (regression_metrics(test.targets, test.outputs, output_names, ids=test.ids), test),
+    scorer=lambda name, **_: lambda p: _metric(regression_metrics(p.targets, p.outputs, warn=False), name, 'regression'),
+    plots=lambda test, p, m: {'regression': plot_regression(test.targets, test.outputs, list(m['per_output']))}))
+
+
+# %% ../nbs/05_evaluation.ipynb #ac1875d4
+def _embedding_metrics(test:Predictions, train:Predictions|None=None, class_names=None, k:int=5, knn_metric:str='cosine', **_) -> tuple:
+    "k-NN fitted once on the training embeddings: its classification metrics, and its votes as the decisions"
+    if train is None: raise ValueError("task 'embedding' needs `train`: k-NN is fitted on the training embeddings")
+    votes = knn_predict(train.outputs, train.targets, test.outputs, k, knn_metric, _n_classes(class_names, train.targets, test.targets), train.ids, test.ids)
+    return {'k': k, 'metric': knn_metric, **classification_metrics(test.targets, votes, class_names, test.ids)}, Predictions(test.targets, votes, test.ids)
+
+def _knn_scorer(name:str, reference:Predictions|None=None, k:int=5, knn_metric:str='cosine', **_) -> Callable:
+    "Metric `name` of the k-NN decisions, k-NN fitted on `reference` (the training embeddings)"
+    if reference is None: raise ValueError("task 'embedding' needs `reference`: the training predictions to fit k-NN on")
+    def f(p):
+        votes = knn_predict(reference.outputs, reference.targets, p.outputs, k, knn_metric, _n_classes(None, reference.targets, p.targets))
+        return _class_metric(name, 'embedding', p.targets, votes)
+    return f
+
+TASKS.register('embedding')(Task(
+    'embedding', 'f1_macro', by_class=True, decided_as='classification', baseline=_majority, table=_class_table,
+    metrics=_embedding_metrics, scorer=_knn_scorer, needs_train=lambda opts: True,
+    plots=lambda test, p, m: {'confusion': plot_confusion(m['confusion'], m['class_names']), 'embeddings': plot_embeddings(test.outputs, test.targets, m['class_names'])}))
+
+
+# %% ../nbs/05_evaluation.ipynb #082cb44c
+def _anomaly_metrics(test:Predictions, train:Predictions|None=None, threshold=None, **_) -> tuple:
+    "Anomaly metrics at `threshold` (default: the 95th percentile of `train`'s normal scores), with the rule that chose it"
+    if threshold is None:
+        if train is None: raise ValueError("task 'anomaly' needs `threshold` or `train` (normal scores to take its 95th percentile)")
+        threshold = select_threshold(train.outputs, train.targets, 'percentile')
+    m = anomaly_metrics(test.outputs, test.targets, threshold, test.ids)
+    m['threshold_rule'] = dict(threshold) if isinstance(threshold, Mapping) else {'method': 'given', 'threshold': float(threshold)}
+    return m, test
+
+def _auc_scorer(name:str, **_) -> Callable:
+    "A threshold-free anomaly metric ('roc_auc' or 'pr_auc') of `Predictions` holding scores and 0/1 targets"
+    if name not in ('roc_auc', 'pr_auc'): raise ValueError(f"the anomaly headline is 'roc_auc' or 'pr_auc' (threshold-free), got {name!r}")
+    def f(p):
+        y = _binary_labels(p.targets, len(p))
+        if len(np.unique(y)) < 2: raise ValueError(f"{name} needs both normal and anomalous samples")  # e.g. a bootstrap resample of one class
+        return float((roc_auc_score if name == 'roc_auc' else average_precision_score)(y, check_finite(p.outputs, 'anomaly scores', p.ids)))
+    return f
+
+TASKS.register('anomaly')(Task(
+    'anomaly', 'roc_auc', metrics=_anomaly_metrics, scorer=_auc_scorer, ablation=False,
+    baseline=lambda train_targets, p: Predictions(p.targets, np.zeros(len(p)), p.ids),  # a constant score: chance ranking, every sample flagged
+    table=lambda p, m: pd.DataFrame({'id': p.ids, 'target': p.targets, 'score': p.outputs, 'flagged': p.outputs >= m['threshold']}),
+    plots=lambda test, p, m: {'anomaly': plot_anomaly_scores(test.outputs, test.targets, m['threshold'])},
+    needs_train=lambda opts: opts.get('threshold') is None,
+    run=lambda model, loader, device=None, progress=True, modality='image', normal_class=0, **_: anomaly_scores(model, loader, modality, device, progress, normal_class),
+    forward=lambda model, batch, modality='image', **_: model.score(batch['inputs'][modality])))
+
 
 # %% ../nbs/05_evaluation.ipynb #478d15cc
 def bootstrap_ci(metric:Callable, # metric of the resampled arrays, e.g. `lambda y, p: (y == p).mean()`
@@ -683,7 +798,22 @@ def write_report(out_dir, # the folder to write into (created if needed)
     return paths
 
 # %% ../nbs/05_evaluation.ipynb #512f8f70
-def evaluate_predictions(task:str, # one of `TASKS`
+def _evaluate(task:str, test:Predictions, train:Predictions|None=None, train_targets=None, n_boot:int=1000, seed:int=0, plots:bool=True, **opts) -> tuple:
+    "`evaluate_predictions`, also returning the decisions (k-NN votes, scores, outputs) for the prediction table: (metrics, figures, decisions)"
+    t = TASKS[task]
+    if isinstance(test.outputs, Mapping):
+        raise ValueError(f"outputs of heads {list(test.outputs)}: evaluate one head at a time, e.g. Predictions(targets, p.outputs[head], p.ids)")
+    if test.targets is None: raise ValueError("the test predictions have no targets")
+    m, decided = t.metrics(test, train, **opts)
+    rate = headline_metric(t.decided_as or task, t.headline)
+    head = {'name': t.headline, 'value': m[t.headline]}
+    # a test sample's decision (its k-NN class too) depends on the training split only, so resampling test rows resamples decisions
+    if n_boot: head.update(bootstrap_ci(rate, decided, n_boot=n_boot, seed=seed))
+    base = t.baseline(train.targets if train_targets is None and train is not None else train_targets, decided)
+    if base is not None: head['baseline'] = rate(base)
+    return {'task': task, **m, 'headline': head}, t.plots(test, decided, m) if plots else {}, decided
+
+def evaluate_predictions(task:str, # a name in `TASKS`
                          test:Predictions, # predictions on the split to report
                          train:Predictions|None=None, # 'embedding': training embeddings for k-NN; 'anomaly': normal scores to fix the threshold
                          class_names:Sequence[str]|None=None, # class names (classification, embedding)
@@ -694,52 +824,17 @@ def evaluate_predictions(task:str, # one of `TASKS`
                          n_boot:int=1000, # bootstrap resamples for the headline interval (0: no interval)
                          seed:int=0, # bootstrap seed
                          plots:bool=True, # also return figures
+                         train_targets=None, # training targets for the trivial baseline's headline (default: `train`'s)
                         ) -> tuple:
-    "Every metric of `task` on `test`, with a bootstrap interval of the headline metric: (metrics dict, figures dict)"
-    if task not in TASKS: raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    if isinstance(test.outputs, Mapping):
-        raise ValueError(f"outputs of heads {list(test.outputs)}: evaluate one head at a time, e.g. Predictions(targets, p.outputs[head], p.ids)")
-    if test.targets is None: raise ValueError("the test predictions have no targets")
-    figs, boot_task, boot = {}, task, test
-    if task == 'classification':
-        m = classification_metrics(test.targets, test.outputs, class_names, test.ids)
-        if plots: figs['confusion'] = plot_confusion(m['confusion'], m['class_names'])
-    elif task == 'regression':
-        m = regression_metrics(test.targets, test.outputs, output_names, ids=test.ids)
-        if plots: figs['regression'] = plot_regression(test.targets, test.outputs, output_names)
-    elif task == 'embedding':
-        if train is None: raise ValueError("task 'embedding' needs `train`: k-NN is fitted on the training embeddings")
-        m = knn_evaluate(train.outputs, train.targets, test.outputs, test.targets, k, knn_metric, class_names, train.ids, test.ids)
-        # a test sample's k-NN class depends on the training embeddings only, so resampling test rows resamples these decisions
-        boot_task, boot = 'classification', Predictions(test.targets, knn_predict(train.outputs, train.targets, test.outputs, k, knn_metric, len(m['class_names'])), test.ids)
-        if plots: figs['confusion'], figs['embeddings'] = plot_confusion(m['confusion'], m['class_names']), plot_embeddings(test.outputs, test.targets, m['class_names'])
-    else:
-        if threshold is None:
-            if train is None: raise ValueError("task 'anomaly' needs `threshold` or `train` (normal scores to take its 95th percentile)")
-            threshold = select_threshold(train.outputs, train.targets, 'percentile')
-        m = anomaly_metrics(test.outputs, test.targets, threshold, test.ids)
-        m['threshold_rule'] = dict(threshold) if isinstance(threshold, Mapping) else {'method': 'given', 'threshold': float(threshold)}
-        if plots: figs['anomaly'] = plot_anomaly_scores(test.outputs, test.targets, threshold)
-    name = HEADLINE_METRICS[task]
-    head = {'name': name, 'value': m[name]}
-    if n_boot: head.update(bootstrap_ci(headline_metric(boot_task, name), boot, n_boot=n_boot, seed=seed))
-    return {'task': task, **m, 'headline': head}, figs
+    "Every metric of `task` on `test`, the headline with a bootstrap interval and the trivial baseline's value: (metrics dict, figures dict)"
+    m, figs, _ = _evaluate(task, test, train, train_targets, n_boot, seed, plots, class_names=class_names, output_names=output_names,
+                           k=k, knn_metric=knn_metric, threshold=threshold)
+    return m, figs
 
 # %% ../nbs/05_evaluation.ipynb #bc971d86
-def _prediction_table(task:str, p:Predictions, metrics:Mapping, reference:Predictions|None=None) -> pd.DataFrame:
-    "One row per test sample: id, target and what the model said (for embeddings: the k-NN class), for finding the samples it gets wrong"
-    if task == 'embedding':
-        votes = knn_predict(reference.outputs, reference.targets, p.outputs, metrics['k'], metrics['metric'], len(metrics['class_names']))
-        return pd.DataFrame({'id': p.ids, 'target': p.targets, 'predicted': votes.argmax(1), 'confidence': votes.max(1)})
-    if task == 'anomaly': return pd.DataFrame({'id': p.ids, 'target': p.targets, 'score': p.outputs, 'flagged': p.outputs >= metrics['threshold']})
-    if task == 'classification': return pd.DataFrame({'id': p.ids, 'target': p.targets, 'predicted': p.outputs.argmax(1), 'confidence': _probabilities(p.outputs).max(1)})
-    if task == 'regression':
-        y, o, names = p.targets.reshape(len(p), -1), p.outputs.reshape(len(p), -1), list(metrics['per_output'])
-        return pd.DataFrame({'id': p.ids, **{f'target_{n}': y[:, j] for j, n in enumerate(names)}, **{f'predicted_{n}': o[:, j] for j, n in enumerate(names)}})
-
 def evaluate_model(model:nn.Module, # a model with the library's call, or a `ReconstructionScorer` for 'anomaly'
                    loaders:Mapping, # split name -> DataLoader; needs 'test', and 'train' for 'embedding' (and 'anomaly' without a threshold)
-                   task:str, # one of `TASKS`
+                   task:str, # a name in `TASKS`
                    out_dir=None, # write metrics.json, PNGs, predictions.csv and summary.md here (None: write nothing)
                    ablation:bool=True, # run the modality ablation (models with more than one modality)
                    speed:bool=True, # measure latency and throughput on the first test batch
@@ -754,33 +849,49 @@ def evaluate_model(model:nn.Module, # a model with the library's call, or a `Rec
                   ) -> dict:
     "Predict on the test split (and train where needed), compute every metric, ablation and speed, and write the report: the metrics dict"
     if 'test' not in loaders: raise ValueError(f"loaders need a 'test' split, got {list(loaders)}")
-    if task == 'anomaly':
-        run = lambda s: anomaly_scores(model, loaders[s], modality, device, progress, normal_class)
-        if kwargs.get('threshold') is None and getattr(model, 'threshold', None) is not None: kwargs['threshold'] = model.threshold
-    else: run = lambda s: collect(model, loaders[s], device=device, progress=progress)
-    need_train = task == 'embedding' or (task == 'anomaly' and kwargs.get('threshold') is None)
+    t, opts = TASKS[task], {'modality': modality, 'normal_class': normal_class}
+    if kwargs.get('threshold') is None and getattr(model, 'threshold', None) is not None: kwargs['threshold'] = model.threshold  # a scorer's own
+    run = lambda s: t.run(model, loaders[s], device, progress, **opts) if t.run else collect(model, loaders[s], device=device, progress=progress)
+    need_train = t.needs_train(kwargs)
     if need_train and 'train' not in loaders: raise ValueError(f"task {task!r} needs a 'train' loader")
     test, train = run('test'), run('train') if need_train else None
-    if task != 'anomaly' and not kwargs.get('class_names'): kwargs['class_names'] = getattr(loaders['test'].dataset, 'class_names', None)
-    metrics, figs = evaluate_predictions(task, test, train, plots=out_dir is not None, **kwargs)
+    if t.by_class and not kwargs.get('class_names'): kwargs['class_names'] = getattr(loaders['test'].dataset, 'class_names', None)
+    if train is None and 'train' in loaders: kwargs.setdefault('train_targets', getattr(loaders['train'].dataset, 'targets', None))
+    metrics, figs, decided = _evaluate(task, test, train, plots=out_dir is not None, **kwargs)
     metrics['split'] = split
-    tables = {'predictions': _prediction_table(task, test, metrics, train)}
-    if task in ('classification', 'embedding'): tables['per class'] = per_class_table(metrics)
+    tables = {'predictions': t.table(decided, metrics), **({'per class': per_class_table(metrics)} if t.by_class else {})}
     mods = list(getattr(model, 'modalities', []))
-    if ablation and task != 'anomaly' and len(mods) > 1:
-        k, knn_metric = kwargs.get('k', 5), kwargs.get('knn_metric', 'cosine')
-        table = modality_ablation(model, loaders['test'], headline_metric(task, reference=train, k=k, knn_metric=knn_metric), mods, device)
+    if ablation and t.ablation and len(mods) > 1:
+        rate = headline_metric(task, reference=train, k=kwargs.get('k', 5), knn_metric=kwargs.get('knn_metric', 'cosine'))
+        table = modality_ablation(model, loaders['test'], rate, mods, device)
         metrics['ablation'], tables['modality ablation'] = table.reset_index().to_dict('records'), table
         if out_dir is not None: figs['ablation'] = plot_ablation(table)
-    if speed:
-        fwd = (lambda m, b: m.score(b['inputs'][modality])) if task == 'anomaly' else _default_forward
-        metrics['speed'] = measure_speed(model, next(iter(loaders['test'])), device=device, forward=fwd)
+    if speed: metrics['speed'] = measure_speed(model, next(iter(loaders['test'])), device=device, forward=partial(t.forward, **opts) if t.forward else _default_forward)
     if out_dir is not None:
         preds_table = tables.pop('predictions')
         atomic_write(Path(out_dir)/'predictions.csv', lambda tmp: preds_table.to_csv(tmp, index=False))
         write_report(out_dir, metrics, figs, tables, checkpoint, config_hash,
                      {split if s == 'test' else s: len(l.dataset) for s, l in loaders.items()}, title=f'Evaluation of {split} ({task})')
     return to_jsonable(metrics)
+
+# %% ../nbs/05_evaluation.ipynb #8f91f404
+def rebuild_splits(run:RunFolder, # an opened run folder
+                  ) -> dict:
+    "Split name -> dataset, as evaluation and diagnosis rebuild a run's data: from its config, without augmentation"
+    return build_splits({**run.config['data'], 'augment': None}, run.config.get('seed', 0))
+
+def _run_loaders(run:RunFolder, split:str|None) -> tuple:
+    "({'train', 'test'} loaders, the scored dataset, its split name) of a run (default split: the config's `evaluation.split`)"
+    splits, data = rebuild_splits(run), run.config['data']
+    split = split or (run.config.get('evaluation') or {}).get('split', 'test')
+    if split not in splits: raise KeyError(f"split {split!r} not in this run's data ({list(splits)})")
+    bs = data.get('batch_size', 32)
+    return {'train': splits[data['train']].loader(batch_size=bs), 'test': splits[split].loader(batch_size=bs)}, splits[split], split
+
+def _report_of(run:RunFolder, ck:Path, out) -> dict:
+    "Where an evaluation of `run` goes and what it records: out folder, checkpoint, config hash"
+    return {'out_dir': Path(out) if out else run.path/'eval', 'checkpoint': str(ck),
+            'config_hash': hashlib.sha256((run.path/'config.yaml').read_bytes()).hexdigest()[:12]}
 
 # %% ../nbs/05_evaluation.ipynb #2e9842f9
 class _OneHead(nn.Module):
@@ -792,40 +903,51 @@ class _OneHead(nn.Module):
         out = self.model(*args, **kwargs)
         return out._replace(output=out.output[self.head])
 
-def evaluate_run(run_dir, # a run folder written by `mmfusion train`
+@register_verb('fused', 'evaluate')
+def evaluate_fused_run(run:RunFolder, # an opened run folder of kind 'fused'
+                       split:str|None=None, # split to score (default: the config's `evaluation.split`)
+                       out=None, # where the report goes (default: RUN_DIR/eval)
+                       checkpoint:str='best', # 'best' or 'last' (falls back to 'last' when there is no best)
+                       n_boot:int=1000, # bootstrap resamples for the confidence interval
+                       progress:bool=True, # progress bars
+                      ) -> dict:
+    "Evaluate a fused model's run; its head picks the task: an embedding head (a multi-task model's, when it has one) is scored by k-NN fitted on the training split"
+    ck = run.checkpoint(checkpoint)
+    model = load_model(ck).eval()
+    head = model.head
+    if isinstance(head, MultiTaskHead):  # score one head: the embedding (k-NN protocol) when there is one
+        name = 'embedding' if 'embedding' in head.heads else next(iter(head.heads))
+        head, model = head.heads[name], _OneHead(model, name)
+    loaders, test_ds, split = _run_loaders(run, split)
+    knn = (run.config.get('evaluation') or {}).get('knn') or {}
+    return evaluate_model(model, loaders, 'embedding' if isinstance(head, EmbeddingHead) else test_ds.task, split=split, n_boot=n_boot, progress=progress,
+                          k=knn.get('k', 5), knn_metric=knn.get('metric', 'cosine'), **_report_of(run, ck, out))
+
+def evaluate_run(run_dir, # a run folder written by `mmfusion train` (or a `RunFolder`)
                  split:str|None=None, # split to score (default: the config's `evaluation.split`)
                  checkpoint:str='best', # 'best' or 'last' (falls back to 'last' when there is no best)
                  out=None, # where the report goes (default: RUN_DIR/eval)
-                 n_boot:int=1000, # bootstrap resamples for the confidence interval
-                 progress:bool=True, # progress bars
+                 **kwargs, # more arguments of the kind's `evaluate` verb (fused and anomaly runs: n_boot, progress)
                 ) -> dict:
-    "Evaluate a trained run on a split and write metrics.json, plots and a Markdown summary: the metrics dict"
-    from mmfusion.training import build_splits, load_config  # training imports this module: import it when called
-    run_dir = Path(run_dir)
-    if not (run_dir/'config.yaml').is_file(): raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml); train one with `mmfusion train CONFIG`")
-    cfg = load_config(run_dir/'config.yaml')
-    ck = run_checkpoint(run_dir, checkpoint)
-    data = {**cfg['data'], 'augment': None}
-    split = split or cfg['evaluation']['split']
-    splits = build_splits(data, cfg.get('seed', 0))
-    if split not in splits: raise KeyError(f"split {split!r} not in this run's data ({list(splits)})")
-    test_ds, train_ds = splits[split], splits[data['train']]
-    extra = {}
-    if 'scorer' in cfg['model']:  # an anomaly run: the scorer and the threshold chosen on validation data come from the checkpoint
-        model, task = load_scorer(ck), 'anomaly'
-        if model.threshold is None: raise ValueError(f"{ck} holds no anomaly threshold (training chooses one on the validation split every epoch)")
-        check_finite(model.threshold['threshold'], f"anomaly threshold saved in {ck}")
-        extra = {'modality': cfg['model']['input'], 'normal_class': normal_class_index(test_ds.class_names, cfg['model']['normal'])}
-    else:
-        model = load_model(ck).eval()
-        head = model.head
-        if isinstance(head, MultiTaskHead):  # score one head: the embedding (k-NN protocol) when there is one
-            name = 'embedding' if 'embedding' in head.heads else next(iter(head.heads))
-            head, model = head.heads[name], _OneHead(model, name)
-        task = 'embedding' if isinstance(head, EmbeddingHead) else test_ds.task
-    bs = data.get('batch_size', 32)
-    loaders = {'train': train_ds.loader(batch_size=bs), 'test': test_ds.loader(batch_size=bs)}
-    knn = cfg.get('evaluation', {}).get('knn') or {}
-    config_hash = hashlib.sha256((run_dir/'config.yaml').read_bytes()).hexdigest()[:12]
-    return evaluate_model(model, loaders, task, Path(out) if out else run_dir/'eval', checkpoint=str(ck), config_hash=config_hash,
-                          split=split, n_boot=n_boot, progress=progress, k=knn.get('k', 5), knn_metric=knn.get('metric', 'cosine'), **extra)
+    "Evaluate a trained run on a split with its kind's registered `evaluate` verb; write metrics.json, plots and a Markdown summary: the metrics dict"
+    run = RunFolder(run_dir)
+    return kind_verb(run.kind, 'evaluate')(run, split=split, out=out, checkpoint=checkpoint, **kwargs)
+
+# %% ../nbs/05_evaluation.ipynb #4a9f3e67
+@register_verb('anomaly', 'evaluate')
+def evaluate_anomaly_run(run:RunFolder, # an opened run folder of kind 'anomaly'
+                         split:str|None=None, # split to score (default: the config's `evaluation.split`)
+                         out=None, # where the report goes (default: RUN_DIR/eval)
+                         checkpoint:str='best', # 'best' or 'last' (falls back to 'last' when there is no best)
+                         n_boot:int=1000, # bootstrap resamples for the confidence interval
+                         progress:bool=True, # progress bars
+                        ) -> dict:
+    "Evaluate an anomaly scorer's run with the scorer and the threshold its checkpoint holds (chosen on validation data during training)"
+    ck = run.checkpoint(checkpoint)
+    scorer = load_scorer(ck)
+    if scorer.threshold is None: raise ValueError(f"{ck} holds no anomaly threshold (training chooses one on the validation split every epoch)")
+    check_finite(scorer.threshold['threshold'], f"anomaly threshold saved in {ck}")
+    loaders, test_ds, split = _run_loaders(run, split)
+    m = run.config['model']
+    return evaluate_model(scorer, loaders, 'anomaly', split=split, n_boot=n_boot, progress=progress, modality=m['input'],
+                          normal_class=normal_class_index(test_ds.class_names, m['normal']), **_report_of(run, ck, out))
