@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_diagnosis.ipynb #808364b2
 from __future__ import annotations
-import base64, fnmatch, functools, html, importlib, io, itertools, json, math
+import base64, fnmatch, functools, html, io, itertools, json, math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -13,24 +13,26 @@ import matplotlib.pyplot as plt, numpy as np, pandas as pd, torch, torch.nn as n
 from captum.attr import LayerGradCam
 from .data import (MultiModalDataset, StratifiedBatchSampler, batch_to, check_splits, from_arrays, read_image_sequence,
                            read_image_set, read_series, read_video)
-from .core import Registry, atomic_write, check_finite, to_jsonable, write_json
+from .core import NonFiniteError, Registry, atomic_write, check_finite, to_jsonable, write_json
 from .encoders import ConvLSTM, ImageSetEncoder, PrecomputedEmbedding, Standardized
-from .evaluation import (anomaly_scores, check_prediction_spread, knn_predict, load_scorer, mask_modalities,
-                                 normal_class_index)
-from .model import EmbeddingHead, load_model, run_checkpoint
-from .training import SupConLoss, build_splits, load_config
+from .evaluation import (TASKS, anomaly_scores, bootstrap_ci, check_prediction_spread, knn_predict, load_scorer, mask_modalities,
+                                 normal_class_index, rebuild_splits)
+from .model import EmbeddingHead, load_model
+from .training import SupConLoss
+from .config import RunFolder, kind_verb, register_verb
 
 # %% auto #0
-__all__ = ['SEVERITIES', 'REMEDIES', 'CHECKS', 'REPLACEMENTS', 'ORDERED_READERS', 'MODEL_CHECKS', 'DETECTION_CHECKS', 'Finding',
-           'remedies', 'as_batches', 'primary_head', 'predict', 'targets_of', 'task_of', 'score', 'OutputScore',
-           'knn_true_class_share', 'output_score', 'shuffle_modalities', 'modality_means', 'mean_modality',
-           'default_loss', 'solar_toy_dataset', 'output_dependence', 'shapley_values', 'shapley_interactions',
-           'default_removal', 'coalition_scores', 'ratio_interval', 'contribution_verdict', 'modality_probe',
-           'contribution_table', 'modality_contribution', 'modality_interactions', 'feature_magnitudes',
-           'gradient_flow', 'declared_order', 'sequence_modalities', 'image_modalities', 'temporal_behaviour',
-           'channel_importance', 'grad_cam', 'saliency', 'fusion_attention', 'contrastive_batches', 'class_balance',
-           'split_leakage', 'finite_inputs', 'lr_schedule', 'Subject', 'Diagnosis', 'write_diagnosis', 'diagnose',
-           'score_separation', 'diagnose_scorer_run', 'ablation_agreement', 'diagnose_run']
+__all__ = ['SEVERITIES', 'REMEDIES', 'CHECKS', 'REPLACEMENTS', 'ORDERED_READERS', 'SETUP_CHECKS', 'MODEL_CHECKS',
+           'DETECTION_CHECKS', 'ANOMALY_CHECKS', 'Finding', 'remedies', 'as_batches', 'primary_head', 'predict',
+           'targets_of', 'task_of', 'TaskDiagnosis', 'OutputScore', 'knn_true_class_share', 'output_score',
+           'shuffle_modalities', 'modality_means', 'mean_modality', 'default_loss', 'solar_toy_dataset',
+           'output_dependence', 'shapley_values', 'shapley_interactions', 'default_removal', 'coalition_scores',
+           'ratio_interval', 'contribution_verdict', 'modality_probe', 'contribution_table', 'modality_contribution',
+           'modality_interactions', 'feature_magnitudes', 'gradient_flow', 'declared_order', 'sequence_modalities',
+           'image_modalities', 'temporal_behaviour', 'channel_importance', 'grad_cam', 'saliency', 'fusion_attention',
+           'contrastive_batches', 'class_balance', 'split_leakage', 'finite_inputs', 'lr_schedule', 'Subject',
+           'Diagnosis', 'write_diagnosis', 'diagnose', 'score_separation', 'saved_threshold', 'diagnose_anomaly_run',
+           'ablation_agreement', 'diagnose_fused_run', 'diagnose_run']
 
 # %% ../nbs/06_diagnosis.ipynb #e36199d9
 SEVERITIES = ('ok', 'warning', 'problem')  # from harmless to must-fix
@@ -149,18 +151,40 @@ def targets_of(batches:list):
     return None if any(not isinstance(t, torch.Tensor) for t in ts) else torch.cat(ts)
 
 def task_of(model:nn.Module, batches:list, head:str|None=None) -> str:
-    "'classification', 'regression' or 'embedding' (an `EmbeddingHead`) of the model's head (`head` of a multi-task one), from the head and the target dtype"
+    "'classification', 'regression' or 'embedding' (an `EmbeddingHead`) of the model's head (`head` of a multi-task one), from the head and the target dtype (no targets: 'regression')"
     h = getattr(model, 'head', None)
     if head is not None: h = h.heads[head]
     if isinstance(h, EmbeddingHead): return 'embedding'
     t = targets_of(batches)
     return 'classification' if t is not None and not t.is_floating_point() else 'regression'
 
-def score(task:str, outputs:torch.Tensor, targets, reference:torch.Tensor|None=None) -> float:
-    "Higher is better: mean log-likelihood of the true class (classification), -MAE (regression), -distance to `reference` outputs (embedding)"
-    if task == 'classification': return float(-F.cross_entropy(outputs, targets.long()))
-    if task == 'regression': return float(-(outputs - targets.float().reshape(outputs.shape)).abs().mean())
-    return float(-(outputs - reference).norm(dim=-1).mean())
+# %% ../nbs/06_diagnosis.ipynb #be11f9e5
+@dataclass
+class TaskDiagnosis:
+    "How the diagnosis reads one task's outputs; each task keeps it in `TASKS[task].diagnosis`"
+    score: Callable  # `score(model, batches, head, y, **how) -> (text, per_sample)`: what `output_score` scores, higher is better
+    loss: Callable  # `loss(output, y) -> scalar`: what `gradient_flow` backpropagates
+    delta: Callable  # `delta(a, b) -> (N,)`: how far two outputs of each sample are apart (occlusions)
+    cam_target: Callable  # `cam_target(out) -> (B,)`: the number Grad-CAM explains per sample
+    spread: Callable  # `spread(out, swapped, y, min_ratio) -> (evidence, constant or None)`: prediction and target spread, change under swapped inputs
+    aux_gain: Callable|None = None  # `aux_gain(o, y) -> (N,)`: an auxiliary head's gain over the best constant guess (None: not judged)
+
+def _distance_score(model, batches, head) -> tuple:
+    "Without classes to fit k-NN on: minus the distance to the output with every input"
+    full = predict(model, batches, head=head)
+    return '-distance to the embedding with every input (no classes to fit k-NN on)', lambda o: -(o - full).norm(dim=-1).numpy()
+
+def _knn_score(model, batches, head, y, reference=None, knn=None, reference_name='the reference data', max_reference=4096) -> tuple:
+    "An embedding's per-sample k-NN vote share of the true class, k-NN fitted on `reference` (else the batches, leave-one-out)"
+    if y is None or y.is_floating_point(): return _distance_score(model, batches, head)
+    knn = {'k': 5, 'metric': 'cosine', **(knn or {})}
+    ref = as_batches(reference, max_reference) if reference is not None else batches
+    R, ry = predict(model, ref, head=head).numpy(), targets_of(ref).long().numpy()
+    rid, qid, yq = [i for b in ref for i in b['ids']], [i for b in batches for i in b['ids']], y.long().numpy()
+    k, K = max(1, min(int(knn['k']), len(R) - 1)), int(max(ry.max(), yq.max())) + 1
+    where = reference_name if reference is not None else 'the diagnosed samples themselves (leave-one-out)'
+    return (f"k-NN (k={k}, {knn['metric']}) vote share of the true class, fitted on {where}",
+            lambda o: knn_true_class_share(R, ry, rid, o.numpy(), yq, qid, k, knn['metric'], K))
 
 # %% ../nbs/06_diagnosis.ipynb #a7c1e0f1
 @dataclass
@@ -195,23 +219,42 @@ def output_score(model:nn.Module, # a model with the library's call
                  max_reference:int=4096, # fit k-NN on at most this many reference samples
                 ) -> OutputScore:
     "Score what the run is judged by, per sample and bounded where it can be: probability of the true class, -absolute error, or for an embedding the k-NN vote share of the true class"
-    head = primary_head(model, head); task, y = task_of(model, batches, head), targets_of(batches)
-    on = f"; head '{head}'" if head else ''
-    if task == 'classification':
-        return OutputScore(head, task, 'probability of the true class' + on, lambda o: o.softmax(-1).gather(1, y.long()[:, None])[:, 0].numpy())
-    if task == 'regression' and y is not None:
-        return OutputScore(head, task, '-absolute error (mean over outputs)' + on, lambda o: -(o - y.float().reshape(o.shape)).abs().mean(-1).numpy())
-    if y is None or y.is_floating_point():
-        full = predict(model, batches, head=head)
-        return OutputScore(head, task, '-distance to the embedding with every input (no classes to fit k-NN on)' + on, lambda o: -(o - full).norm(dim=-1).numpy())
-    knn = {'k': 5, 'metric': 'cosine', **(knn or {})}
-    ref = as_batches(reference, max_reference) if reference is not None else batches
-    R, ry = predict(model, ref, head=head).numpy(), targets_of(ref).long().numpy()
-    rid, qid, yq = [i for b in ref for i in b['ids']], [i for b in batches for i in b['ids']], y.long().numpy()
-    k, K = max(1, min(int(knn['k']), len(R) - 1)), int(max(ry.max(), yq.max())) + 1
-    where = reference_name if reference is not None else 'the diagnosed samples themselves (leave-one-out)'
-    return OutputScore(head, task, f"k-NN (k={k}, {knn['metric']}) vote share of the true class, fitted on {where}" + on,
-                       lambda o: knn_true_class_share(R, ry, rid, o.numpy(), yq, qid, k, knn['metric'], K))
+    head = primary_head(model, head); task = task_of(model, batches, head)
+    text, per_sample = TASKS[task].diagnosis.score(model, batches, head, targets_of(batches), reference=reference, knn=knn,
+                                                   reference_name=reference_name, max_reference=max_reference)
+    return OutputScore(head, task, text + (f"; head '{head}'" if head else ''), per_sample)
+
+# %% ../nbs/06_diagnosis.ipynb #37382f5a
+def _class_spread(out, swapped, y, min_ratio) -> tuple:
+    "Probabilities against one-hot targets, total-variation change; constant when one class is predicted for several true ones"
+    prob, swp = out.softmax(-1), swapped.softmax(-1)
+    ev = {'prediction_std': float(prob.std(0).mean()), 'target_std': float(F.one_hot(y.long(), out.shape[1]).float().std(0).mean()),
+          'swap_change': float(0.5 * (prob - swp).abs().sum(-1).mean()), 'predicted_classes': int(out.argmax(-1).unique().numel())}
+    return ev, ev['predicted_classes'] == 1 < int(y.long().unique().numel())  # flat-but-varying probabilities are calibration: judge decisions
+
+def _value_spread(ref, out, swapped) -> dict:
+    "Spread of `out` against `ref`'s, and the mean absolute change under swapped inputs"
+    return {'prediction_std': float(out.std(0).mean()), 'target_std': float(ref.std(0).mean()), 'swap_change': float((out - swapped).abs().mean())}
+
+def _tv(a, b): return 0.5 * (a.softmax(-1) - b.softmax(-1)).abs().sum(-1)  # total variation between class probabilities
+def _mean_abs(a, b): return (a - b).abs().mean(-1)
+
+TASKS['classification'].diagnosis = TaskDiagnosis(
+    score=lambda model, batches, head, y, **_: ('probability of the true class', lambda o: o.softmax(-1).gather(1, y.long()[:, None])[:, 0].numpy()),
+    loss=lambda o, y: F.cross_entropy(o, y.long()), delta=_tv, cam_target=lambda out: out.gather(1, out.argmax(1, keepdim=True))[:, 0],
+    spread=_class_spread,  # the best constant guess of the true class's probability: the majority class, surely
+    aux_gain=lambda o, y: (o.softmax(-1).gather(1, y.long()[:, None])[:, 0] - (y.long() == torch.bincount(y.long(), minlength=o.shape[1]).argmax()).float()).numpy())
+TASKS['regression'].diagnosis = TaskDiagnosis(
+    score=lambda model, batches, head, y, **_: _distance_score(model, batches, head) if y is None else
+          ('-absolute error (mean over outputs)', lambda o: -(o - y.float().reshape(o.shape)).abs().mean(-1).numpy()),
+    loss=lambda o, y: F.mse_loss(o, y.float().reshape(o.shape)), delta=_mean_abs, cam_target=lambda out: out.sum(-1),
+    spread=lambda out, swapped, y, min_ratio: ({**_value_spread(y.float().reshape(out.shape), out, swapped),
+        'per_output': check_prediction_spread(y.float().reshape(out.shape).numpy(), out.numpy(), min_ratio=min_ratio)}, None),
+    aux_gain=lambda o, y: (lambda t: ((t - t.median(0).values).abs() - (t - o).abs()).mean(-1).numpy())(y.float().reshape(o.shape)))
+TASKS['embedding'].diagnosis = TaskDiagnosis(
+    score=_knn_score, loss=lambda o, y: SupConLoss(0.1)(o, y.long()), delta=_mean_abs,
+    cam_target=lambda out: (out * out.detach()).sum(-1),  # the embedding's squared norm along itself
+    spread=lambda out, swapped, y, min_ratio: (_value_spread(out, out, swapped), None))
 
 # %% ../nbs/06_diagnosis.ipynb #f6af5ee9
 def _perm(B:int, seed:int) -> torch.Tensor:
@@ -248,13 +291,13 @@ def mean_modality(batch:dict, m:str,
 # %% ../nbs/06_diagnosis.ipynb #61d05445
 def default_loss(out, batch:dict, aux_weight:float=0.3,
                  head:str|None=None, # the head of a multi-task model (see `primary_head`)
-                 task:str|None=None, # 'embedding': supervised contrastive loss on that head
+                 task:str|None=None, # a name in `TASKS` (e.g. 'embedding': supervised contrastive loss on that head); None: from the target dtype
                 ) -> torch.Tensor:
     "Cross-entropy (integer targets), MSE, or SupCon (`task='embedding'`) on the head output, plus `aux_weight` x CE/MSE on each auxiliary head"
     y = batch['target']
-    one = lambda o: F.cross_entropy(_output(o), y.long()) if not y.is_floating_point() else F.mse_loss(_output(o), y.float().reshape(_output(o).shape))
-    main = SupConLoss(0.1)(_output(out, head), y.long()) if task == 'embedding' else one(_output(out, head))
-    return main + sum(aux_weight * one(a) for a in getattr(out, 'aux', {}).values())
+    by_target = TASKS['regression' if y.is_floating_point() else 'classification'].diagnosis.loss  # auxiliary heads predict the target
+    main = TASKS[task].diagnosis.loss if task is not None else by_target
+    return main(_output(out, head), y) + sum(aux_weight * by_target(_output(a), y) for a in getattr(out, 'aux', {}).values())
 
 # %% ../nbs/06_diagnosis.ipynb #900e60dd
 def solar_toy_dataset(n:int=32, # samples
@@ -287,21 +330,10 @@ def output_dependence(model:nn.Module, # a model with the library's call
     head = primary_head(model, head); task, y = task_of(model, batches, head), targets_of(batches)
     out = predict(model, batches, head=head)
     swapped = predict(model, batches, lambda b: shuffle_modalities(b, list(b['inputs']), seed=1), head)
-    if task == 'classification':
-        prob, swp = out.softmax(-1), swapped.softmax(-1)
-        spread_t = F.one_hot(y.long(), out.shape[1]).float().std(0).mean()
-        spread_p, change = prob.std(0).mean(), 0.5 * (prob - swp).abs().sum(-1).mean()  # total-variation distance
-    else:
-        ref = y.float().reshape(out.shape) if task == 'regression' else out
-        spread_t, spread_p, change = ref.std(0).mean(), out.std(0).mean(), (out - swapped).abs().mean()
-    spread_t = float(spread_t) or 1.
-    ev = {'task': task, 'head': head, 'n': len(out), 'prediction_std': float(spread_p), 'target_std': spread_t,
-          'spread_ratio': float(spread_p) / spread_t, 'swap_change': float(change), 'swap_change_ratio': float(change) / spread_t}
-    if task == 'regression': ev['per_output'] = check_prediction_spread(y.float().reshape(out.shape).numpy(), out.numpy(), min_ratio=min_ratio)
-    if task == 'classification':  # flat-but-varying probabilities are a calibration matter: judge the decisions instead
-        ev['predicted_classes'] = int(out.argmax(-1).unique().numel())
-        constant = ev['predicted_classes'] == 1 < int(y.long().unique().numel())
-    else: constant = ev['spread_ratio'] < min_ratio
+    measured, constant = TASKS[task].diagnosis.spread(out, swapped, y, min_ratio)
+    ev = {'task': task, 'head': head, 'n': len(out), **measured, 'target_std': measured['target_std'] or 1.}
+    ev.update(spread_ratio=ev['prediction_std'] / ev['target_std'], swap_change_ratio=ev['swap_change'] / ev['target_std'])
+    if constant is None: constant = ev['spread_ratio'] < min_ratio
     bad = constant or ev['swap_change_ratio'] < min_change
     text = (f"predictions barely depend on the input: their spread is {ev['spread_ratio']:.3g} of the targets', and giving every sample "
             f"another sample's inputs changes them by {ev['swap_change_ratio']:.3g} of the target spread" if bad else
@@ -373,15 +405,12 @@ def ratio_interval(num, # (N,) per-sample numerators
                    n_boot:int=500, # bootstrap resamples
                    seed:int=0, # the same seed draws the same resamples, so intervals of several ratios agree
                    level:float=0.95) -> tuple:
-    "mean(num) / mean(den) and its percentile bootstrap interval over samples: (value, low, high)"
+    "mean(num) / mean(den) and its percentile bootstrap interval over samples (`bootstrap_ci`): (value, low, high), NaN bounds where undefined"
     num = np.asarray(num, dtype=float); den = np.ones_like(num) if den is None else np.asarray(den, dtype=float)
-    safe = lambda d: np.where(np.abs(d) > 1e-12, d, np.nan)
-    value = float(num.mean() / safe(den.mean()))
-    idx = np.random.default_rng(seed).integers(0, len(num), (n_boot, len(num)))
-    r = num[idx].mean(1) / safe(den[idx].mean(1))
-    if not np.isfinite(r).any(): return value, float('nan'), float('nan')
-    lo, hi = np.nanpercentile(r, [50 * (1 - level), 50 * (1 + level)])
-    return value, float(lo), float(hi)
+    ratio = lambda a, b: a.mean() / b.mean() if abs(b.mean()) > 1e-12 else float('nan')
+    try: ci = bootstrap_ci(ratio, num, den, n_boot=n_boot, level=level, seed=seed)
+    except NonFiniteError: return float(ratio(num, den)), float('nan'), float('nan')  # undefined on the data or on most resamples
+    return ci['value'], ci['low'], ci['high']
 
 # %% ../nbs/06_diagnosis.ipynb #a7c1e109
 def contribution_verdict(share:float, # Shapley share of the score gain
@@ -437,19 +466,14 @@ def modality_probe(model:nn.Module, # a model with the library's call
 # %% ../nbs/06_diagnosis.ipynb #a7c1e115
 def _aux_informative(model, batches, task, y, mods, n_boot:int=500, seed:int=0) -> dict:
     "m -> the auxiliary head's per-sample gain over the best constant guess (true-class probability over the majority's; regression: absolute error under the median's), bootstrapped"
-    if task == 'embedding' or not getattr(model, 'aux_heads', None): return {}
+    gain_of = TASKS[task].diagnosis.aux_gain
+    if gain_of is None or not getattr(model, 'aux_heads', None): return {}
     was = model.training; model.eval()
     with torch.no_grad(): outs = [_run(model, batch_to(b, _device(model))).aux for b in batches]
     model.train(was)
     res = {}
     for m in [m for m in model.aux_heads if m in mods]:
-        o = torch.cat([_output(x[m]).cpu() for x in outs])
-        if task == 'classification':
-            best = torch.bincount(y.long(), minlength=o.shape[1]).argmax()  # the best constant guess of the true class's probability: the majority, surely
-            gain = (o.softmax(-1).gather(1, y.long()[:, None])[:, 0] - (y.long() == best).float()).numpy()
-        else:
-            t = y.float().reshape(o.shape); gain = ((t - t.median(0).values).abs() - (t - o).abs()).mean(-1).numpy()
-        g = ratio_interval(gain, n_boot=n_boot, seed=seed, level=0.98)  # as `modality_probe`: 99% one-sided
+        g = ratio_interval(gain_of(torch.cat([_output(x[m]).cpu() for x in outs]), y), n_boot=n_boot, seed=seed, level=0.98)  # as `modality_probe`: 99% one-sided
         res[m] = {'probe': "the modality's auxiliary head vs the prior", 'probe_gain': g[0], 'probe_gain_ci98': [g[1], g[2]], 'informative': bool(g[1] > 0)}
     return res
 
@@ -729,8 +753,7 @@ def _change_input(m:str, f:Callable) -> Callable:
 
 def _delta(task:str, a:torch.Tensor, b:torch.Tensor) -> torch.Tensor:
     "(N,) output change per sample: total variation of class probabilities, else mean absolute change"
-    if task == 'classification': return 0.5 * (a.softmax(-1) - b.softmax(-1)).abs().sum(-1)
-    return (a - b).abs().mean(-1)
+    return TASKS[task].diagnosis.delta(a, b)
 
 ORDERED_READERS = {read_image_sequence: True, read_video: True, read_series: True, read_image_set: False}  # reader -> has a time axis
 
@@ -869,8 +892,7 @@ def _check_channels(s):
 # %% ../nbs/06_diagnosis.ipynb #50d77fc9
 def _cam_target(task:str, out:torch.Tensor) -> torch.Tensor:
     "(B,) what Grad-CAM explains per sample: the predicted class's logit, the sum of the outputs (regression), the embedding's squared norm along itself"
-    if task == 'classification': return out.gather(1, out.argmax(1, keepdim=True))[:, 0]
-    return out.sum(-1) if task == 'regression' else (out * out.detach()).sum(-1)
+    return TASKS[task].diagnosis.cam_target(out)
 
 def grad_cam(model:nn.Module, # a model with the library's call
              batch:dict, # one batch
@@ -1076,15 +1098,24 @@ def lr_schedule(history:Sequence[Mapping]|pd.DataFrame, # the run's history (his
     return [Finding('lr_schedule', 'problem', f"the '{name}' schedule was not applied: lr stayed at {lr[0]:.3g} for all {len(lr)} epochs", ev, remedies('schedule'))]
 
 # %% ../nbs/06_diagnosis.ipynb #d3961dd6
+@CHECKS.register('finite_inputs')
+def _check_finite(s): return finite_inputs(s.batches)
+
+@CHECKS.register('class_balance')
+def _check_classes(s):
+    if s.train_labels is None: return []
+    return class_balance(s.train_labels) + (contrastive_batches(s.train_labels, s.batch_plan) if s.contrastive and s.batch_plan is not None else [])
+
+@CHECKS.register('split_leakage')
+def _check_leakage(s): return split_leakage(s.splits) if s.splits else []
+
+@CHECKS.register('lr_schedule')
+def _check_schedule(s): return lr_schedule(s.history, (s.config or {}).get('training', {}).get('schedule')) if s.history is not None else []
+
+SETUP_CHECKS = ('finite_inputs', 'class_balance', 'split_leakage', 'lr_schedule')  # what 'training_setup' runs, in order
+
 @CHECKS.register('training_setup')
-def _check_setup(s):
-    out = finite_inputs(s.batches)
-    if s.train_labels is not None:
-        out += class_balance(s.train_labels)
-        if s.contrastive and s.batch_plan is not None: out += contrastive_batches(s.train_labels, s.batch_plan)
-    if s.splits: out += split_leakage(s.splits)
-    if s.history is not None: out += lr_schedule(s.history, (s.config or {}).get('training', {}).get('schedule'))
-    return out
+def _check_setup(s): return [f for name in SETUP_CHECKS for f in CHECKS[name](s)]
 
 # %% ../nbs/06_diagnosis.ipynb #f993c77f
 @dataclass
@@ -1107,15 +1138,21 @@ class Subject:
     n_boot: int = 500  # bootstrap resamples for the intervals
     seed: int = 0  # bootstrap seed
     split: str|None = None  # the diagnosed split's name, for the evidence
-    score: OutputScore|None = None  # how outputs are scored (`diagnose` sets it with `output_score`)
+    scoring: OutputScore|None = None  # how outputs are scored; default: `output_score` on first use of `score`
     removal: str|None = None  # how coalitions remove a modality: 'mean', 'mask' or 'shuffle' (default: `default_removal`)
     cache: dict = field(default_factory=dict)  # values several checks share (coalition scores)
+    scores: Any = None  # an anomaly scorer's `Predictions` on the diagnosed split (targets: 1 = anomalous)
+    checkpoint: str|None = None  # the checkpoint file diagnosed, for the evidence
+    @property
+    def score(self) -> OutputScore:
+        "How the checks score outputs: `scoring`, else `output_score` of the model's primary (or chosen) head, computed once"
+        if self.scoring is None: self.scoring = output_score(self.model, self.batches, self.head, self.reference, self.knn, self.reference_name)
+        return self.scoring
 
 MODEL_CHECKS = ('output_dependence', 'modality_contribution', 'modality_interaction', 'feature_magnitude', 'gradient_flow', 'temporal', 'channel_importance',
                 'saliency', 'fusion_attention', 'training_setup')  # what `diagnose` runs by default, in order
-DETECTION_CHECKS = ('detection', 'training_setup')  # ... and on detection models (`detection` is registered by `mmfusion.detection`)
-
-def _is_detection(batch:dict) -> bool: return not isinstance(batch.get('target'), (torch.Tensor, type(None)))
+DETECTION_CHECKS = ('detection', 'training_setup')  # what a detection run is diagnosed with (`detection` is registered by `mmfusion.detection`)
+ANOMALY_CHECKS = ('score_separation', 'threshold', 'finite_inputs', 'split_leakage', 'lr_schedule')  # ... and an anomaly scorer run
 
 @dataclass
 class Diagnosis:
@@ -1181,24 +1218,22 @@ def _json_text(obj) -> str:
 # %% ../nbs/06_diagnosis.ipynb #f6401591
 def diagnose(model_or_run, # a `MultiModalModel`, or a run folder made by `train` (see `diagnose_run`)
              data=None, # the data to diagnose on: a dataset, a DataLoader or a list of batches
-             checks:Sequence[str]|None=None, # names in `CHECKS` (default `MODEL_CHECKS`)
+             checks:Sequence[str]|None=None, # names in `CHECKS` (default `MODEL_CHECKS`; a detector: `DETECTION_CHECKS`, an anomaly scorer: `ANOMALY_CHECKS`)
              out=None, # write the report here (None: write nothing)
              max_samples:int=64, # diagnose on at most this many samples
              batch_size:int=16, # batch size when `data` is a dataset
              title:str='Diagnosis', # report title
-             **known, # more `Subject` fields: reference, head, knn, n_boot, seed, splits, train_labels, batch_plan, contrastive, history, config, ordered
+             **known, # more `Subject` fields: reference, head, knn, n_boot, seed, splits, train_labels, batch_plan, contrastive, history, config, ordered, scores, ...
             ) -> Diagnosis:
     "Run the diagnosis checks on a model and data: a `Diagnosis` of findings (written as a report when `out` is given)"
     if isinstance(model_or_run, (str, Path)):
         return diagnose_run(model_or_run, out=out, checks=checks, max_samples=max_samples, **{k: known[k] for k in ('split', 'head', 'n_boot', 'seed') if k in known})
     batches = as_batches(data, max_samples, batch_size)
     model = model_or_run
-    if _is_detection(batches[0]) and checks is None: checks = DETECTION_CHECKS
     s = Subject(model, batches, **known)
     if s.ordered is None: s.ordered = declared_order(data)
-    if s.train_labels is None and hasattr(data, 'task') and data.task == 'classification': s.train_labels = list(data.targets)
+    if s.train_labels is None and getattr(data, 'task', None) in TASKS and TASKS[data.task].by_class: s.train_labels = list(data.targets)
     s.contrastive = s.contrastive or isinstance(getattr(model, 'head', None), EmbeddingHead) or primary_head(model, s.head) == 'embedding'
-    if s.score is None and not _is_detection(batches[0]): s.score = output_score(model, batches, s.head, s.reference, s.knn, s.reference_name)
     findings = [f for name in (checks or MODEL_CHECKS) for f in CHECKS[name](s)]
     d = Diagnosis(findings, title)
     if out is not None: d.write(out)
@@ -1225,38 +1260,57 @@ def score_separation(scores, # (N,) anomaly scores of the diagnosed split (large
     else: sev, msg = 'ok', f"anomalous samples score {ratio:.2f}x the normal ones (median; rank AUC {auc:.2f})"
     return [Finding('score_separation', sev, msg, ev, remedies('bottleneck') if sev != 'ok' else [])]
 
-# %% ../nbs/06_diagnosis.ipynb #51c0e7ba
-def diagnose_scorer_run(run_dir, # a run folder whose config names a `model.scorer`
-                        split:str|None=None, # the split role to diagnose on (default 'valid' when the run has one, else 'test')
-                        out=None, # report folder (default RUN_DIR/diagnosis)
-                        checkpoint:str='best', # 'best' or 'last'
-                        max_samples:int=64, # finite-input check on at most this many samples
-                       ) -> Diagnosis:
-    "Diagnose an anomaly-scorer run: score separation, saved threshold, finite inputs, split leakage, lr schedule"
-    run = Path(run_dir); cfg = load_config(run/'config.yaml')
-    split = split or ('valid' if cfg['data'].get('valid') else 'test')
-    ck = run_checkpoint(run, checkpoint)
-    scorer, data = load_scorer(ck), cfg['data']
-    splits = build_splits({**data, 'augment': None}, cfg.get('seed', 0))
-    name = data.get(split) or split
-    if name not in splits: raise KeyError(f"split {split!r} not in this run's data ({list(splits)})")
-    ds, m = splits[name], cfg['model']['input']
-    normal = normal_class_index(ds.class_names, cfg['model']['normal'])
-    p = anomaly_scores(scorer, ds.loader(batch_size=data.get('batch_size', 16)), m, progress=False, normal_class=normal)
-    findings = score_separation(p.outputs, p.targets)
-    t = (scorer.threshold or {}).get('threshold')
+# %% ../nbs/06_diagnosis.ipynb #676a5684
+@CHECKS.register('score_separation')
+def _check_separation(s): return score_separation(s.scores.outputs, s.scores.targets)
+
+def saved_threshold(scores, # (N,) anomaly scores of the diagnosed split
+                    anomalous, # (N,) 1 for anomalous samples
+                    threshold:Mapping|None, # the scorer's saved `select_threshold` dict (None: none saved)
+                    split:str='the diagnosed', # the split's name, for the sentence
+                    fitted_here:bool=False, # the threshold was chosen on this split (optimistic there by construction)
+                    where:str='the checkpoint', # what holds the threshold, for the sentence
+                   ) -> list:
+    "What a scorer's saved threshold flags on the diagnosed split; a missing or non-finite one is a problem: [Finding]"
+    t = (threshold or {}).get('threshold')
     t = None if t is None else float(t)
-    if t is None or not math.isfinite(t): findings.append(Finding('threshold', 'problem', f"{ck.name} holds no finite anomaly threshold ({t})", {'threshold': t}, remedies('scorer_training')))
-    else:
-        flagged = p.outputs >= t
-        findings.append(Finding('threshold', 'ok', f"saved threshold {t:.4g} flags {int(flagged.sum())} of {len(flagged)} {name} samples "
-                                f"({int(flagged[p.targets == 1].sum())} of {int(p.targets.sum())} anomalous)" + (", the split it was chosen on: optimistic by construction, "
-                                f"judge it on test" if name == data.get('valid') else ''), {'threshold': t, 'fitted_on_this_split': name == data.get('valid'), **(scorer.threshold or {})}))
-    findings += finite_inputs(as_batches(ds, max_samples, data.get('batch_size', 16))) + split_leakage(splits)
-    if (run/'history.csv').is_file(): findings += lr_schedule(pd.read_csv(run/'history.csv'), cfg.get('training', {}).get('schedule'))
-    d = Diagnosis(findings, f'Diagnosis of {run.name} ({name} split, {ck.name}, anomaly scorer)')
-    d.write(out if out is not None else run/'diagnosis')
-    return d
+    if t is None or not math.isfinite(t): return [Finding('threshold', 'problem', f"{where} holds no finite anomaly threshold ({t})", {'threshold': t}, remedies('scorer_training'))]
+    s, y = np.asarray(scores), np.asarray(anomalous)
+    flagged = s >= t
+    return [Finding('threshold', 'ok', f"saved threshold {t:.4g} flags {int(flagged.sum())} of {len(flagged)} {split} samples ({int(flagged[y == 1].sum())} of {int(y.sum())} anomalous)" +
+                    (", the split it was chosen on: optimistic by construction, judge it on test" if fitted_here else ''),
+                    {'threshold': t, 'fitted_on_this_split': fitted_here, **(threshold or {})})]
+
+@CHECKS.register('threshold')
+def _check_threshold(s):
+    return saved_threshold(s.scores.outputs, s.scores.targets, s.model.threshold, s.split, s.split == ((s.config or {}).get('data') or {}).get('valid'), s.checkpoint or 'the scorer')
+
+# %% ../nbs/06_diagnosis.ipynb #51c0e7ba
+def _diagnosed_split(run:RunFolder, split:str|None) -> tuple:
+    "(splits, the diagnosed split's name): the config's `diagnosis.split`, else 'valid' when the run has one, else 'test'; a role names its split"
+    data = run.config['data']
+    split = split or (run.config.get('diagnosis') or {}).get('split') or ('valid' if data.get('valid') else 'test')  # remedies are not chosen on test
+    splits, name = rebuild_splits(run), data.get(split) or split
+    if name not in splits: raise KeyError(f"split {split!r} not in this run's data ({list(splits)})")
+    return splits, name
+
+@register_verb('anomaly', 'diagnose')
+def diagnose_anomaly_run(run:RunFolder, # an opened run folder of kind 'anomaly'
+                         split:str|None=None, # the split (or role) to diagnose on (default: `diagnosis.split`, else 'valid' when the run has one, else 'test')
+                         out=None, # report folder (default RUN_DIR/diagnosis)
+                         checkpoint:str='best', # 'best' or 'last'
+                         checks:Sequence[str]|None=None, # names in `CHECKS` (default `ANOMALY_CHECKS`)
+                         max_samples:int=64, # finite-input check on at most this many samples
+                         **kwargs, # other `diagnose_run` arguments (head, n_boot, seed) do not apply to a scorer
+                        ) -> Diagnosis:
+    "Diagnose an anomaly-scorer run with `ANOMALY_CHECKS`: score separation over the whole split, the saved threshold, finite inputs, split leakage, lr schedule"
+    cfg, ck = run.config, run.checkpoint(checkpoint)
+    scorer, (splits, name) = load_scorer(ck), _diagnosed_split(run, split)
+    ds, bs = splits[name], cfg['data'].get('batch_size', 16)
+    p = anomaly_scores(scorer, ds.loader(batch_size=bs), cfg['model']['input'], progress=False, normal_class=normal_class_index(ds.class_names, cfg['model']['normal']))
+    return diagnose(scorer, ds, checks or ANOMALY_CHECKS, out if out is not None else run.path/'diagnosis', max_samples, bs,
+                    f'Diagnosis of {run.path.name} ({name} split, {ck.name}, anomaly scorer)', splits=splits, history=run.history, config=cfg,
+                    split=name, scores=p, checkpoint=ck.name)
 
 # %% ../nbs/06_diagnosis.ipynb #a7c1e126
 def ablation_agreement(findings:Sequence[Finding], # the diagnosis's findings: its 'modality_contribution' and 'modality_interaction' ones are compared
@@ -1268,7 +1322,7 @@ def ablation_agreement(findings:Sequence[Finding], # the diagnosis's findings: i
     met = record.get('metrics', record)
     rows = {r['setting']: r for r in met.get('ablation') or []}
     if 'all' not in rows: return []
-    lower_better = met.get('task') == 'regression'  # the regression headline is an error (MAE)
+    lower_better = met.get('task') in TASKS and TASKS[met['task']].lower_is_better  # e.g. the regression headline, an error (MAE)
     full, ev_split = rows['all']['metric'], met.get('split')
     n = (record.get('split_sizes') or {}).get(ev_split)
     tol = max(rel_tol * abs(full), 1.5 / n if n and not lower_better else 0.)  # ... or within 1.5 samples' worth of accuracy
@@ -1298,44 +1352,42 @@ def ablation_agreement(findings:Sequence[Finding], # the diagnosis's findings: i
     return out
 
 # %% ../nbs/06_diagnosis.ipynb #b5b4a9b6
-def diagnose_run(run_dir, # a run folder written by `mmfusion.training.train`
-                 split:str|None=None, # 'train', 'valid', 'test' or a split name; default: the config's `diagnosis.split`, else 'valid' when the run has one, else 'test'
-                 out=None, # report folder (default RUN_DIR/diagnosis)
-                 checkpoint:str='best', # 'best' or 'last' (falls back to last.pt when best.pt is missing)
-                 checks:Sequence[str]|None=None, # names in `CHECKS`
-                 max_samples:int=64, # diagnose on at most this many samples
-                 head:str|None=None, # the head of a multi-task model (default: the config's `diagnosis.head`, else what `evaluate_run` scores)
-                 n_boot:int=500, # bootstrap resamples for the intervals
-                 seed:int=0, # bootstrap seed
-                ) -> Diagnosis:
-    "Load a run folder, rebuild its splits and diagnose it (validation split by default), checked against its evaluation's ablation; the report goes to RUN_DIR/diagnosis"
-    run = Path(run_dir)
-    if not (run/'config.yaml').is_file(): raise FileNotFoundError(f"{run} is not a run folder (no config.yaml)")
-    cfg = load_config(run/'config.yaml')
-    data = cfg['data']
-    split = split or (cfg.get('diagnosis') or {}).get('split')
-    if 'baseline' in cfg and 'modalities' in data:  # a `run_detection` folder: loaded by the detection module
-        return importlib.import_module('mmfusion.detection').diagnose_detection_run(run, split, out, checkpoint, checks, max_samples)
-    split = split or ('valid' if data.get('valid') else 'test')  # remedies are not chosen on test when there is a validation split
-    if 'scorer' in cfg.get('model', {}): return diagnose_scorer_run(run, split, out, checkpoint, max_samples)  # an anomaly scorer run
-    ck = run_checkpoint(run, checkpoint)
-    model = load_model(ck)
-    splits = build_splits({**data, 'augment': None}, cfg.get('seed', 0))
-    name = data.get(split) or split
-    if name not in splits: raise KeyError(f"split {split!r} not in this run's data ({list(splits)})")
+@register_verb('fused', 'diagnose')
+def diagnose_fused_run(run:RunFolder, # an opened run folder of kind 'fused'
+                       split:str|None=None, # 'train', 'valid', 'test' or a split name; default: the config's `diagnosis.split`, else 'valid' when the run has one, else 'test'
+                       out=None, # report folder (default RUN_DIR/diagnosis)
+                       checkpoint:str='best', # 'best' or 'last' (falls back to last.pt when best.pt is missing)
+                       checks:Sequence[str]|None=None, # names in `CHECKS`
+                       max_samples:int=64, # diagnose on at most this many samples
+                       head:str|None=None, # the head of a multi-task model (default: the config's `diagnosis.head`, else what `evaluate_run` scores)
+                       n_boot:int=500, # bootstrap resamples for the intervals
+                       seed:int=0, # bootstrap seed
+                      ) -> Diagnosis:
+    "Diagnose a fused model's run on its rebuilt split (validation by default), with what only a run knows, checked against its evaluation's ablation"
+    cfg, ck = run.config, run.checkpoint(checkpoint)
+    model, (splits, name), data = load_model(ck), _diagnosed_split(run, split), cfg['data']
     train = splits[data['train']]
-    labels = list(train.targets) if train.task == 'classification' else None
+    labels = list(train.targets) if TASKS[train.task].by_class else None
     plan = None
     if labels is not None:
         k = data.get('k', 2) if data.get('sampler') == 'stratified' else 1
         plan = StratifiedBatchSampler(labels, data['batch_size'], k=k, seed=cfg.get('seed', 0)).global_batches()
-    hist = pd.read_csv(run/'history.csv').to_dict('records') if (run/'history.csv').is_file() else None
     contrastive = str((cfg.get('loss') or {}).get('name', '')).startswith('supcon')
     head = primary_head(model, head or (cfg.get('diagnosis') or {}).get('head'))
     d = diagnose(model, splits[name], checks, None, max_samples, data.get('batch_size', 16),
-                 f"Diagnosis of {run.name} ({name} split, {ck.name}" + (f", head '{head}')" if head else ')'), splits=splits, train_labels=labels,
-                 batch_plan=plan, contrastive=contrastive, history=hist, config=cfg, reference=train, reference_name=f"the training split ({data['train']})",
+                 f"Diagnosis of {run.path.name} ({name} split, {ck.name}" + (f", head '{head}')" if head else ')'), splits=splits, train_labels=labels,
+                 batch_plan=plan, contrastive=contrastive, history=run.history, config=cfg, reference=train, reference_name=f"the training split ({data['train']})",
                  head=head, knn=(cfg.get('evaluation') or {}).get('knn'), n_boot=n_boot, seed=seed, split=name)
-    if (run/'eval'/'metrics.json').is_file(): d.findings += ablation_agreement(d.findings, json.loads((run/'eval'/'metrics.json').read_text()), name)
-    d.write(out if out is not None else run/'diagnosis')
+    if (run.path/'eval'/'metrics.json').is_file(): d.findings += ablation_agreement(d.findings, json.loads((run.path/'eval'/'metrics.json').read_text()), name)
+    d.write(out if out is not None else run.path/'diagnosis')
     return d
+
+def diagnose_run(run_dir, # a run folder written by `mmfusion train` (or a `RunFolder`)
+                 split:str|None=None, # the split (or role) to diagnose; default: the kind's (`diagnosis.split`, else validation when the run has one)
+                 out=None, # report folder (default RUN_DIR/diagnosis)
+                 checkpoint:str='best', # 'best' or 'last' (falls back to last.pt when best.pt is missing)
+                 **kwargs, # more arguments of the kind's `diagnose` verb: checks, max_samples, head, n_boot, seed
+                ) -> Diagnosis:
+    "Diagnose a run folder with its kind's registered `diagnose` verb; the report goes to RUN_DIR/diagnosis"
+    run = RunFolder(run_dir)
+    return kind_verb(run.kind, 'diagnose')(run, split=split, out=out, checkpoint=checkpoint, **kwargs)

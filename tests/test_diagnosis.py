@@ -240,7 +240,7 @@ def test_report_files(solar, solar_trained, tmp_path):
 
 
 def test_diagnose_run(tmp_path):
-    from mmfusion.training import train
+    from mmfusion.kinds import train
     run = train('configs/smoke.yaml', ['training.epochs=1', f'runs_dir={tmp_path}', 'training.tensorboard=false', 'training.progress=false'], verbose=False)
     d = diagnose_run(run.dir, max_samples=24)
     assert (run.dir/'diagnosis'/'findings.json').is_file() and (run.dir/'diagnosis'/'report.html').is_file()

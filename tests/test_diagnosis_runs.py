@@ -6,7 +6,7 @@ import pytest
 
 from browser import image_status, serve
 from mmfusion.cli import main
-from mmfusion.training import train
+from mmfusion.kinds import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = {  # a few epochs each: enough for a real run folder, not a good model
