@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse, platform, sys, time
 from pathlib import Path
 
-FUSION_NAMES = ('concat', 'late', 'gated', 'transformer', 'fusion_tokens')  # the fusions issue 13 names
 OUT = Path(__file__).resolve().parent / 'results' / 'diagnosis_accuracy.json'
 
 def main(argv=None):
@@ -18,15 +17,15 @@ def main(argv=None):
     p.add_argument('--n-boot', type=int, default=500)
     p.add_argument('--cases', nargs='+', default=None, help='default: every case in PLANTED_CASES')
     p.add_argument('--tasks', nargs='+', default=None, help='default: every task in PLANTED_TASKS')
-    p.add_argument('--fusions', nargs='+', default=list(FUSION_NAMES))
+    p.add_argument('--fusions', nargs='+', default=None, help='default: every fusion in FUSION_NAMES')
     p.add_argument('--out', default=str(OUT))
     a = p.parse_args(argv)
     import pandas as pd, torch
     import mmfusion
-    from mmfusion.planted import PLANTED_CASES, PLANTED_TASKS, check_planted, train_planted
+    from mmfusion.planted import FUSION_NAMES, PLANTED_CASES, PLANTED_TASKS, check_planted, train_planted
     from mmfusion.core import write_json
     torch.set_num_threads(1)
-    cases, tasks = a.cases or list(PLANTED_CASES), a.tasks or list(PLANTED_TASKS)
+    cases, tasks, a.fusions = a.cases or list(PLANTED_CASES), a.tasks or list(PLANTED_TASKS), a.fusions or list(FUSION_NAMES)
     tables, runs, t0 = [], [], time.perf_counter()
     for case in cases:
         for task in tasks:

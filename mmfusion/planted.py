@@ -6,7 +6,7 @@
 from __future__ import annotations
 import time
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 import matplotlib.pyplot as plt, numpy as np, pandas as pd
 from .core import seed_everything
 from .data import MultiModalDataset, from_arrays
@@ -15,9 +15,9 @@ from .training import Learner, ModelLoss, init_output_bias, make_train_loader
 from .diagnosis import Diagnosis, diagnose
 
 # %% auto #0
-__all__ = ['PLANTED_ROLES', 'ROLE_WEIGHTS', 'ADDITIVE_FUSIONS', 'LINEAR_READOUT', 'PLANTED_CASES', 'PLANTED_TASKS',
-           'PLANTED_LOSSES', 'PLANTED_CHECKS', 'role_of', 'PlantedCase', 'planted_arrays', 'planted_splits',
-           'planted_model_config', 'PlantedRun', 'train_planted', 'planted_verdicts', 'check_planted']
+__all__ = ['PLANTED_ROLES', 'ROLE_WEIGHTS', 'ADDITIVE_FUSIONS', 'LINEAR_READOUT', 'PLANTED_CASES', 'FUSION_NAMES',
+           'PLANTED_TASKS', 'PLANTED_CHECKS', 'role_of', 'PlantedCase', 'planted_arrays', 'PlantedTask',
+           'planted_splits', 'planted_model_config', 'PlantedRun', 'train_planted', 'planted_verdicts', 'check_planted']
 
 # %% ../nbs/06b_planted.ipynb #be1a2350
 PLANTED_ROLES = {
@@ -82,7 +82,7 @@ PLANTED_CASES = {c.name: c for c in [
     PlantedCase('synergy', {'a': 'unique', 'p': ('synergy', 'q'), 'q': ('synergy', 'p')}),
     PlantedCase('scale', {'a': 'unique', 'big': 'scaled'}, encoder='linear'),
 ]}  # the suite's cases, by name
-PLANTED_TASKS = ('classification', 'regression', 'embedding', 'multi_task')  # what the planted label is learned as
+FUSION_NAMES = ('concat', 'late', 'gated', 'transformer', 'fusion_tokens')  # the fusions the suite trains (those issue 13 names)
 
 # %% ../nbs/06b_planted.ipynb #d8b44d79
 def planted_arrays(case:PlantedCase, # the roles to plant
@@ -110,6 +110,22 @@ def planted_arrays(case:PlantedCase, # the roles to plant
         xs[m] = (x * (1000. if role == 'scaled' else 1.)).astype('f4')
     return xs, z
 
+# %% ../nbs/06b_planted.ipynb #a49b16cf
+@dataclass
+class PlantedTask:
+    "How the planted label is learned as one task: as values or classes, through which head, with which loss"
+    head: Callable  # `head(heads) -> head config`, from the per-task head configs `planted_model_config` builds
+    loss: Any  # the `ModelLoss` config
+    values: bool = False  # the label is z standardised (regression), not z's quantile class
+
+PLANTED_TASKS = {
+    'classification': PlantedTask(lambda h: h['classification'], 'cross_entropy'),
+    'regression': PlantedTask(lambda h: h['regression'], 'mse', values=True),
+    'embedding': PlantedTask(lambda h: h['embedding'], {'name': 'supcon', 'temperature': 0.1}),
+    'multi_task': PlantedTask(lambda h: {'name': 'multi_task', 'heads': {'embedding': h['embedding'], 'logits': h['classification']}},
+                              {'name': 'supcon_ce', 'temperature': 0.1}),  # the weld recipe
+}  # what the planted label is learned as
+
 # %% ../nbs/06b_planted.ipynb #54ad3a20
 def planted_splits(case:PlantedCase, # the roles to plant
                    task:str='classification', # one of `PLANTED_TASKS`
@@ -120,18 +136,16 @@ def planted_splits(case:PlantedCase, # the roles to plant
                   ) -> tuple:
     "(train, valid) `MultiModalDataset`s from one draw: the class is z's quantile bin; regression: z standardised"
     if task not in PLANTED_TASKS: raise ValueError(f"unknown task {task!r}; known: {', '.join(PLANTED_TASKS)}")
+    values = PLANTED_TASKS[task].values
     xs, z = planted_arrays(case, n_train + n_valid, dim, seed=seed)
-    if task == 'regression': y = ((z - z[:n_train].mean()) / z[:n_train].std()).astype('f4')[:, None]
+    if values: y = ((z - z[:n_train].mean()) / z[:n_train].std()).astype('f4')[:, None]
     else: y = np.digitize(z, np.quantile(z[:n_train], np.linspace(0, 1, n_classes + 1)[1:-1])).astype('int64')
-    names = None if task == 'regression' else [f"class{i}" for i in range(n_classes)]
+    names = None if values else [f"class{i}" for i in range(n_classes)]
     ids = [f"{case.name}-{i}" for i in range(len(z))]  # distinct across splits: k-NN scoring must not meet a sample twice
     part = lambda sl, split: from_arrays({m: x[sl] for m, x in xs.items()}, list(y[sl]), ids[sl], class_names=names, name=f"{case.name}/{split}")
     return part(slice(0, n_train), 'train'), part(slice(n_train, None), 'valid')
 
 # %% ../nbs/06b_planted.ipynb #1ded5bfe
-PLANTED_LOSSES = {'classification': 'cross_entropy', 'regression': 'mse', 'embedding': {'name': 'supcon', 'temperature': 0.1},
-                  'multi_task': {'name': 'supcon_ce', 'temperature': 0.1}}  # task -> loss config (multi_task: the weld recipe)
-
 def planted_model_config(case:PlantedCase, task:str, fusion:str, # what to build
                          n_classes:int=3, dim:int=4, # classes; features per modality
                          width:int=16, # encoder output width (the fusion is twice as wide)
@@ -144,7 +158,7 @@ def planted_model_config(case:PlantedCase, task:str, fusion:str, # what to build
     heads = {'classification': {'name': 'classification', 'n_classes': n_classes, 'hidden': hidden},
              'regression': {'name': 'regression', 'n_outputs': 1, 'hidden': hidden},
              'embedding': {'name': 'embedding', 'dim': width, 'hidden': hidden}}
-    head = heads[task] if task != 'multi_task' else {'name': 'multi_task', 'heads': {'embedding': heads['embedding'], 'logits': heads['classification']}}
+    head = PLANTED_TASKS[task].head(heads)
     fcfg = {'name': fusion, 'dim': 2 * width, 'modality_dropout': modality_dropout}
     if fusion == 'transformer': fcfg.update(n_heads=2, n_layers=1)
     if fusion == 'fusion_tokens': fcfg.update(n_heads=2, n_tokens=2)
@@ -176,10 +190,11 @@ def train_planted(case:PlantedCase|str, # a case or a name in `PLANTED_CASES`
     seed_everything(seed)
     md = case.modality_dropout if modality_dropout is None else modality_dropout
     model = build_model(planted_model_config(case, task, fusion, modality_dropout=md))
-    if task == 'regression': init_output_bias(model, train.targets)
-    k = 1 if task == 'regression' else 4  # SupCon needs positives in every batch
+    values = PLANTED_TASKS[task].values
+    if values: init_output_bias(model, train.targets)
+    k = 1 if values else 4  # SupCon needs positives in every batch (and stratified classes help the rest)
     dl = make_train_loader(train, {'batch_size': batch_size, 'sampler': 'random' if k == 1 else 'stratified', 'k': k, 'drop_last': False}, seed)
-    learn = Learner(model, dl, None, ModelLoss(PLANTED_LOSSES[task], model.aux_weight), lr=lr)
+    learn = Learner(model, dl, None, ModelLoss(PLANTED_TASKS[task].loss, model.aux_weight), lr=lr)
     t0 = time.perf_counter(); learn.fit(epochs)
     return PlantedRun(case, task, fusion, model, train, valid, learn.history, time.perf_counter() - t0)
 

@@ -1,9 +1,7 @@
 """The diagnosis against planted truth: every verdict on every planted case, for each task x fusion (see nbs/06b_planted.ipynb)."""
 import pytest, torch
 from mmfusion.fusion import FUSIONS
-from mmfusion.planted import PLANTED_CASES, PLANTED_TASKS, PlantedCase, PlantedRun, check_planted, train_planted
-
-FUSION_NAMES = ('concat', 'late', 'gated', 'transformer', 'fusion_tokens')  # the fusions issue 13 names
+from mmfusion.planted import FUSION_NAMES, PLANTED_CASES, PLANTED_TASKS, PlantedCase, PlantedRun, check_planted, train_planted
 
 @pytest.fixture(autouse=True)
 def one_thread():
