@@ -19,13 +19,14 @@ from .model import run_checkpoint
 from .training import OPTIMIZERS, balanced_class_weights
 
 # %% auto #0
-__all__ = ['RUN_VERBS', 'RUN_KINDS', 'DEFAULT_CONFIG', 'ANOMALY_MODEL', 'KindError', 'RunKind', 'register_verb', 'refuse_verb',
-           'kind_verb', 'run_kind', 'plain_data', 'load_config', 'apply_overrides', 'resolve_fused_config',
-           'resolve_anomaly_config', 'resolve_config', 'fit_standardizer', 'build_splits', 'augmentation', 'hold_out',
-           'fit_config_to_data', 'new_run_dir', 'RunFolder', 'config_splits']
+__all__ = ['RUN_VERBS', 'VERB_PHRASES', 'RUN_KINDS', 'DEFAULT_CONFIG', 'ANOMALY_MODEL', 'KindError', 'RunKind', 'register_verb',
+           'refuse_verb', 'kind_verb', 'run_kind', 'plain_data', 'load_config', 'apply_overrides',
+           'resolve_fused_config', 'resolve_anomaly_config', 'resolve_config', 'fit_standardizer', 'build_splits',
+           'augmentation', 'hold_out', 'fit_config_to_data', 'new_run_dir', 'RunFolder', 'config_splits']
 
 # %% ../nbs/04a_config.ipynb #ee3ab2bc
 RUN_VERBS = ('resolve', 'splits', 'train', 'evaluate', 'diagnose', 'predict', 'export', 'predictor')  # what a kind of run is asked to do
+VERB_PHRASES = {'resolve': 'resolve a config', 'splits': 'build splits', 'predictor': 'be served'}  # how a refusal names a verb
 
 class KindError(ValueError):
     "An unknown kind of run, or a verb it cannot do; the message says why and what to do instead"
@@ -63,9 +64,9 @@ def kind_verb(kind:str, verb:str) -> Callable:
     if kind not in RUN_KINDS:
         raise KindError(f"unknown kind of run {kind!r}; known: {RUN_KINDS.names}. Each kind is registered by the module that "
                         "implements it: `import mmfusion.runs` loads them all")
-    how = RUN_KINDS[kind].verbs.get(verb)
-    if how is None: raise KindError(f"{kind} runs cannot {verb}: nothing is registered for it (`import mmfusion.runs` loads every kind's verbs)")
-    if isinstance(how, str): raise KindError(f"{kind} runs cannot {verb}: {how}")
+    how, doing = RUN_KINDS[kind].verbs.get(verb), VERB_PHRASES.get(verb, verb)
+    if how is None: raise KindError(f"{kind} runs cannot {doing}: nothing is registered for it (`import mmfusion.runs` loads every kind's verbs)")
+    if isinstance(how, str): raise KindError(f"{kind} runs cannot {doing}: {how}")
     return how
 
 # %% ../nbs/04a_config.ipynb #fc56ad44

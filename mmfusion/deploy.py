@@ -24,12 +24,12 @@ from .detection import MultiModalYOLO, load_detector, predict_detections
 
 # %% auto #0
 __all__ = ['FILE_READERS', 'IMAGE_READERS', 'EXPORT_FORMATS', 'TTA_VIEWS', 'ModalitySpec', 'preprocessing_from_splits',
-           'preprocessing_to_json', 'preprocessing_from_json', 'Prediction', 'output_kinds', 'Predictor', 'Box',
-           'Detections', 'DetectionPredictor', 'load_predictor', 'fused_predictor', 'detection_predictor',
-           'predictor_outputs', 'score', 'input_samples', 'write_predictions', 'predict_fused_run',
-           'predict_anomaly_run', 'ExportModule', 'example_inputs', 'export_model', 'ExportedModel', 'check_export',
-           'flat_inputs', 'export_run', 'export_fused_run', 'zoom', 'average_outputs', 'TTAPredictor', 'Ensemble',
-           'box_iou', 'weighted_box_fusion', 'distillation_loss', 'Distill', 'distill']
+           'preprocessing_to_json', 'preprocessing_from_json', 'Prediction', 'output_kinds', 'run_preprocessing',
+           'sample_prediction', 'Predictor', 'Box', 'Detections', 'DetectionPredictor', 'load_predictor',
+           'fused_predictor', 'detection_predictor', 'predictor_outputs', 'score', 'input_samples', 'write_predictions',
+           'predict_fused_run', 'predict_anomaly_run', 'ExportModule', 'example_inputs', 'export_model',
+           'ExportedModel', 'check_export', 'flat_inputs', 'export_run', 'export_fused_run', 'zoom', 'average_outputs',
+           'TTAPredictor', 'Ensemble', 'box_iou', 'weighted_box_fusion', 'distillation_loss', 'Distill', 'distill']
 
 # %% ../nbs/08_deploy.ipynb #c9163e64
 FILE_READERS = {f.__name__: f for f in (read_image, read_image_set, read_video, read_audio, read_series, read_image_sequence)}  # readers a spec may name
@@ -138,10 +138,42 @@ def output_kinds(model:MultiModalModel, # a fused model
     k = kind(model.head)
     return {{'classification': 'logits', 'regression': 'values', 'embedding': 'embedding'}[k]: k}
 
-# %% ../nbs/08_deploy.ipynb #4c91c234
+# %% ../nbs/08_deploy.ipynb #26c594c3
 def _named_outputs(out, kinds) -> dict:
     return dict(out) if isinstance(out, Mapping) else {next(iter(kinds)): out}
 
+def run_preprocessing(run:RunFolder, # a fused run
+                      data_root=None, # where the training data is (default: the config's `data.root`)
+                     ) -> tuple:
+    "(specs, class names, task) of a run: `preprocessing.json` if written, else refitted from the training data"
+    if (run.path/'preprocessing.json').is_file():
+        info = json.loads((run.path/'preprocessing.json').read_text())
+        return preprocessing_from_json(json.dumps(info['modalities'])), info['class_names'], info['task']
+    data = {**run.config['data'], 'cache': False, 'augment': None, **({'root': str(data_root)} if data_root else {})}
+    splits = build_splits(data)
+    train_ds = splits[data['train']]
+    return preprocessing_from_splits(splits, data['train']), train_ds.class_names, train_ds.task
+
+def sample_prediction(outs:Mapping, # output name -> (B, K) tensor
+                      i:int, # the sample's row
+                      sid:str, # its id
+                      missing:list, # the modalities it lacked
+                      kinds:Mapping, # output name -> kind (`output_kinds`)
+                      class_names:Sequence[str]|None=None) -> Prediction:
+    "Row `i` of a batch's outputs as a `Prediction` (the first output of each kind fills its fields)"
+    p = Prediction(sid, missing)
+    for k, kind in kinds.items():
+        v = outs[k][i]
+        if kind == 'classification' and p.class_index is None:
+            prob = v.softmax(-1)
+            names = class_names or [str(j) for j in range(len(prob))]
+            p.class_index = int(prob.argmax()); p.label = names[p.class_index]
+            p.probabilities = {n: float(q) for n, q in zip(names, prob)}
+        elif kind == 'regression' and p.values is None: p.values = [float(a) for a in v]
+        elif kind == 'embedding' and p.embedding is None: p.embedding = [float(a) for a in v]
+    return p
+
+# %% ../nbs/08_deploy.ipynb #4c91c234
 class Predictor:
     "A trained fused model plus its training preprocessing: raw inputs (any subset of modalities) -> `Prediction`s"
     def __init__(self, model:MultiModalModel, # the trained model
@@ -162,16 +194,7 @@ class Predictor:
         "Load a run's weights (as data only) and its preprocessing: `preprocessing.json` if written, else refitted from the training data"
         run = RunFolder(run_dir)
         if run.kind != 'fused': raise KindError(f"{run.path} is a {run.kind} run: a `Predictor` serves fused models; `mmfusion.runs.predictor` picks the right one")
-        run_dir, model, cfg = run.path, load_model(run.checkpoint(checkpoint)), run.config
-        if (run_dir/'preprocessing.json').is_file():
-            info = json.loads((run_dir/'preprocessing.json').read_text())
-            specs, names, task = preprocessing_from_json(json.dumps(info['modalities'])), info['class_names'], info['task']
-        else:
-            data = {**cfg['data'], 'cache': False, 'augment': None, **({'root': str(data_root)} if data_root else {})}
-            splits = build_splits(data)
-            specs, train_ds = preprocessing_from_splits(splits, data['train']), splits[data['train']]
-            names, task = train_ds.class_names, train_ds.task
-        return cls(model, specs, names, task, device)
+        return cls(load_model(run.checkpoint(checkpoint)), *run_preprocessing(run, data_root), device)
 
     def write_preprocessing(self, run_dir) -> Path:
         "Write `RUN_DIR/preprocessing.json`, so the run predicts without its training data"
@@ -205,20 +228,8 @@ class Predictor:
                 batch:Mapping, # the batch they came from
                ) -> list:
         "One `Prediction` per sample"
-        res = []
-        for i, sid in enumerate(batch['ids']):
-            p = Prediction(sid, [m for m, on in zip(batch['modalities'], batch['present'][i].tolist()) if not on])
-            for k, kind in self.kinds.items():
-                v = outs[k][i]
-                if kind == 'classification' and p.class_index is None:
-                    prob = v.softmax(-1)
-                    names = self.class_names or [str(j) for j in range(len(prob))]
-                    p.class_index = int(prob.argmax()); p.label = names[p.class_index]
-                    p.probabilities = {n: float(q) for n, q in zip(names, prob)}
-                elif kind == 'regression' and p.values is None: p.values = [float(a) for a in v]
-                elif kind == 'embedding' and p.embedding is None: p.embedding = [float(a) for a in v]
-            res.append(p)
-        return res
+        absent = lambda i: [m for m, on in zip(batch['modalities'], batch['present'][i].tolist()) if not on]
+        return [sample_prediction(outs, i, sid, absent(i), self.kinds, self.class_names) for i, sid in enumerate(batch['ids'])]
 
     def predict(self, inputs:Mapping|Sequence[Mapping], # one sample's inputs, or a list of them
                 ids:Sequence[str]|None=None, # sample ids (default: '0', '1', ...)
@@ -287,10 +298,11 @@ class DetectionPredictor:
 
 def load_predictor(run_dir, # a run folder of any kind
                    checkpoint:str='best', # 'best' or 'last'
-                   **kwargs): # what that kind's predictor takes (e.g. `data_root`, `device`, `conf`)
+                   data_root=None, # the training data, for a fused run without preprocessing.json (other kinds ignore it)
+                   **kwargs): # what that kind's predictor takes besides (e.g. `device`, `conf`)
     "The predictor a run's kind registered: a `Predictor` for a fused run, a `DetectionPredictor` for a detection run"
     run = RunFolder(run_dir)
-    return kind_verb(run.kind, 'predictor')(run, checkpoint=checkpoint, **kwargs)
+    return kind_verb(run.kind, 'predictor')(run, checkpoint=checkpoint, data_root=data_root, **kwargs)
 
 @register_verb('fused', 'predictor')
 def fused_predictor(run:RunFolder, checkpoint:str='best', data_root=None, device:str='cpu') -> Predictor:
@@ -449,6 +461,8 @@ def export_model(predictor:Predictor, # the model and preprocessing to export
     predictor.model.to(predictor.device)
     return path
 
+
+# %% ../nbs/08_deploy.ipynb #17030177
 class ExportedModel:
     "An exported graph (ONNX via onnxruntime on CPU, or TorchScript) called like `ExportModule`: tensors in modality order, then `present`"
     def __init__(self, path):
