@@ -96,7 +96,8 @@ def main():
     table = {row: {k: float(v) for k, v in vals.items()} for row, vals in run.table.to_dict('index').items()}
     fused = table['fused: all modalities']
     margins = {m: fused[HEADLINE] - s['best_phase_test'][HEADLINE] for m, s in single.items()}
-    seconds = json.loads((run.dir/'metrics.json').read_text())['seconds']
+    recorded = json.loads((run.dir/'metrics.json').read_text())
+    seconds = recorded['seconds']
     result = {
         'headline_metric': HEADLINE, 'split': 'test',
         'settings': {'imgsz': a.imgsz, 'phase1_epochs': a.epochs, 'finetune_epochs': a.finetune, 'batch': a.batch, 'model': 'yolo11n.yaml',
@@ -109,6 +110,7 @@ def main():
         'margins': margins,
         'fused_clearly_above_every_single': all(v >= a.margin for v in margins.values()),
         'seconds': seconds,
+        'gate': recorded['gate'],  # the config's Phase-1 gate: the thermal Phase 1 scored on val, and whether the fused phase was allowed to start
     }
     result['metric_check'] = ultralytics_replay_check(Path(run.baselines['thermal']['phase1']),
                                                       yolo_dataset_view(a.root, 'thermal', Path(a.work)/'check_view'), a.imgsz)

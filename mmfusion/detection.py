@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_detection.ipynb #e1eeaf46
 from __future__ import annotations
-from .core import default_device, seed_everything, write_json  # first: it sets YOLO_OFFLINE before ultralytics is imported
+from .core import atomic_write, seed_everything, write_json, write_text_atomic  # first: it sets YOLO_OFFLINE before ultralytics is imported
 import copy, json, logging, shutil, tempfile, time, warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Mapping, Sequence
 
-import albumentations as A, cv2, matplotlib.pyplot as plt, numpy as np, pandas as pd, torch, torch.nn as nn, yaml
+import albumentations as A, cv2, matplotlib.pyplot as plt, numpy as np, onnxruntime as ort, pandas as pd, torch, torch.nn as nn, yaml
 import ultralytics.data.utils as ultralytics_data_utils
 from pytorch_grad_cam import EigenCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
@@ -26,21 +26,25 @@ from ultralytics.utils.metrics import DetMetrics, box_iou
 from ultralytics.utils.nms import non_max_suppression
 from ultralytics.utils.ops import xywh2xyxy
 
+from .config import DEFAULT_CONFIG, KindError, RunFolder, apply_overrides, load_config, plain_data, register_verb
 from .data import IMAGE_EXTS, NIGHT_MODALITIES, AlignedAugment, batch_to, detection_augment, paired_folders, read_image
-from .diagnosis import CHECKS, DETECTION_CHECKS, Diagnosis, Finding, diagnose, remedies
+from .diagnosis import CHECKS, DETECTION_CHECKS, REMEDIES, Diagnosis, Finding, diagnose, remedies
 from .encoders import YOLOBackbone, adapt_in_channels
 from .fusion import FUSIONS
 from .model import MultiModalModel, load_checkpoint, run_checkpoint, save_checkpoint
-from .training import (Callback, Checkpoint, CSVLogger, DeviceCB, GradientClip, Learner, LRSchedule, MixedPrecision, NonFiniteGuard,
-                       ProgressCB, StagedTraining, resolve_precision)
+from .training import OPTIMIZERS, Callback, Checkpoint, Learner, training_callbacks
 
 # %% auto #0
-__all__ = ['MultiModalYOLO', 'fit_size', 'detection_splits', 'DetectionLoss', 'postprocess_detections', 'validate_detection',
-           'DetectionValidation', 'fit_detector', 'yolo_dataset_view', 'train_baseline', 'ablation_table',
-           'draw_detections', 'load_detector', 'predict_detections', 'predict_cli', 'DetectionRun', 'detection_config',
-           'train_single_detector', 'load_single_detector', 'train_detection_baselines', 'build_fused_detector',
-           'evaluate_detection_run', 'run_detection', 'detector_cams', 'plot_detector_cams', 'detection_contribution',
-           'diagnose_detection_run']
+__all__ = ['DETECTION_TRAINING', 'DETECTION_CONFIG', 'GATE_METRICS', 'DETECTION_REMEDIES', 'DETECTOR_FORMATS', 'MultiModalYOLO',
+           'fit_size', 'detection_splits', 'DetectionLoss', 'postprocess_detections', 'validate_detection',
+           'DetectionValidation', 'DetectionConfigError', 'detection_training', 'detection_callbacks', 'fit_detector',
+           'yolo_dataset_view', 'train_baseline', 'ablation_table', 'draw_detections', 'load_detector',
+           'predict_detections', 'detection_frames', 'predict_cli', 'detection_gate', 'resolve_detection_config',
+           'detection_config', 'train_single_detector', 'load_single_detector', 'GateError', 'phase1_gate',
+           'baseline_gate', 'train_detection_baselines', 'build_fused_detector', 'score_detection_run', 'DetectionRun',
+           'run_detection', 'run_detection_splits', 'detector_cams', 'plot_detector_cams', 'detection_contribution',
+           'diagnose_detection_run', 'evaluate_detection_run', 'predict_detection_run', 'DetectorGraph',
+           'ExportMismatchError', 'detector_inputs', 'export_detector', 'export_detection_run']
 
 # %% ../nbs/07_detection.ipynb #9a19d80b
 def _read_yolo_checkpoint(path) -> DetectionModel:
@@ -62,8 +66,61 @@ def _yolo_architecture(model) -> dict:
     if path.suffix not in ('.yaml', '.yml'): raise ValueError(f"model should be a YOLO .yaml, a local .pt or an architecture dict, got {str(model)!r}")
     return yaml_model_load(str(model))
 
-# %% ../nbs/07_detection.ipynb #a642a66e
-class MultiModalYOLO(nn.Module):
+# %% ../nbs/07_detection.ipynb #164654b1
+def _yolo_parts(cfg:dict, keys:Mapping[str, int], head_key:str) -> tuple:
+    "(backbones, neck + Detect): one ultralytics `DetectionModel` built from `cfg` per key (its input channels), the head taken from `head_key`'s"
+    dets = {k: DetectionModel(json.loads(json.dumps(cfg)), ch=c, verbose=False) for k, c in keys.items()}
+    backbones = nn.ModuleDict({k: YOLOBackbone(d) for k, d in dets.items()})
+    return backbones, nn.Sequential(*dets[head_key].model[backbones[head_key].cut:])  # each layer keeps its `f` (inputs) and `i` (index)
+
+def _run_head(head:nn.Sequential, feature_indices:Sequence[int], maps:list):
+    "Run neck + Detect exactly as `DetectionModel` does, with `maps` standing in for the backbone's P3/P4/P5"
+    y, x = dict(zip(feature_indices, maps)), maps[-1]
+    for m in head:
+        if m.f != -1: x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+        x = y[m.i] = m(x)
+    return x
+
+def _map_fusions(fusion:str|Mapping|None, base:str|None, channels:Mapping[str, int], map_channels:Sequence[int]) -> nn.ModuleList|None:
+    "One `FUSIONS` map fusion per level (P3/P4/P5), in base mode when there is a base; None without fusion"
+    if fusion is None: return None
+    fcfg = {'name': fusion} if isinstance(fusion, str) else dict(fusion)
+    return nn.ModuleList(FUSIONS.build({'dim': c, **({'base': base} if base else {}), **fcfg}, modalities=list(channels), dims={m: c for m in channels})
+                         for c in map_channels)
+
+def _batch_inputs(inputs:Mapping, present, modalities:list) -> tuple:
+    "(modality -> images, presence (B, M) in `modalities` order) from a batch of `collate_samples` or a plain mapping"
+    if 'inputs' in inputs:  # a batch: `present` columns follow the batch's own modality names
+        cols, p = inputs.get('modalities', modalities), inputs['present']
+        present = torch.stack([p[:, cols.index(m)] if m in cols else torch.zeros_like(p[:, 0]) for m in modalities], 1)
+        inputs = {m: x for m, x in inputs['inputs'].items() if m in modalities}
+    unknown = [m for m in inputs if m not in modalities]
+    if unknown: raise KeyError(f"unknown modality {unknown[0]!r}; this model takes {modalities}")
+    if not inputs: raise ValueError(f"no input for any modality of this model ({modalities})")
+    ref = next(iter(inputs.values()))
+    if present is None: present = torch.tensor([[m in inputs for m in modalities]] * ref.shape[0])
+    return inputs, torch.as_tensor(present, device=ref.device).bool()
+
+def _to_channels(m:str, x:torch.Tensor, c:int, shared:bool) -> torch.Tensor:
+    "Modality `m`'s images for a backbone taking `c` channels (a shared backbone repeats grey or averages colour)"
+    if x.ndim != 4: raise ValueError(f"modality {m!r}: expected images (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] == c: return x
+    if shared and x.shape[1] == 1: return x.expand(-1, c, -1, -1)
+    if shared and c == 1: return x.mean(1, keepdim=True)
+    raise ValueError(f"modality {m!r} has {x.shape[1]} channels; its backbone takes {c}")
+
+class _FreezableModule(nn.Module):
+    "Freezing by glob on module names and per-module learning rates, exactly as `MultiModalModel` does them; frozen modules stay in eval mode"
+    freeze, unfreeze, param_groups, _matching = MultiModalModel.freeze, MultiModalModel.unfreeze, MultiModalModel.param_groups, MultiModalModel._matching
+    def train(self, mode:bool=True):
+        "Like `nn.Module.train`, but modules frozen with `freeze` stay in eval mode"
+        super().train(mode)
+        for name in self.frozen: self.get_submodule(name).train(False)
+        return self
+
+
+# %% ../nbs/07_detection.ipynb #208d3a51
+class MultiModalYOLO(_FreezableModule):
     "One YOLO backbone per modality, P3/P4/P5 fused per level, then ultralytics' own neck and Detect head"
     def __init__(self,
                  modalities:Mapping[str, int]=NIGHT_MODALITIES, # modality -> input channels; the order is the `present` column order
@@ -85,17 +142,11 @@ class MultiModalYOLO(nn.Module):
         self.config = {'modalities': dict(self.channels), 'model': cfg, 'fusion': fusion, 'base': base,
                        'shared_backbone': shared_backbone, 'names': list(names), 'imgsz': imgsz}
         keys = {'shared': self.channels[base] if base else max(self.channels.values())} if shared_backbone else self.channels
-        dets = {k: DetectionModel(json.loads(json.dumps(cfg)), ch=c, verbose=False) for k, c in keys.items()}
-        self.backbones = nn.ModuleDict({k: YOLOBackbone(d) for k, d in dets.items()})
+        self.backbones, self.head = _yolo_parts(cfg, keys, self._key(base) if base else next(iter(keys)))
         first = next(iter(self.backbones.values()))
         self.cut, self.feature_indices, self.map_channels = first.cut, first.feature_indices, first.map_channels
-        head_source = dets[self._key(base)] if base else next(iter(dets.values()))
-        self.head = nn.Sequential(*head_source.model[self.cut:])  # neck + Detect, keeping each layer's `f` (inputs) and `i` (index)
         self.args = get_cfg(DEFAULT_CFG)  # ultralytics' hyperparameters (box/cls/dfl gains for the loss)
-        fcfg = {'name': fusion} if isinstance(fusion, str) else dict(fusion or {})
-        self.fusions = None if fusion is None else nn.ModuleList(
-            FUSIONS.build({'dim': c, **({'base': base} if base else {}), **fcfg}, modalities=list(self.channels), dims={m: c for m in self.channels})
-            for c in self.map_channels)
+        self.fusions = _map_fusions(fusion, base, self.channels, self.map_channels)
         self.frozen = set()
         if isinstance(model, (str, Path)) and Path(model).suffix == '.pt': self.load_single(model)
 
@@ -109,74 +160,48 @@ class MultiModalYOLO(nn.Module):
 
     def _key(self, m:str) -> str: return 'shared' if self.shared_backbone else m
 
-    def _input(self, m:str, x:torch.Tensor) -> torch.Tensor:
-        c = self.backbones[self._key(m)].in_channels
-        if x.ndim != 4: raise ValueError(f"modality {m!r}: expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        if x.shape[1] == c: return x
-        if self.shared_backbone and x.shape[1] == 1: return x.expand(-1, c, -1, -1)
-        if self.shared_backbone and c == 1: return x.mean(1, keepdim=True)
-        raise ValueError(f"modality {m!r} has {x.shape[1]} channels; its backbone takes {c}")
+    def _input(self, m:str, x:torch.Tensor) -> torch.Tensor: return _to_channels(m, x, self.backbones[self._key(m)].in_channels, self.shared_backbone)
 
     def forward(self,
                 inputs:Mapping, # modality -> (B, C, H, W) in [0, 1], or a batch dict from `collate_samples`
                 present:torch.Tensor|None=None, # (B, M) presence in `modalities` order; default: present when in `inputs`
                ):
         "Ultralytics' Detect output on the fused maps: a dict of raw maps in training, `(decoded (B, 4+nc, A), raw)` in eval"
-        if 'inputs' in inputs:  # a batch: `present` columns follow the batch's own modality names
-            cols = inputs.get('modalities', self.modalities)
-            p = inputs['present']
-            present = torch.stack([p[:, cols.index(m)] if m in cols else torch.zeros_like(p[:, 0]) for m in self.modalities], 1)
-            inputs = {m: x for m, x in inputs['inputs'].items() if m in self.channels}
-        unknown = [m for m in inputs if m not in self.channels]
-        if unknown: raise KeyError(f"unknown modality {unknown[0]!r}; this model takes {self.modalities}")
-        if not inputs: raise ValueError(f"no input for any modality of this model ({self.modalities})")
-        ref = next(iter(inputs.values()))
-        if present is None: present = torch.tensor([[m in inputs for m in self.modalities]] * ref.shape[0])
-        present = torch.as_tensor(present, device=ref.device).bool()
+        inputs, present = _batch_inputs(inputs, present, self.modalities)
         maps = {m: self.backbones[self._key(m)](self._input(m, inputs[m])).maps
                 for i, m in enumerate(self.modalities) if m in inputs and present[:, i].any()}  # a modality absent from the whole batch is not run
         if not maps: raise ValueError("no modality is present in any sample of this batch")
         fused = next(iter(maps.values())) if self.fusions is None else \
                 [f({m: mp[level] for m, mp in maps.items()}, present).fused for level, f in enumerate(self.fusions)]
-        return self._neck_and_head(fused)
+        return _run_head(self.head, self.feature_indices, fused)
 
-    def _neck_and_head(self, fused:list):
-        "Run neck + Detect exactly as `DetectionModel` does, with the fused maps standing in for the backbone's P3/P4/P5"
-        y, x = dict(zip(self.feature_indices, fused)), fused[-1]
-        for m in self.head:
-            if m.f != -1: x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-            x = y[m.i] = m(x)
-        return x
-
-    @torch.no_grad()
     def load_single(self,
                     source:str|Path|DetectionModel, # a single-modality ultralytics model, or its local .pt (e.g. the Phase-1 baseline)
                     into:Sequence[str]|None=None, # modalities whose backbones get its backbone weights (default: all)
                    ) -> dict:
         "Copy a single-modality YOLO's backbone weights into backbones (first conv adapted to each one's channels) and its neck + head into the head"
-        sd = (source if isinstance(source, nn.Module) else _read_yolo_checkpoint(source)).state_dict()
-        pairs, keys = {}, list(dict.fromkeys(self._key(m) for m in (self.modalities if into is None else into)))  # pairs: name -> (destination, source)
-        for k in keys:
-            for key, t in self.backbones[k].model.state_dict().items():
-                s = sd[f'model.{key}']
-                if s.shape != t.shape and s.ndim == 4 and s.shape[:1] + s.shape[2:] == t.shape[:1] + t.shape[2:]: s = adapt_in_channels(s, t.shape[1])  # first conv
-                pairs[f'backbones.{k}.model.{key}'] = t, s
-        for key, t in self.head.state_dict().items():
-            i, rest = key.split('.', 1)
-            pairs[f'head.{key}'] = t, sd[f'model.{int(i) + self.cut}.{rest}']  # head layer j is the source's layer cut + j
-        bad = [(k, tuple(s.shape), tuple(t.shape)) for k, (t, s) in pairs.items() if s.shape != t.shape]
-        if bad: raise ValueError(f"the source does not fit this model (other classes or architecture?): {bad[:3]}")
-        for t, s in pairs.values(): t.copy_(s)
-        return {g: sum(k.startswith(g + '.') for k in pairs) for g in [f'backbones.{k}' for k in keys] + ['head']}  # tensors copied
+        return _load_single(self, source, into)
 
-    def train(self, mode:bool=True):
-        "Like `nn.Module.train`, but modules frozen with `freeze` stay in eval mode"
-        super().train(mode)
-        for name in self.frozen: self.get_submodule(name).train(False)
-        return self
 
-    # freezing by glob on module names and per-module learning rates, exactly as `MultiModalModel` does them
-    freeze, unfreeze, param_groups, _matching = MultiModalModel.freeze, MultiModalModel.unfreeze, MultiModalModel.param_groups, MultiModalModel._matching
+# %% ../nbs/07_detection.ipynb #6bf43943
+@torch.no_grad()
+def _load_single(model:MultiModalYOLO, source, into:Sequence[str]|None=None) -> dict:
+    "`MultiModalYOLO.load_single`: tensors copied per group, after checking every shape fits"
+    sd = (source if isinstance(source, nn.Module) else _read_yolo_checkpoint(source)).state_dict()
+    pairs, keys = {}, list(dict.fromkeys(model._key(m) for m in (model.modalities if into is None else into)))  # pairs: name -> (destination, source)
+    for k in keys:
+        for key, t in model.backbones[k].model.state_dict().items():
+            s = sd[f'model.{key}']
+            if s.shape != t.shape and s.ndim == 4 and s.shape[:1] + s.shape[2:] == t.shape[:1] + t.shape[2:]: s = adapt_in_channels(s, t.shape[1])  # first conv
+            pairs[f'backbones.{k}.model.{key}'] = t, s
+    for key, t in model.head.state_dict().items():
+        i, rest = key.split('.', 1)
+        pairs[f'head.{key}'] = t, sd[f'model.{int(i) + model.cut}.{rest}']  # head layer j is the source's layer cut + j
+    bad = [(k, tuple(s.shape), tuple(t.shape)) for k, (t, s) in pairs.items() if s.shape != t.shape]
+    if bad: raise ValueError(f"the source does not fit this model (other classes or architecture?): {bad[:3]}")
+    for t, s in pairs.values(): t.copy_(s)
+    return {g: sum(k.startswith(g + '.') for k in pairs) for g in [f'backbones.{k}' for k in keys] + ['head']}  # tensors copied
+
 
 # %% ../nbs/07_detection.ipynb #c776f74c
 def fit_size(hw:tuple, # (H, W) of the frames
@@ -307,43 +332,65 @@ class DetectionValidation(Callback):
                 save_checkpoint({'config': m.config, 'state_dict': m.state_dict(), 'frozen': sorted(m.frozen), 'epoch': 0,
                                  'monitor': cb.monitor, 'value': row[cb.monitor]}, cb.best_path)
 
-# %% ../nbs/07_detection.ipynb #c79ea0d3
+# %% ../nbs/07_detection.ipynb #8c1a2976
+DETECTION_TRAINING = {'epochs': 20, 'optimizer': 'adamw', 'lr': 1e-4, 'weight_decay': 5e-4, 'lr_mult': {},
+                      'schedule': {'name': 'cosine', 'warmup_epochs': 1, 'min_factor': 0.01}, 'clip': 10.0, 'accumulate': 1,
+                      'precision': 'auto', 'device': 'auto', 'early_stopping': None, 'monitor': 'valid_mAP50-95', 'checkpoint_every': 0,
+                      'progress': 'auto', 'tensorboard': True, 'freeze_base_epochs': 0, 'validate_at_start': True}  # a detection `training` section's keys and defaults
+
+class DetectionConfigError(ValueError):
+    "A detection config with a missing, unknown or ill-typed key (the message names it)"
+
+def _number(v, key:str, whole:bool=False):
+    "`v` if it is a number (a whole one >= 0 when `whole`), else a `DetectionConfigError` naming `key`"
+    ok = not isinstance(v, bool) and (isinstance(v, int) and v >= 0 if whole else isinstance(v, (int, float)))
+    if not ok: raise DetectionConfigError(f"{key} must be {'a whole number >= 0' if whole else 'a number'}, got {v!r} ({type(v).__name__})")
+    return v
+
+def detection_training(training:Mapping|None=None, # a detection config's `training` section; missing keys take `DETECTION_TRAINING`'s
+                      ) -> dict:
+    "A detection `training` section with its defaults, every key checked: an unknown key or a wrong type is an error naming it"
+    t = dict(training or {})
+    unknown = [f'training.{k}' for k in t if k not in DETECTION_TRAINING]
+    if unknown: raise DetectionConfigError(f"unknown config key(s) {unknown}; a detection run's training takes {sorted(DETECTION_TRAINING)}")
+    t = {**copy.deepcopy(DETECTION_TRAINING), **t}
+    for k in ('lr', 'weight_decay'): _number(t[k], f'training.{k}')
+    for k in ('epochs', 'accumulate', 'freeze_base_epochs', 'checkpoint_every'): _number(t[k], f'training.{k}', whole=True)
+    if t['clip'] is not None and not isinstance(t['clip'], Mapping): _number(t['clip'], 'training.clip')
+    if t['optimizer'] not in OPTIMIZERS: raise DetectionConfigError(f"training.optimizer must be one of {list(OPTIMIZERS)}, got {t['optimizer']!r}")
+    if t['freeze_base_epochs'] > t['epochs']: raise DetectionConfigError(f"training.freeze_base_epochs ({t['freeze_base_epochs']}) exceeds training.epochs ({t['epochs']})")
+    return t
+
+def detection_callbacks(model:MultiModalYOLO, # the detector (its `base_modules` for a base-frozen first stage)
+                        training:Mapping, # a `detection_training` section
+                        run_dir=None, # where checkpoints, history.csv and TensorBoard logs go (None: no files)
+                       ) -> list:
+    "The `Learner` callbacks a detection `training` section asks for: the library's own (`training_callbacks`) plus `DetectionValidation`"
+    t, n = training, training['freeze_base_epochs']
+    stages = [{'name': 'base frozen', 'epochs': n, 'freeze': model.base_modules}, {'name': 'all', 'epochs': t['epochs'] - n, 'unfreeze': ['*']}] if n else None
+    es = t['early_stopping'] and {'monitor': t['monitor'], **t['early_stopping']}  # watches the checkpoint's metric unless told otherwise
+    section = {**DEFAULT_CONFIG['training'], **{k: v for k, v in t.items() if k in DEFAULT_CONFIG['training']}, 'stages': stages, 'early_stopping': es}
+    return [*training_callbacks({'training': section}, None if run_dir is None else Path(run_dir)), DetectionValidation(at_start=t['validate_at_start'])]
+
 def fit_detector(model:MultiModalYOLO, # the detector
                  train_dl, # training batches
                  valid_dl, # validation batches
-                 epochs:int=20, # epochs in all
-                 lr:float=1e-4, # base learning rate (AdamW)
-                 lr_mult:Mapping[str, float]|None=None, # glob on parameter names -> LR multiplier, e.g. {'fusions': 10}
-                 weight_decay:float=5e-4, # AdamW weight decay (not on biases and norm weights)
-                 schedule:Mapping|None=None, # `LRSchedule` arguments (default: cosine, 1 warmup epoch, down to 1%)
-                 clip:float=10.0, # gradient-norm clip
-                 freeze_base_epochs:int=0, # first stage with the base branch frozen (needs `base`)
-                 validate_at_start:bool=True, # score the initial model as epoch 0 (the best checkpoint never ends below it)
-                 run_dir:str|Path|None=None, # where `checkpoints/{best,last}.pt` and `history.csv` go (None: no files)
-                 device:str='auto', # 'auto': the first GPU, else the CPU
-                 precision:str='auto', # 'auto' (bf16/fp16 on a GPU, fp32 on the CPU), 'bf16', 'fp16' or 'fp32'
-                 progress:bool|None=False, # a progress bar (None: when on a terminal); epoch lines are printed either way
+                 training:Mapping|None=None, # a detection config's `training` section (`DETECTION_TRAINING` keys)
+                 run_dir:str|Path|None=None, # where `checkpoints/{best,last}.pt`, `history.csv` and `tensorboard/` go (None: no files)
                  cbs:Sequence[Callback]=(), # more callbacks
                  seed:int=0, # seed for the optimiser's and the loader's randomness
+                 **settings, # `training` keys given one by one (`epochs=2, lr=1e-3`), over `training`'s
                 ) -> Learner:
-    "Train with the `Learner`: AdamW, warmup + cosine, clipping, AMP on GPU, validation each epoch, best checkpoint by mAP50-95 (loaded at the end)"
+    "Fine-tune a detector with the `Learner` and the callbacks its `training` section asks for; the best checkpoint (by `monitor`) is loaded at the end"
+    t = detection_training({**(training or {}), **settings})
     seed_everything(seed)
-    dev = default_device() if device == 'auto' else torch.device(device)
-    callbacks = [DeviceCB(dev), NonFiniteGuard(), LRSchedule(**(schedule or {'name': 'cosine', 'warmup_epochs': 1, 'min_factor': 0.01})),
-                 GradientClip(clip), DetectionValidation(at_start=validate_at_start)]
-    if (prec := resolve_precision(precision, dev)) != 'fp32': callbacks.append(MixedPrecision(prec))
-    if freeze_base_epochs:
-        callbacks.append(StagedTraining([{'name': 'base frozen', 'epochs': freeze_base_epochs, 'freeze': model.base_modules},
-                                         {'name': 'all', 'epochs': epochs - freeze_base_epochs, 'unfreeze': ['*']}]))
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        callbacks += [Checkpoint(run_dir/'checkpoints', 'valid_mAP50-95', mode='max'), CSVLogger(run_dir/'history.csv')]
-    callbacks.append(ProgressCB(progress))
-    learn = Learner(model, train_dl, valid_dl, DetectionLoss(model), lr, torch.optim.AdamW, weight_decay, lr_mult, cbs=[*callbacks, *cbs])
-    learn.fit(epochs)
-    best = run_dir/'checkpoints'/'best.pt' if run_dir is not None else None
+    learn = Learner(model, train_dl, valid_dl, DetectionLoss(model), t['lr'], OPTIMIZERS[t['optimizer']], t['weight_decay'], t['lr_mult'],
+                    cbs=[*detection_callbacks(model, t, run_dir), *cbs])
+    learn.fit(t['epochs'])
+    best = Path(run_dir)/'checkpoints'/'best.pt' if run_dir is not None else None
     if best is not None and best.is_file(): model.load_state_dict(load_checkpoint(best)['state_dict'])
     return learn
+
 
 # %% ../nbs/07_detection.ipynb #e47fa619
 def yolo_dataset_view(root, # a paired-folder dataset root (`root/{split}/{modality,labels}/...`)
@@ -455,7 +502,7 @@ def draw_detections(images:Mapping[str, torch.Tensor|None], # modality -> (C, H,
         panels.append(p)
     return np.concatenate(panels, 1)
 
-# %% ../nbs/07_detection.ipynb #cbb6b862
+# %% ../nbs/07_detection.ipynb #f42ec033
 def load_detector(path, # a run folder (with `checkpoints/best.pt`) or a checkpoint file
                   map_location='cpu', # where the weights go
                  ) -> MultiModalYOLO:
@@ -468,6 +515,8 @@ def load_detector(path, # a run folder (with `checkpoints/best.pt`) or a checkpo
     model.load_state_dict(ck['state_dict'])
     return model.eval()
 
+
+# %% ../nbs/07_detection.ipynb #be9d2872
 def _frame_id(frame:Mapping, i:int) -> str:
     p = next((v for v in frame.values() if isinstance(v, (str, Path))), None)
     return Path(p).stem if p is not None else f"frame_{i:04d}"
@@ -518,35 +567,112 @@ def predict_detections(run_or_model, # a run folder, a checkpoint, or a `MultiMo
     if out_dir is not None: write_json(records, out_dir/'detections.json')
     return records
 
+
+# %% ../nbs/07_detection.ipynb #2506cfd2
+def detection_frames(inputs, # {modality: file or folder}, a folder with one subfolder per modality, or a list of frames
+                     modalities:Sequence[str], # the model's modalities
+                    ) -> list:
+    "Frames `{modality: image path}` from files, folders paired by file name, or a folder of modality subfolders (e.g. `data/night/test`)"
+    if isinstance(inputs, (str, Path)):
+        root = Path(inputs)
+        if not root.is_dir(): raise FileNotFoundError(f"{root} is not a folder; give a folder with one subfolder per modality ({', '.join(modalities)}), or {{modality: file or folder}}")
+        inputs = {m: root/m for m in modalities if (root/m).is_dir()}
+        if not inputs: raise FileNotFoundError(f"{root} has no subfolder named after a modality of this model ({', '.join(modalities)})")
+    if not isinstance(inputs, Mapping): return list(inputs)  # frames already
+    paths = {m: Path(p) for m, p in inputs.items() if p is not None}
+    unknown = [m for m in paths if m not in modalities]
+    if unknown: raise KeyError(f"unknown modality {unknown[0]!r}; the model takes {list(modalities)}")
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing: raise FileNotFoundError(f"not found: {', '.join(missing)}")
+    if all(p.is_file() for p in paths.values()): return [paths]
+    if not all(p.is_dir() for p in paths.values()): raise ValueError("give every modality as a file, or every modality as a folder (files are paired by name), not a mix")
+    index = {m: {f.stem: f for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_EXTS} for m, p in paths.items()}
+    stems = sorted(set().union(*index.values()))
+    if not stems: raise FileNotFoundError(f"no images in {', '.join(map(str, paths.values()))}")
+    return [{m: index[m].get(s) for m in paths} for s in stems]  # a frame lacking a modality's file: that modality is absent
+
 def predict_cli(run_dir, # a run folder (or checkpoint) of a `MultiModalYOLO`
                 files:Mapping[str, str|Path], # modality -> an image file, or a folder of images paired with the others' by file name
                 out_dir, # where `detections.json` and the drawings go
                 conf:float=0.25, # confidence threshold
                ) -> Path:
     "What `mmfusion predict RUN_DIR --thermal ... --nvg ... --visual ...` runs: predict every frame, write JSON + drawings; returns the JSON path"
-    paths = {m: Path(p) for m, p in files.items() if p is not None}
-    missing = [str(p) for p in paths.values() if not p.exists()]
-    if missing: raise FileNotFoundError(f"not found: {', '.join(missing)}")
-    if all(p.is_file() for p in paths.values()): frames = [paths]
-    elif all(p.is_dir() for p in paths.values()):
-        index = {m: {f.stem: f for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_EXTS} for m, p in paths.items()}
-        stems = sorted(set().union(*index.values()))
-        if not stems: raise FileNotFoundError(f"no images in {', '.join(map(str, paths.values()))}")
-        frames = [{m: index[m].get(s) for m in paths} for s in stems]  # a frame lacking a modality's file: that modality is absent
-    else: raise ValueError("give every modality as a file, or every modality as a folder (files are paired by name), not a mix")
-    predict_detections(run_dir, frames, out_dir, conf=conf)
+    model = load_detector(run_dir)
+    predict_detections(model, detection_frames(files, model.modalities), out_dir, conf=conf)
     return Path(out_dir)/'detections.json'
 
-# %% ../nbs/07_detection.ipynb #370ca8d1
-@dataclass
-class DetectionRun:
-    "What `run_detection` returns"
-    dir: Path  # the run folder
-    baseline: Path  # the base modality's Phase-1 checkpoint (the fused model's initialisation)
-    baselines: dict  # modality -> record of its trained single-modality detector (paths, seconds, test metrics)
-    table: pd.DataFrame  # evaluation-split metrics: fused, each modality removed, each trained baseline
-    history: list  # one dict per epoch of fine-tuning (epoch 0: the start)
-    model: MultiModalYOLO  # the fused detector with its best weights
+
+# %% ../nbs/07_detection.ipynb #a854380a
+DETECTION_CONFIG = {
+    'kind': 'detection', 'name': 'detection', 'seed': 0, 'runs_dir': 'runs',
+    'data': {'root': None, 'modalities': None, 'class_names': ['person'], 'imgsz': None, 'batch_size': 8, 'augment': True},
+    'baseline': {'modality': None, 'modalities': None, 'finetune': True, 'model': 'yolo11n.yaml', 'epochs': 30, 'batch': None,
+                 'weights': None, 'ultralytics': {}},
+    'model': {'fusion': 'map_attention', 'base': None, 'init': 'all', 'shared_backbone': False},
+    'training': DETECTION_TRAINING,
+    'gate': None,  # e.g. {map50: 0.70, map50_95: 0.45}: the fused phase starts only from a base Phase-1 detector above both on val
+    'evaluation': {'split': 'test', 'conf': 0.001, 'iou': 0.7, 'max_det': 300},
+    'diagnosis': {'split': None, 'max_samples': 64},
+}  # every key of a detection config and its default
+GATE_METRICS = {'map50': 'mAP50', 'map50_95': 'mAP50-95'}  # gate key -> the metric it bounds
+
+def _section(cfg:Mapping, name:str) -> dict:
+    "Section `name` of `cfg` over its defaults; an unknown key is an error naming it"
+    v = cfg.get(name) or {}
+    if not isinstance(v, Mapping): raise DetectionConfigError(f"{name} must be a mapping, got {v!r}")
+    unknown = [f'{name}.{k}' for k in v if k not in DETECTION_CONFIG[name]]
+    if unknown: raise DetectionConfigError(f"unknown config key(s) {unknown}; a detection run's {name} takes {sorted(DETECTION_CONFIG[name])}")
+    return {**copy.deepcopy(DETECTION_CONFIG[name]), **copy.deepcopy(dict(v))}
+
+def detection_gate(gate:Mapping|None, # a config's `gate`: {map50: .., map50_95: ..} (either or both), or None for no gate
+                  ) -> dict|None:
+    "The gate checked: known keys, numbers in [0, 1]"
+    if gate is None: return None
+    if not isinstance(gate, Mapping): raise DetectionConfigError(f"gate must be a mapping such as {{map50: 0.70, map50_95: 0.45}}, or null for none; got {gate!r}")
+    unknown = [f'gate.{k}' for k in gate if k not in GATE_METRICS]
+    if unknown: raise DetectionConfigError(f"unknown config key(s) {unknown}; the gate takes {list(GATE_METRICS)}")
+    for k, v in gate.items():
+        if not 0 <= _number(v, f'gate.{k}') <= 1: raise DetectionConfigError(f"gate.{k} must be between 0 and 1, got {v}")
+    return dict(gate)
+
+
+# %% ../nbs/07_detection.ipynb #9fcb581e
+@register_verb('detection', 'resolve')
+def resolve_detection_config(cfg:Mapping, # a detection config as loaded (`load_config`)
+                            ) -> dict:
+    "A detection config with every default filled in and every key checked; errors name the key"
+    unknown = [k for k in cfg if k not in DETECTION_CONFIG]
+    if unknown: raise DetectionConfigError(f"unknown config key(s) {unknown}; a detection config takes {sorted(DETECTION_CONFIG)}")
+    if cfg.get('kind', 'detection') != 'detection': raise DetectionConfigError(f"kind is {cfg['kind']!r}, not 'detection'")
+    out = {k: cfg.get(k, DETECTION_CONFIG[k]) for k in ('name', 'seed', 'runs_dir')}
+    out = {'kind': 'detection', **out, **{s: _section(cfg, s) for s in ('data', 'baseline', 'model', 'evaluation', 'diagnosis')},
+           'training': detection_training(cfg.get('training')), 'gate': detection_gate(cfg.get('gate'))}
+    d, b, m = out['data'], out['baseline'], out['model']
+    if not d['root']: raise DetectionConfigError("data.root is missing: the paired-folder dataset root (ROOT/{train,val,test}/{MODALITY,labels}/)")
+    if not isinstance(d['modalities'], Mapping) or not d['modalities']:
+        raise DetectionConfigError(f"data.modalities must map each modality to its channels, e.g. {{thermal: 1, nvg: 1}}; got {d['modalities']!r}")
+    d['modalities'] = {k: _number(v, f'data.modalities.{k}', whole=True) for k, v in d['modalities'].items()}
+    for k in ('batch_size', *(['imgsz'] if d['imgsz'] is not None else [])): _number(d[k], f'data.{k}', whole=True)
+    _number(b['epochs'], 'baseline.epochs', whole=True)
+    if b['modality'] is None: raise DetectionConfigError(f"baseline.modality is missing: the modality whose Phase-1 detector starts the fused model (one of {list(d['modalities'])})")
+    b['modalities'] = list(b['modalities'] or [b['modality']])
+    named = [b['modality'], *b['modalities'], *(b['weights'] if isinstance(b['weights'], Mapping) else [])]
+    if (bad := [x for x in named if x not in d['modalities']]): raise DetectionConfigError(f"baseline modality {bad[0]!r} is not one of data.modalities {list(d['modalities'])}")
+    if 'base' not in (cfg.get('model') or {}): m['base'] = b['modality']  # baseline first unless `model.base: null` says otherwise
+    if m['base'] is not None and m['base'] not in d['modalities']: raise DetectionConfigError(f"model.base {m['base']!r} is not one of data.modalities {list(d['modalities'])}")
+    if m['init'] not in ('all', 'base'): raise DetectionConfigError(f"model.init must be 'all' or 'base', got {m['init']!r}")
+    return plain_data(out)
+
+def detection_config(config:str|Path|Mapping='configs/night_person.yaml', # a YAML file (read by `load_config`) or a config mapping
+                     overrides:Mapping|Sequence[str]=(), # nested values ({'training': {'epochs': 2}}) or `key=value` strings (as `--set` takes)
+                    ) -> dict:
+    "A resolved detection config; errors name the file and the key"
+    cfg = load_config(config)
+    cfg = _merge(cfg, overrides) if isinstance(overrides, Mapping) else apply_overrides(cfg, overrides)
+    try: return resolve_detection_config(cfg)
+    except DetectionConfigError as e:
+        if isinstance(config, Mapping): raise
+        raise DetectionConfigError(f"{config}: {e}") from None
 
 def _merge(a:Mapping, b:Mapping) -> dict:
     "Nested dict `a` updated by `b`"
@@ -554,18 +680,6 @@ def _merge(a:Mapping, b:Mapping) -> dict:
     for k, v in b.items(): out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
     return out
 
-def detection_config(config:str|Path|Mapping='configs/night_person.yaml', # a YAML file or a config mapping
-                     overrides:Mapping|None=None, # nested values replacing the config's (e.g. {'training': {'epochs': 2}})
-                    ) -> dict:
-    "A detection run's config with its defaults: `baseline.modalities` (else the base modality alone) and `baseline.finetune` (True)"
-    cfg = _merge(yaml.safe_load(Path(config).read_text()) if isinstance(config, (str, Path)) else copy.deepcopy(dict(config)), overrides or {})
-    cfg['baseline'] = b = dict(cfg['baseline'])
-    mods = cfg['data']['modalities']
-    b['modalities'] = list(b.get('modalities') or [b['modality']])
-    b.setdefault('finetune', True)
-    unknown = [m for m in [b['modality'], *b['modalities'], *(b['weights'] if isinstance(b.get('weights'), Mapping) else [])] if m not in mods]
-    if unknown: raise ValueError(f"baseline modality {unknown[0]!r} is not one of data.modalities {list(mods)}")
-    return cfg
 
 # %% ../nbs/07_detection.ipynb #8169afc2
 def train_single_detector(root, # a paired-folder dataset root
@@ -604,85 +718,151 @@ def load_single_detector(record:Mapping, # a `train_single_detector` record
     if record.get('finetuned'): return load_detector(record['finetuned'])
     return MultiModalYOLO({record['modality']: int(record['channels'])}, record['phase1'], fusion=None, names=names, imgsz=imgsz).eval()
 
-# %% ../nbs/07_detection.ipynb #197ee6d2
-def train_detection_baselines(cfg:Mapping, # a `detection_config`
+# %% ../nbs/07_detection.ipynb #c9c1c176
+class GateError(RuntimeError):
+    "The fused phase refused to start: its baseline scores below the config's `gate`"
+
+def phase1_gate(metrics:Mapping, # the baseline's metrics (`validate_detection`): 'mAP50', 'mAP50-95'
+                gate:Mapping|None, # the config's gate: {map50: .., map50_95: ..}; None: no gate
+                what:str='the baseline', # what was measured, for the message
+                force:bool=False, # start anyway (the record says so)
+               ) -> dict:
+    "Check a baseline against the gate: a record of what was measured; a `GateError` when it is not above every bound (unless `force`)"
+    gate = detection_gate(gate)
+    measured = {k: float(metrics[v]) for k, v in GATE_METRICS.items()}
+    below = {k: v for k, v in (gate or {}).items() if not measured[k] > v}
+    rec = {'gate': gate, 'measured': measured, 'what': what, 'passed': None if gate is None else not below, 'forced': bool(below) and force}
+    if below and not force:
+        shown = ', '.join(f"{GATE_METRICS[k]} {measured[k]:.3f} ({'not above' if k in below else 'above'} the gate's {v})" for k, v in gate.items())
+        raise GateError(f"the fused phase refuses to start: {what} scores {shown}. Fine-tuning starts from this baseline, so a weak one "
+                        "wastes the fused run: train it longer (`baseline.epochs`), larger (`baseline.model`) or at a larger `data.imgsz`. "
+                        "To start anyway: `gate: null` in the config, `--set gate=null` on the command line, or force=True (`--force`).")
+    return rec
+
+def baseline_gate(cfg:Mapping, # a resolved detection config
+                  phase1, # the base modality's Phase-1 .pt
+                  force:bool=False, # start the fused phase even below the gate
+                 ) -> dict:
+    "The run's gate: the base modality's Phase-1 detector scored on the val split (never test) against `gate`"
+    d, b = cfg['data'], cfg['baseline']
+    base, names = b['modality'], d['class_names']
+    model = load_single_detector({'modality': base, 'channels': d['modalities'][base], 'phase1': str(phase1), 'finetuned': None}, names, d['imgsz'])
+    val = detection_splits(d['root'], d['imgsz'], {base: d['modalities'][base]}, False, cfg['seed'], ('val',), names)['val']
+    metrics = validate_detection(model, val.loader(d['batch_size']), **_nms(cfg))
+    return phase1_gate(metrics, cfg['gate'], f"the {base} Phase-1 detector on the val split ({metrics['images']} frames)", force)
+
+def _nms(cfg:Mapping) -> dict: return {k: cfg['evaluation'][k] for k in ('conf', 'iou', 'max_det')}
+
+
+# %% ../nbs/07_detection.ipynb #01b1ea80
+def train_detection_baselines(cfg:Mapping, # a resolved detection config (`detection_config`)
                               run_dir, # the run folder
+                              force:bool=False, # start the fused phase even when the base's Phase 1 is below the gate
                              ) -> dict:
-    "Step 1 of `run_detection`: a `train_single_detector` per `baseline.modalities` (and the base's Phase 1); modality -> record"
-    d, b, seed = cfg['data'], cfg['baseline'], cfg.get('seed', 0)
-    w = b.get('weights')
-    weights = dict(w) if isinstance(w, Mapping) else ({b['modality']: w} if w else {})
+    "Step 1: the base modality's Phase 1, the gate on it (`baseline_gate`), then a `train_single_detector` per `baseline.modalities`; modality -> record"
+    d, b, seed = cfg['data'], cfg['baseline'], cfg['seed']
+    weights = dict(b['weights']) if isinstance(b['weights'], Mapping) else ({b['modality']: b['weights']} if b['weights'] else {})
+    def single(m, w, finetune):
+        return train_single_detector(d['root'], m, run_dir, d['modalities'][m], b['model'], d['imgsz'], b['epochs'], b['batch'] or d['batch_size'],
+                                     cfg['training'] if finetune and b['finetune'] else None, d['batch_size'], d['augment'], d['class_names'],
+                                     seed, w, **b['ultralytics'])
+    base = single(b['modality'], weights.get(b['modality']), False)  # the fused model's start: gated before anything else is trained
+    gate = baseline_gate(cfg, base['phase1'], force)
     out = {}
-    for m in dict.fromkeys([b['modality'], *b['modalities']]):  # the base first: its Phase 1 starts the fused model
-        out[m] = train_single_detector(d['root'], m, run_dir, int(d['modalities'][m]), b.get('model', 'yolo11n.yaml'), d['imgsz'], b['epochs'],
-                                       b.get('batch', d['batch_size']), cfg['training'] if b['finetune'] and m in b['modalities'] else None,
-                                       d['batch_size'], d.get('augment', True), d.get('class_names', ['person']), seed, weights.get(m),
-                                       **b.get('ultralytics', {}))
+    for m in dict.fromkeys([b['modality'], *b['modalities']]):
+        if m != b['modality']: out[m] = single(m, weights.get(m), True)
+        else: out[m] = {**single(m, base['phase1'], m in b['modalities']), 'phase1_seconds': base['phase1_seconds'], 'gate': gate}
     return out
 
-def build_fused_detector(cfg:Mapping, # a `detection_config`
+def build_fused_detector(cfg:Mapping, # a resolved detection config
                          base_weights, # the base modality's Phase-1 .pt
                         ) -> MultiModalYOLO:
     "Step 2: the fused detector, its backbones (`model.init: all`) or only its base branch (`base`) initialised from the Phase-1 weights"
-    d, b, m = cfg['data'], cfg['baseline'], cfg['model']
-    init = m.get('init', 'all')
-    if init not in ('all', 'base'): raise ValueError(f"model.init must be 'all' or 'base', got {init!r}")
-    seed_everything(cfg.get('seed', 0))
-    model = MultiModalYOLO({k: int(v) for k, v in d['modalities'].items()}, base_weights if init == 'all' else _yolo_architecture(base_weights),
-                           m.get('fusion', 'map_attention'), m.get('base', b['modality']), m.get('shared_backbone', False),
-                           d.get('class_names', ['person']), d['imgsz'])
-    if init == 'base': model.load_single(base_weights, into=[model.base])
+    d, m = cfg['data'], cfg['model']
+    seed_everything(cfg['seed'])
+    model = MultiModalYOLO(d['modalities'], base_weights if m['init'] == 'all' else _yolo_architecture(base_weights), m['fusion'], m['base'],
+                           m['shared_backbone'], d['class_names'], d['imgsz'])
+    if m['init'] == 'base': model.load_single(base_weights, into=[model.base])
     return model
 
-# %% ../nbs/07_detection.ipynb #8c8ebe0d
-def evaluate_detection_run(cfg:Mapping, # a `detection_config`
-                           run_dir, # the run folder
-                           model:MultiModalYOLO, # the fine-tuned fused detector
-                           baselines:Mapping[str, Mapping], # modality -> `train_single_detector` record (gets its test metrics)
-                           history:list, # the fused model's fine-tuning history
-                           seconds:Mapping[str, float], # step -> wall seconds
-                          ) -> pd.DataFrame:
+
+# %% ../nbs/07_detection.ipynb #db6d49c5
+def score_detection_run(cfg:Mapping, # a resolved detection config
+                        run_dir, # the run folder
+                        model:MultiModalYOLO, # the fine-tuned fused detector
+                        baselines:Mapping[str, Mapping], # modality -> `train_single_detector` record (gets its test metrics)
+                        history:list, # the fused model's fine-tuning history
+                        seconds:Mapping[str, float], # step -> wall seconds
+                       ) -> pd.DataFrame:
     "Step 4: the evaluation split's table (fused, each modality removed, each trained baseline); writes metrics.json, ablation.csv, predictions.png"
-    d, ev, run_dir = cfg['data'], cfg['evaluation'], Path(run_dir)
-    names, split = d.get('class_names', ['person']), ev.get('split', 'test')
-    nms = {k: ev[k] for k in ('conf', 'iou', 'max_det') if k in ev}
-    data = detection_splits(d['root'], d['imgsz'], model.channels, False, cfg.get('seed', 0), (split,), names)[split]
+    d, run_dir, split, nms = cfg['data'], Path(run_dir), cfg['evaluation']['split'], _nms(cfg)
+    data = detection_splits(d['root'], d['imgsz'], model.channels, False, cfg['seed'], (split,), d['class_names'])[split]
     test_dl, device = data.loader(d['batch_size']), next(model.parameters()).device
     score = lambda m: {k: v for k, v in validate_detection(m.to(device), test_dl, **nms).items() if k in _COLUMNS}
     for m in cfg['baseline']['modalities']:
         r = baselines[m]
-        r['test'] = score(load_single_detector(r, names, d['imgsz']))
-        if r['finetuned']: r['phase1_test'] = score(load_single_detector({**r, 'finetuned': None}, names, d['imgsz']))
+        r['test'] = score(load_single_detector(r, d['class_names'], d['imgsz']))
+        if r['finetuned']: r['phase1_test'] = score(load_single_detector({**r, 'finetuned': None}, d['class_names'], d['imgsz']))
     table = ablation_table(model, test_dl, {f"{m} only (baseline)": baselines[m]['test'] for m in cfg['baseline']['modalities']}, **nms)
-    write_json({'split': split, 'imgsz': d['imgsz'], 'baseline': baselines[cfg['baseline']['modality']]['phase1'], 'baselines': dict(baselines),
-                       'table': table.to_dict('index'), 'history': history, 'seconds': dict(seconds)}, run_dir/'metrics.json')
-    table.to_csv(run_dir/'ablation.csv')
+    base = baselines[cfg['baseline']['modality']]
+    write_json({'kind': 'detection', 'split': split, 'imgsz': d['imgsz'], 'baseline': base['phase1'], 'gate': base['gate'], 'baselines': dict(baselines),
+                'table': table.to_dict('index'), 'history': history, 'seconds': dict(seconds)}, run_dir/'metrics.json')
+    write_text_atomic(run_dir/'ablation.csv', table.to_csv())
     s = data[0]
     rec = predict_detections(model, dict(s.inputs))[0]
     dets = torch.tensor([[*r['box_xyxy'], r['confidence'], r['class']] for r in rec['detections']]).view(-1, 6)
     cv2.imwrite(str(run_dir/'predictions.png'), cv2.cvtColor(draw_detections(s.inputs, dets, s.target['boxes'], model.names, scale=2), cv2.COLOR_RGB2BGR))
     return table
 
+
+# %% ../nbs/07_detection.ipynb #427f85a9
+@dataclass
+class DetectionRun:
+    "What `run_detection` returns"
+    dir: Path  # the run folder
+    baseline: Path  # the base modality's Phase-1 checkpoint (the fused model's initialisation)
+    baselines: dict  # modality -> record of its trained single-modality detector (paths, seconds, test metrics; the base's: its gate)
+    table: pd.DataFrame  # evaluation-split metrics: fused, each modality removed, each trained baseline
+    history: list  # one dict per epoch of fine-tuning (epoch 0: the start)
+    model: MultiModalYOLO  # the fused detector with its best weights
+    @property
+    def path(self) -> Path: return self.dir  # what every kind's `train` returns
+
+@register_verb('detection', 'train')
 def run_detection(config:str|Path|Mapping='configs/night_person.yaml', # a YAML file or a config mapping
-                  overrides:Mapping|None=None, # nested values replacing the config's (e.g. {'training': {'epochs': 2}})
-                  run_dir:str|Path|None=None, # default: `runs_dir/name`
+                  overrides:Mapping|Sequence[str]=(), # nested values ({'training': {'epochs': 2}}) or `key=value` strings
+                  run_dir:str|Path|None=None, # default: a new folder `runs_dir/name` (`-2`, `-3`, ... when taken)
+                  resume=None, # not supported for detection runs (an error says what to do instead)
+                  cbs:Sequence[Callback]=(), # more `Learner` callbacks for the fused phase
+                  verbose:bool=True, # epoch lines (False: `training.progress: false`)
+                  force:bool=False, # start the fused phase even when the base's Phase 1 is below `gate`
                  ) -> DetectionRun:
-    "Trained single-modality baselines, the baseline-first fused model fine-tuned with the `Learner`, the evaluation table and a drawing"
+    "The night plan from a config: trained single-modality baselines, the gate, the baseline-first fused model fine-tuned with the `Learner`, the evaluation"
+    if resume is not None: raise KindError("detection runs cannot resume; train again, reusing finished Phase-1 detectors with `baseline.weights: {MODALITY: PATH.pt}`")
     cfg = detection_config(config, overrides)
-    run_dir = Path(run_dir or Path(cfg.get('runs_dir', 'runs'))/cfg['name'])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir/'config.yaml').write_text(yaml.safe_dump(cfg, sort_keys=False))
-    d, seed, t0 = cfg['data'], cfg.get('seed', 0), time.perf_counter()
-    baselines = train_detection_baselines(cfg, run_dir)
+    if not verbose: cfg['training']['progress'] = False
+    if run_dir is None: run_dir = RunFolder.create(cfg).path
+    else: write_text_atomic(Path(run_dir)/'config.yaml', yaml.safe_dump(cfg, sort_keys=False))
+    d, seed, t0, run_dir = cfg['data'], cfg['seed'], time.perf_counter(), Path(run_dir)
+    baselines = train_detection_baselines(cfg, run_dir, force)
     seconds = {f'{m} {p}': r[f'{p}_seconds'] for m, r in baselines.items() for p in ('phase1', 'finetune')}
     model, t1 = build_fused_detector(cfg, baselines[cfg['baseline']['modality']]['phase1']), time.perf_counter()
-    splits = detection_splits(d['root'], d['imgsz'], model.channels, d.get('augment', True), seed, ('train', 'val'), model.config['names'])
+    splits = detection_splits(d['root'], d['imgsz'], model.channels, d['augment'], seed, ('train', 'val'), model.config['names'])
     learn = fit_detector(model, splits['train'].loader(d['batch_size'], shuffle=True, seed=seed), splits['val'].loader(d['batch_size']),
-                         run_dir=run_dir, seed=seed, **cfg['training'])
+                         cfg['training'], run_dir, cbs, seed)
     seconds['fused finetune'] = round(time.perf_counter() - t1, 1)
     seconds['training'] = round(time.perf_counter() - t0, 1)  # all training; the evaluation comes after
-    table = evaluate_detection_run(cfg, run_dir, model, baselines, learn.history, seconds)
+    table = score_detection_run(cfg, run_dir, model, baselines, learn.history, seconds)
     return DetectionRun(run_dir, Path(baselines[cfg['baseline']['modality']]['phase1']), baselines, table, learn.history, model)
+
+@register_verb('detection', 'splits')
+def run_detection_splits(run:RunFolder, # a detection run folder
+                        ) -> dict:
+    "Split name -> dataset of a detection run's data, at its working size and unaugmented (what evaluation and diagnosis read)"
+    cfg = resolve_detection_config(run.config)
+    d = cfg['data']
+    return detection_splits(d['root'], d['imgsz'], d['modalities'], False, cfg['seed'], class_names=d['class_names'])
+
 
 # %% ../nbs/07_detection.ipynb #e91aaab1
 class _BackboneMaps(nn.Module):
@@ -738,6 +918,19 @@ def plot_detector_cams(model:MultiModalYOLO, # a detector
     fig.tight_layout()
     return fig
 
+# %% ../nbs/07_detection.ipynb #1859cfa5
+DETECTION_REMEDIES = {  # detection's remedies, in a detection config's own options; `{m}`: a modality, or the list of them
+    'detection_start_best': "start from the best single modality instead: `baseline.modality: {m}` and `model.base: {m}`, so fine-tuning begins at that detector",
+    'detection_zero_init': "start from the best single-modality model and add the others through zero-initialised paths (`model.base`, `model.init: all`), so fine-tuning begins at the baseline",
+    'detection_freeze_base': "keep the base branch frozen first: `training.freeze_base_epochs: 5`",
+    'detection_leave_out': "if a modality only adds noise, leave it out (`data.modalities`)",
+    'detection_baselines': "train a single-modality detector per modality with the fused model's recipe: `baseline.modalities: {m}`",
+    'detection_lr_mult': "raise {m}'s learning rate: `training.lr_mult: {{backbones.{m}: 5.0}}` (per-module parameter groups)",
+    'detection_fusion_lr': "fine-tune longer, or let the zero-initialised fusion paths learn faster: `training.lr_mult: {{fusions: 10.0}}`",
+}
+REMEDIES.update(DETECTION_REMEDIES)  # registered with the library's others: `remedies('detection_lr_mult', m='nvg')`
+
+
 # %% ../nbs/07_detection.ipynb #99a34169
 def _single_modality(model:nn.Module) -> str|None:
     "The one modality a detector sees (None when it sees several or does not say)"
@@ -750,7 +943,7 @@ def _versus_baselines(model:nn.Module, full:Mapping, trained:Mapping[str, Mappin
         if len(model.modalities) < 2: return None
         return Finding('detection', 'warning', "whether the fused detector beats its best single modality is unknown: the run has no trained "
                        "single-modality detector to compare it with (removing modalities from the fused model is an ablation, not a baseline)",
-                       {**ev, 'compared': False}, [f"train one per modality with the fused model's recipe: `baseline.modalities: {list(model.modalities)}`"])
+                       {**ev, 'compared': False}, remedies('detection_baselines', m=str(list(model.modalities))))
     best = max(trained, key=lambda k: trained[k][metric])
     missing = [m for m in model.modalities if m not in covers.values()]
     e = {**ev, 'compared': True, 'fused': full[metric], 'best_single': best, 'best_single_value': trained[best][metric],
@@ -760,16 +953,14 @@ def _versus_baselines(model:nn.Module, full:Mapping, trained:Mapping[str, Mappin
         e['start'] = {'baseline': start, 'value': trained[start][metric], 'margin': full[metric] - trained[start][metric]}
     if e['margin'] <= min_gain:
         bm = covers.get(best)
-        first = (f"start from the best single modality instead: `baseline.modality: {bm}` and `model.base: {bm}`, so fine-tuning begins at that detector"
-                 if bm and bm != base else "start from the best single-modality model and add the others through zero-initialised paths "
-                 "(`model.base`, `model.init: all`), so fine-tuning begins at the baseline")
+        first = remedies('detection_start_best', m=bm) if bm and bm != base else remedies('detection_zero_init')
         return Finding('detection', 'problem', f"the fused detector ({metric} {full[metric]:.3g}) is not better than its best trained single-modality "
                        f"detector, {best} ({trained[best][metric]:.3g})", e,
-                       [first, "keep the base branch frozen first: `training.freeze_base_epochs: 5`", "if a modality only adds noise, leave it out (`data.modalities`)"])
+                       first + remedies('detection_freeze_base', 'detection_leave_out'))
     if missing:
         return Finding('detection', 'warning', f"the fused detector beats {', '.join(trained)} by at least {e['margin']:.3g} {metric}, but no single-modality "
                        f"detector was trained for {', '.join(missing)}: whether it beats its best single modality is unknown", e,
-                       [f"train the missing baselines with the same recipe: `baseline.modalities: {list(model.modalities)}`"])
+                       remedies('detection_baselines', m=str(list(model.modalities))))
     return Finding('detection', 'ok', f"the fused detector beats its best single modality, the trained {best} ({trained[best][metric]:.3g}), "
                    f"by {e['margin']:.3g} {metric}", e)
 
@@ -799,8 +990,7 @@ def detection_contribution(model:MultiModalYOLO, # the fused detector
         e = {**ev, 'contribution': gain, f'{metric}_all': full[metric], f'{metric}_without': r[metric]}
         if gain > min_gain: findings.append(Finding('detection', 'ok', f"{m} contributes: removing it costs {gain:.3g} {metric}", e, subject=m))
         else: findings.append(Finding('detection', 'problem', f"the fused detector gains nothing from {m}: removing it changes {metric} by {r[metric] - full[metric]:+.3g}", e,
-                                      remedies('lr_mult', 'modality_dropout', m=m) + [
-                                          f"fine-tune longer, or let the zero-initialised fusion paths learn faster: `training.lr_mult: {{fusions: 10.0}}`"], m))
+                                      remedies('detection_lr_mult', 'detection_fusion_lr', m=m), m))
     versus = _versus_baselines(model, full, trained, ev['baselines'], metric, min_gain, ev)
     if versus is not None: findings.append(versus)
     if not findings: return [Finding('detection', 'ok', "skipped: one modality and no single-modality baseline to compare it with", {**ev, 'skipped': True})]
@@ -816,36 +1006,160 @@ def detection_contribution(model:MultiModalYOLO, # the fused detector
 @CHECKS.register('detection')
 def _check_detection(s): return detection_contribution(s.model, s.batches, s.baselines)
 
-# %% ../nbs/07_detection.ipynb #5423f6c0
+# %% ../nbs/07_detection.ipynb #a0023de9
 def _recorded_baselines(run:Path, cfg:Mapping) -> dict:
     "Row name -> trained single-modality detector of a run folder: metrics.json's `baselines`, else (older runs) the base modality's Phase-1 .pt"
     d, b = cfg['data'], cfg['baseline']
-    names, metrics = d.get('class_names', ['person']), json.loads((run/'metrics.json').read_text()) if (run/'metrics.json').is_file() else {}
-    wanted = b.get('modalities') or [b['modality']]
-    records = {m: r for m, r in (metrics.get('baselines') or {}).items() if m in wanted}
-    if not records:  # a run from before `baseline.modalities`: its thermal Phase 1 is its only trained baseline
-        w = b.get('weights') if not isinstance(b.get('weights'), Mapping) else b['weights'].get(b['modality'])
+    metrics = json.loads((run/'metrics.json').read_text()) if (run/'metrics.json').is_file() else {}
+    records = {m: r for m, r in (metrics.get('baselines') or {}).items() if m in b['modalities']}
+    if not records:  # a run from before `baseline.modalities`: its base's Phase 1 is its only trained baseline
+        w = b['weights'] if not isinstance(b['weights'], Mapping) else b['weights'].get(b['modality'])
         pt = next((Path(p) for p in (w, metrics.get('baseline'), run/'baseline'/b['modality']/'weights'/'best.pt') if p and Path(p).is_file()), None)
-        records = {b['modality']: {'modality': b['modality'], 'channels': int(d['modalities'][b['modality']]), 'phase1': str(pt), 'finetuned': None}} if pt else {}
-    return {f"{m} only (baseline)": load_single_detector(r, names, d['imgsz']) for m, r in records.items()}
+        records = {b['modality']: {'modality': b['modality'], 'channels': d['modalities'][b['modality']], 'phase1': str(pt), 'finetuned': None}} if pt else {}
+    return {f"{m} only (baseline)": load_single_detector(r, d['class_names'], d['imgsz']) for m, r in records.items()}
 
-def diagnose_detection_run(run_dir, # a run folder written by `run_detection`
-                           split:str|None=None, # the split folder ('valid' means 'val'; default: 'val', so remedies are not chosen on test)
-                           out=None, # report folder (default RUN_DIR/diagnosis)
+@register_verb('detection', 'diagnose')
+def diagnose_detection_run(run:RunFolder|str|Path, # a run folder written by `run_detection`
+                           split:str|None=None, # the split folder ('valid' means 'val'; default: `diagnosis.split`, else 'val', so remedies are not chosen on test)
+                           out=None, # report folder (default RUN/diagnosis)
                            checkpoint:str='best', # 'best' or 'last'
                            checks:Sequence[str]|None=None, # names in `CHECKS` (default `DETECTION_CHECKS`)
-                           max_samples:int=64, # diagnose on at most this many frames
+                           max_samples:int|None=None, # diagnose on at most this many frames (default: `diagnosis.max_samples`)
                           ) -> Diagnosis:
-    "Load a detection run folder (config, fused checkpoint, every trained baseline, history) and diagnose it; the report goes to RUN_DIR/diagnosis"
-    run = Path(run_dir)
-    cfg = detection_config(run/'config.yaml')
-    d = cfg['data']
-    split = {'valid': 'val'}.get(split, split) or 'val'
-    ck = run_checkpoint(run, checkpoint)
-    model = load_detector(ck)
-    mods, names = {k: int(v) for k, v in d['modalities'].items()}, d.get('class_names', ['person'])
-    splits = detection_splits(d['root'], d['imgsz'], mods, augment=False, seed=cfg.get('seed', 0), class_names=names)
+    "Load a detection run folder (config, fused checkpoint, every trained baseline, history) and diagnose it; the report goes to RUN/diagnosis"
+    run = RunFolder(run)
+    cfg = resolve_detection_config(run.config)
+    split = {'valid': 'val'}.get(split, split) or cfg['diagnosis']['split'] or 'val'
+    splits, ck = run.splits(), run.checkpoint(checkpoint)
     if split not in splits: raise KeyError(f"split {split!r} not in this run's data ({list(splits)})")
-    hist = pd.read_csv(run/'history.csv').to_dict('records') if (run/'history.csv').is_file() else None
-    return diagnose(model, splits[split], checks or DETECTION_CHECKS, out if out is not None else run/'diagnosis', max_samples, d['batch_size'],
-                    f'Diagnosis of {run.name} ({split} split, {ck.name})', splits=splits, baselines=_recorded_baselines(run, cfg), history=hist, config=cfg)
+    hist = None if run.history is None else run.history.to_dict('records')
+    return diagnose(load_detector(ck), splits[split], checks or DETECTION_CHECKS, out if out is not None else run.path/'diagnosis',
+                    max_samples or cfg['diagnosis']['max_samples'], cfg['data']['batch_size'], f'Diagnosis of {run.path.name} ({split} split, {ck.name})',
+                    splits=splits, baselines=_recorded_baselines(run.path, cfg), history=hist, config=cfg)
+
+
+# %% ../nbs/07_detection.ipynb #d67c8918
+@register_verb('detection', 'evaluate')
+def evaluate_detection_run(run:RunFolder|str|Path, # a detection run folder
+                           split:str|None=None, # the split folder (default: the config's `evaluation.split`; 'valid' means 'val')
+                           out=None, # where metrics.json and ablation.csv go (default RUN/eval)
+                           checkpoint:str='best', # 'best' or 'last'
+                          ) -> dict:
+    "Score a run's fused detector, with each modality removed, and every trained baseline it recorded, on one split; written to `out`"
+    run = RunFolder(run)
+    cfg = resolve_detection_config(run.config)
+    split = {'valid': 'val'}.get(split, split) or cfg['evaluation']['split']
+    splits = run.splits()
+    if split not in splits: raise KeyError(f"split {split!r} is not in this run's data ({list(splits)})")
+    loader, ck, nms = splits[split].loader(cfg['data']['batch_size']), run.checkpoint(checkpoint), _nms(cfg)
+    baselines = {n: validate_detection(b, loader, **nms) for n, b in _recorded_baselines(run.path, cfg).items()}
+    table = ablation_table(load_detector(ck), loader, baselines, **nms)
+    metrics = {'kind': 'detection', 'split': split, 'checkpoint': ck.name, 'images': len(splits[split]),
+               'metrics': table.loc['fused: all modalities'].to_dict(), 'table': table.to_dict('index')}
+    out = Path(out) if out is not None else run.path/'eval'
+    write_json(metrics, out/'metrics.json')
+    write_text_atomic(out/'ablation.csv', table.to_csv())
+    return metrics
+@register_verb('detection', 'predict')
+def predict_detection_run(run:RunFolder|str|Path, # a detection run folder
+                          inputs, # what `detection_frames` takes: {modality: file or folder}, a folder of modality subfolders, or frames
+                          out=None, # write `detections.json` and a drawing per frame here
+                          checkpoint:str='best', # 'best' or 'last'
+                          conf:float=0.25, iou:float=0.7, max_det:int=300, # NMS settings
+                         ) -> list:
+    "Boxes for every frame of `inputs` from a run's fused detector, as JSON-able records (written to `out/detections.json`)"
+    model = load_detector(RunFolder(run).checkpoint(checkpoint))
+    return predict_detections(model, detection_frames(inputs, model.modalities), out, conf, iou, max_det)
+
+
+# %% ../nbs/07_detection.ipynb #82aa7bee
+class DetectorGraph(nn.Module):
+    "A detector with flat tensor arguments (one image batch per modality, in order, then `present`) returning (predictions, raw head maps), before NMS"
+    def __init__(self, model:MultiModalYOLO): super().__init__(); self.model = model
+    def forward(self, *args):
+        *xs, present = args
+        y, raw = self.model(dict(zip(self.model.modalities, xs)), present)
+        return y, torch.cat([raw['boxes'], raw['scores']], 1)  # (B, 4 + classes, A) decoded, what `postprocess_detections` takes; (B, 4 x 16 + classes, A) raw
+
+class ExportMismatchError(RuntimeError):
+    "An exported detector whose raw outputs differ from PyTorch's by more than the tolerance"
+
+def detector_inputs(model:MultiModalYOLO, # the detector
+                    size:tuple, # (H, W) of the frames
+                    n:int=2, # batch size
+                    seed:int=0) -> tuple:
+    "Seeded random frames for every modality plus a `present` mask in which sample i lacks modality i (when there are several)"
+    g = torch.Generator().manual_seed(seed)
+    xs = tuple(torch.rand(n, c, *size, generator=g) for c in model.channels.values())
+    present = torch.ones(n, len(xs), dtype=torch.bool)
+    if len(xs) > 1:
+        for i in range(min(n - 1, len(xs))): present[i, i] = False  # the last sample keeps every modality
+    return xs + (present,)
+
+def _write_detector(graph:DetectorGraph, example:tuple, path:Path, format:str, opset:int):
+    names = [*graph.model.modalities, 'present']
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the tracer's notes on Python control flow over shapes
+        if format == 'torchscript':
+            traced = torch.jit.trace(graph, example, check_trace=False)
+            atomic_write(path, lambda tmp: torch.jit.save(traced, tmp))
+        else:
+            axes = {n: {0: 'batch'} for n in [*names, 'predictions', 'raw']}
+            atomic_write(path, lambda tmp: torch.onnx.export(graph, example, tmp, input_names=names, output_names=['predictions', 'raw'],
+                                                             opset_version=opset, dynamo=False, dynamic_axes=axes))
+
+def _run_exported(path:Path, format:str, inputs:tuple) -> tuple:
+    if format == 'onnx':
+        session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+        names = [i.name for i in session.get_inputs()]
+        return tuple(torch.from_numpy(o) for o in session.run(None, dict(zip(names, (x.numpy() for x in inputs)))))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # torch 2.14 marks TorchScript deprecated
+        module = torch.jit.load(str(path), map_location='cpu').eval()
+    with torch.no_grad(): return tuple(module(*inputs))
+
+
+# %% ../nbs/07_detection.ipynb #52ae3955
+DETECTOR_FORMATS = {'onnx': '.onnx', 'torchscript': '.pt'}  # format -> file suffix
+
+def export_detector(model:MultiModalYOLO, # the detector (moved to the CPU)
+                    out, # the folder for `detector.onnx` / `detector.pt` and `detector.json`
+                    size:tuple, # (H, W) of the frames it takes (its working size)
+                    formats:Sequence[str]=('onnx',), # 'onnx' and/or 'torchscript'
+                    atol:float=1e-4, # largest allowed absolute difference from PyTorch on the raw maps (on the decoded pixels: relative to their scale)
+                    opset:int=17, # ONNX opset
+                   ) -> dict:
+    "Write the detector (dynamic batch, NMS left outside), run each file on other inputs and batch size, check its raw outputs against PyTorch's; format -> path"
+    bad = [f for f in formats if f not in DETECTOR_FORMATS]
+    if bad: raise ValueError(f"format must be one of {list(DETECTOR_FORMATS)}, got {bad[0]!r}")
+    graph, out = DetectorGraph(model.cpu()).eval(), Path(out)
+    check = detector_inputs(model, size, n=len(model.modalities) + 2, seed=1)  # another batch size than the export's: the batch is dynamic
+    with torch.no_grad(): ref = graph(*check)
+    paths, diffs = {}, {}
+    for f in formats:
+        paths[f] = out/f'detector{DETECTOR_FORMATS[f]}'
+        _write_detector(graph, detector_inputs(model, size), paths[f], f, opset)
+        pred, raw = _run_exported(paths[f], f, check)
+        diffs[f] = {'raw': float((raw - ref[1]).abs().max()), 'predictions': float((pred - ref[0]).abs().max())}
+        if not diffs[f]['raw'] <= atol or not diffs[f]['predictions'] <= atol * max(1., float(ref[0].abs().max())):
+            raise ExportMismatchError(f"{paths[f]}: its outputs differ from PyTorch's by up to {diffs[f]['raw']:.3g} (raw maps; allowed {atol}) and "
+                                      f"{diffs[f]['predictions']:.3g} (decoded pixels; allowed {atol} of their scale); do not deploy it")
+    write_json({'formats': {f: p.name for f, p in paths.items()}, 'max_abs_diff': diffs, 'atol': atol,
+                'inputs': [{'name': m, 'shape': ['batch', c, *size]} for m, c in model.channels.items()] + [{'name': 'present', 'shape': ['batch', len(model.channels)]}],
+                'outputs': [{'name': 'predictions', 'shape': ['batch', 4 + len(model.names), int(ref[0].shape[-1])], 'layout': 'xywh pixels, then one score per class'},
+                            {'name': 'raw', 'shape': ['batch', int(ref[1].shape[1]), int(ref[1].shape[-1])], 'layout': 'the Detect head maps: box distributions (4 x 16), then class logits'}],
+                'names': model.names, 'postprocess': 'NMS outside the graph: mmfusion.detection.postprocess_detections'}, out/'detector.json')
+    return paths
+
+@register_verb('detection', 'export')
+def export_detection_run(run:RunFolder|str|Path, # a detection run folder
+                         out=None, # the export folder (default RUN/export)
+                         formats:Sequence[str]|None=None, # 'onnx' and/or 'torchscript' (default: both)
+                         checkpoint:str='best', # 'best' or 'last'
+                        ) -> dict:
+    "Export a run's fused detector at its working size (`export_detector`, checked against PyTorch); format -> path"
+    run = RunFolder(run)
+    model, ds = load_detector(run.checkpoint(checkpoint)), next(iter(run.splits().values()))
+    size = tuple(ds[0].inputs[model.modalities[0]].shape[-2:])  # the working size of the run's frames
+    return export_detector(model, out if out is not None else run.path/'export', size, formats or tuple(DETECTOR_FORMATS))
+

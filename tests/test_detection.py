@@ -8,14 +8,17 @@ from torch.utils.data import DataLoader, Subset
 
 from mmfusion.data import NIGHT_MODALITIES
 from mmfusion.sample_data import make_night_data
-from mmfusion.detection import (DetectionLoss, MultiModalYOLO, _read_yolo_checkpoint, detection_config, detection_contribution,
-                                detection_splits, detector_cams, diagnose_detection_run, fit_detector, load_detector, predict_cli,
-                                run_detection, train_baseline, validate_detection, yolo_dataset_view)
+from mmfusion.config import KindError, kind_verb
+from mmfusion.detection import (DetectionConfigError, DetectionLoss, ExportMismatchError, GateError, MultiModalYOLO, _read_yolo_checkpoint,
+                                detection_config, detection_contribution, detection_splits, detector_cams, diagnose_detection_run,
+                                export_detector, fit_detector, load_detector, predict_cli, run_detection, train_baseline, validate_detection,
+                                yolo_dataset_view)
 from mmfusion.encoders import adapt_in_channels, load_yolo_model
 from mmfusion.model import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]/'data'/'night'
 METRICS = {'precision', 'recall', 'mAP50', 'mAP50-95'}
+CONFIG = ROOT.parents[1]/'configs'/'night_person.yaml'
 
 
 @pytest.fixture(scope='module')
@@ -39,6 +42,32 @@ def test_smoke_two_steps_and_one_validation(splits, tmp_path):
     assert {f'valid_{k}' for k in METRICS} <= set(row)
     assert all(0 <= row[f'valid_{k}'] <= 1 for k in METRICS)
     assert (tmp_path/'checkpoints'/'best.pt').is_file() and (tmp_path/'history.csv').is_file()
+    assert list((tmp_path/'tensorboard').glob('events.out.tfevents.*'))  # the config's `tensorboard: true` default
+
+
+def test_training_section_drives_the_learner_callbacks(splits):
+    "`accumulate` makes one optimizer step of two batches; `early_stopping` ends the fit; a bad key or type is an error naming it"
+    torch.manual_seed(0)
+    model = MultiModalYOLO({'thermal': 1}, 'yolo11n.yaml', fusion=None)
+    train_dl = DataLoader(Subset(splits['train'], range(8)), batch_size=4, collate_fn=splits['train'].collate)
+    val_dl = DataLoader(Subset(splits['val'], range(8)), batch_size=8, collate_fn=splits['val'].collate)
+    acc = fit_detector(model, train_dl, val_dl, {'epochs': 1, 'accumulate': 2, 'validate_at_start': False, 'progress': False})
+    assert acc.global_step == 1
+    stop = fit_detector(model, train_dl, val_dl, epochs=4, early_stopping={'patience': 1, 'min_delta': 1.0}, validate_at_start=False, progress=False)
+    assert len(stop.history) == 2 and 'early stopping: valid_mAP50-95' in stop.stop_reason  # no mAP gain can exceed 1.0
+    with pytest.raises(DetectionConfigError, match=r"training.lr must be a number, got '1e-4'"): fit_detector(model, train_dl, val_dl, lr='1e-4')
+    with pytest.raises(DetectionConfigError, match=r"unknown config key\(s\) \['training.epoch'\]"): fit_detector(model, train_dl, val_dl, epoch=2)
+
+
+def test_config_reads_through_the_library_loader_and_names_bad_keys(tmp_path):
+    "`kind: detection`, `1e-4` read as a number, `--set`-style overrides; errors name the file and the key"
+    cfg = detection_config(CONFIG)
+    assert cfg['kind'] == 'detection' and isinstance(cfg['training']['lr'], float) and cfg['gate'] == {'map50': 0.70, 'map50_95': 0.45}
+    assert detection_config(CONFIG, ['gate=null', 'training.lr=3e-4'])['gate'] is None
+    assert detection_config(CONFIG, ['training.lr=3e-4'])['training']['lr'] == 3e-4
+    with pytest.raises(DetectionConfigError, match=r"night_person.yaml: unknown config key\(s\) \['model.fusions'\]"): detection_config(CONFIG, ['model.fusions=x'])
+    with pytest.raises(DetectionConfigError, match=r"gate.map50 must be between 0 and 1"): detection_config(CONFIG, ['gate.map50=70'])
+    with pytest.raises(DetectionConfigError, match=r"data.root is missing"): detection_config(CONFIG, ['data.root=null'])
 
 
 @pytest.mark.parametrize('fusion,shared', [('map_attention', False), ('map_weighted', False), ('map_concat', False), ('map_attention', True)])
@@ -206,11 +235,11 @@ class Oracle(torch.nn.Module):
 
 def test_detection_check_flags_an_ignored_modality_and_says_when_it_cannot_compare(splits):
     "Ablation: a detector that only uses thermal is flagged (nvg adds nothing); without trained baselines the fusion verdict is a warning, never a win"
-    from mmfusion.diagnosis import as_batches, diagnose
+    from mmfusion.diagnosis import DETECTION_CHECKS, as_batches, diagnose
     batches = as_batches(splits['test'], batch_size=4)
     one = Oracle(['thermal', 'nvg'], needs=['thermal'])
-    fs = diagnose(one, batches).findings
-    assert {f.check for f in fs} == {'detection', 'finite_inputs'}  # detection batches get DETECTION_CHECKS
+    fs = diagnose(one, batches, DETECTION_CHECKS).findings
+    assert {f.check for f in fs} == {'detection', 'finite_inputs'}  # what a detection run is diagnosed with
     assert {f.subject: f.severity for f in fs if f.check == 'detection'} == {'thermal': 'ok', 'nvg': 'problem', None: 'warning'}
     both = {f.subject: f for f in detection_contribution(Oracle(['thermal', 'nvg'], needs=['thermal', 'nvg']), batches)}
     assert {m: f.severity for m, f in both.items()} == {'thermal': 'ok', 'nvg': 'ok', None: 'warning'}  # its ablation rows are no baselines
@@ -244,8 +273,7 @@ def tiny_run(tmp_path_factory):
     "A run_detection run on a tiny generated night set: three trained baselines (1 + 1 epochs at 64 px) and the fused model"
     tmp = tmp_path_factory.mktemp('night_run')
     root = make_night_data(tmp/'night', n_frames=20, seed=3)
-    return run_detection(ROOT.parents[1]/'configs'/'night_person.yaml',
-                         {'data': {'root': str(root), 'imgsz': 64}, 'baseline': {'epochs': 1}, 'training': {'epochs': 1}}, tmp/'run')
+    return run_detection(CONFIG, {'data': {'root': str(root), 'imgsz': 64}, 'baseline': {'epochs': 1}, 'training': {'epochs': 1}, 'gate': None}, tmp/'run')
 
 
 def test_run_records_every_trained_baseline_and_the_diagnosis_loads_them(tiny_run):
@@ -258,6 +286,7 @@ def test_run_records_every_trained_baseline_and_the_diagnosis_loads_them(tiny_ru
         assert metrics['table'][f'{m} only (baseline)'] == r['test']
     assert metrics['baseline'] == metrics['baselines']['thermal']['phase1']  # the fused model's initialisation
     assert {'thermal phase1', 'nvg finetune', 'fused finetune', 'training'} <= set(metrics['seconds'])
+    assert metrics['gate']['gate'] is None and metrics['gate']['passed'] is None and set(metrics['gate']['measured']) == {'map50', 'map50_95'}
     diag = diagnose_detection_run(tiny_run.dir, 'test', out=tiny_run.dir/'diag_test')
     versus = next(f for f in diag.findings if f.check == 'detection' and f.subject is None)
     assert versus.evidence['baselines'] == {f'{m} only (baseline)': m for m in NIGHT_MODALITIES}
@@ -294,3 +323,52 @@ def test_eigencam_of_a_backbone_sees_only_its_own_modality(batch):
     assert (a['thermal'] == b['thermal']).all() and (a['visual_enhanced'] == b['visual_enhanced']).all()
     assert not (a['nvg'] == b['nvg']).all()
     with pytest.raises(KeyError, match="no 'nvg' image"): detector_cams(model, {'thermal': frame['thermal']})
+
+
+def _data_root(run) -> str: return detection_config(run.path/'config.yaml')['data']['root']
+
+
+def test_gate_refuses_a_weak_baseline_and_force_overrides_it(tiny_run, tmp_path):
+    "The night plan's gate refuses the one-epoch thermal Phase 1 before anything else trains, naming the values and the overrides; force starts anyway"
+    pt = tiny_run.baselines['thermal']['phase1']
+    small = {'data': {'root': _data_root(tiny_run), 'imgsz': 64}, 'baseline': {'weights': {'thermal': pt}, 'modalities': ['thermal']},
+             'training': {'epochs': 1}}
+    with pytest.raises(GateError, match=r"thermal Phase-1 detector on the val split .* mAP50 0\.\d{3} \(not above the gate's 0\.7\).*--set gate=null"):
+        run_detection(CONFIG, small, tmp_path/'refused')
+    assert sorted(p.name for p in (tmp_path/'refused').iterdir()) == ['config.yaml']  # refused before any training
+    forced = run_detection(CONFIG, small, tmp_path/'forced', force=True, verbose=False)
+    gate = json.loads((forced.path/'metrics.json').read_text())['gate']
+    assert gate['gate'] == {'map50': 0.70, 'map50_95': 0.45} and gate['passed'] is False and gate['forced'] is True
+    assert gate['measured']['map50'] == pytest.approx(tiny_run.baselines['thermal']['gate']['measured']['map50'])  # same Phase 1, same val split
+
+
+def test_detection_verbs_on_a_short_run(tiny_run, tmp_path):
+    "Every verb a detection run registers: train is run_detection (no resume), evaluate, diagnose, predict and export from the run folder alone"
+    assert kind_verb('detection', 'train') is run_detection
+    with pytest.raises(KindError, match='cannot resume'): run_detection(CONFIG, resume=tiny_run.path)
+    ev = kind_verb('detection', 'evaluate')(tiny_run.path, 'test', tmp_path/'eval')
+    ran = json.loads((tiny_run.path/'metrics.json').read_text())['table']
+    for row, r in ran.items(): assert ev['table'][row] == pytest.approx(r), row  # the folder alone reproduces the run's own test table
+    assert json.loads((tmp_path/'eval'/'metrics.json').read_text())['metrics'] == pytest.approx(ran['fused: all modalities'])
+    diag = kind_verb('detection', 'diagnose')(tiny_run.path, out=tmp_path/'diag', checks=['detection'], max_samples=8)
+    assert diag.findings and (tmp_path/'diag'/'findings.json').is_file() and 'val split' in diag.title
+    test_dir = Path(_data_root(tiny_run))/'test'
+    recs = kind_verb('detection', 'predict')(tiny_run.path, test_dir, tmp_path/'pred', conf=0.01)
+    assert len(recs) == len(list((test_dir/'thermal').iterdir())) == len(json.loads((tmp_path/'pred'/'detections.json').read_text()))
+    paths = kind_verb('detection', 'export')(tiny_run.path, tmp_path/'export')
+    card = json.loads((tmp_path/'export'/'detector.json').read_text())
+    assert sorted(paths) == ['onnx', 'torchscript'] and all(p.is_file() for p in paths.values())
+    assert all(d['raw'] <= 1e-4 for d in card['max_abs_diff'].values()) and card['inputs'][-1]['name'] == 'present'
+
+
+def test_export_parity_is_checked_and_can_fail(tmp_path):
+    "ONNX (run by onnxruntime on another batch size, some samples missing a modality) matches PyTorch's raw outputs; a zero tolerance is refused"
+    torch.manual_seed(9)
+    model = MultiModalYOLO({'thermal': 1, 'nvg': 1}, 'yolo11n.yaml', base='thermal')
+    with torch.no_grad():
+        for p in model.fusions.parameters(): p.add_(torch.randn_like(p) * 0.05)  # fusion paths that are not zero
+    export_detector(model, tmp_path/'ok', (64, 96), ('onnx',))
+    diff = json.loads((tmp_path/'ok'/'detector.json').read_text())['max_abs_diff']['onnx']
+    assert 0 < diff['raw'] <= 1e-4  # a real difference, within the tolerance
+    with pytest.raises(ExportMismatchError, match='do not deploy it'): export_detector(model, tmp_path/'strict', (64, 96), ('onnx',), atol=0.0)
+    with pytest.raises(ValueError, match="format must be one of"): export_detector(model, tmp_path/'x', (64, 96), ('tflite',))
