@@ -4,6 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #62f30165
 from __future__ import annotations
+from .core import patch_to  # first: it also keeps albumentations from asking PyPI for updates at import
 import hashlib, math, re, warnings, xml.etree.ElementTree as ET
 from functools import partial
 from collections import Counter, defaultdict
@@ -17,14 +18,13 @@ from torch.utils.data import Dataset, Sampler
 
 # %% auto #0
 __all__ = ['TINY_TABULAR', 'IMAGE_EXTS', 'NIGHT_MODALITIES', 'WELD_CLASSES', 'SOLAR_CHANNELS', 'TARGET_SUMMARIES', 'Sample',
-           'DataError', 'SkippedSample', 'Modality', 'Record', 'ArrayRow', 'read_record', 'patch_to',
-           'MultiModalDataset', 'collate_samples', 'batch_to', 'from_arrays', 'tiny_dataset', 'read_image',
-           'read_image_set', 'read_video', 'read_audio', 'read_text', 'read_csv_text', 'numeric_columns',
-           'text_columns', 'read_csv_numeric', 'read_series', 'TabularPreprocessor', 'read_image_sequence',
-           'read_yolo_labels', 'read_voc_labels', 'paired_folders', 'normalise_label', 'weld_modalities',
-           'manifest_dataset', 'split_file_datasets', 'class_folders', 'sequence_dataset', 'AlignedAugment',
-           'detection_augment', 'show_sample', 'StratifiedBatchSampler', 'SplitReport', 'check_splits',
-           'summarize_splits']
+           'DataError', 'SkippedSample', 'Modality', 'Record', 'ArrayRow', 'read_record', 'MultiModalDataset',
+           'collate_samples', 'batch_to', 'from_arrays', 'tiny_dataset', 'read_image', 'read_image_set', 'read_video',
+           'read_audio', 'read_text', 'read_csv_text', 'numeric_columns', 'text_columns', 'read_csv_numeric',
+           'read_series', 'TabularPreprocessor', 'read_image_sequence', 'read_yolo_labels', 'read_voc_labels',
+           'paired_folders', 'normalise_label', 'weld_modalities', 'manifest_dataset', 'split_file_datasets',
+           'class_folders', 'sequence_dataset', 'AlignedAugment', 'detection_augment', 'show_sample',
+           'StratifiedBatchSampler', 'SplitReport', 'check_splits', 'summarize_splits']
 
 # %% ../nbs/00_data.ipynb #0ac9018b
 @dataclass
@@ -132,16 +132,6 @@ def read_record(r:Record, # where the sample's modalities come from
         odd = next(n for n, hw in sizes.items() if hw != next(iter(sizes.values())))
         raise DataError(_first_path(r.sources[odd]), f"spatial modalities differ in size ({desc}); aligned modalities need equal sizes", r.id)
     return Sample(inputs, r.target, r.id)
-
-# %% ../nbs/00_data.ipynb #648a32d5
-def patch_to(cls:type): # the class that gets the method
-    "Decorator: add the function (or property) to `cls` under its own name, so a long class is built over several cells"
-    def add(f):
-        name = (f.fget if isinstance(f, property) else f).__name__
-        if callable(f): f.__qualname__ = f"{cls.__name__}.{name}"
-        setattr(cls, name, f)
-        return f
-    return add
 
 # %% ../nbs/00_data.ipynb #95c4dd08
 class MultiModalDataset(Dataset):
