@@ -10,12 +10,12 @@ from other processes hits all of them alike); printed: the median and the minimu
 Run: .venv/bin/python benchmarks/detection_latency.py [--runs 30] [--imgsz 640] [--threads N]
 """
 from __future__ import annotations
-import argparse, statistics, time
+import argparse, statistics, tempfile, time
 
-import torch
+import onnxruntime as ort, torch
 
 from mmfusion.data import NIGHT_MODALITIES
-from mmfusion.detection import MultiModalYOLO
+from mmfusion.detection import MultiModalYOLO, export_detector
 from mmfusion.encoders import load_yolo_model
 
 
@@ -36,6 +36,7 @@ def main():
     p.add_argument('--runs', type=int, default=30)
     p.add_argument('--imgsz', type=int, default=640)
     p.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
+    p.add_argument('--onnx', action='store_true', help='also time the exported fused model (map_attention) under onnxruntime')
     a = p.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -44,12 +45,21 @@ def main():
     for fusion in ('map_attention', 'map_weighted', 'map_concat'):
         m = MultiModalYOLO(NIGHT_MODALITIES, 'yolo11n.yaml', fusion=fusion, base='thermal').eval()
         models[f"fused 3x YOLO11n, {fusion}"] = (m, frames)
+    if a.onnx:
+        fused = models['fused 3x YOLO11n, map_attention'][0]
+        path = export_detector(fused, tempfile.mkdtemp(), (a.imgsz, a.imgsz), ('onnx',))['onnx']
+        options = ort.SessionOptions()
+        if a.threads: options.intra_op_num_threads = a.threads
+        session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+        feed = {**{m: x.numpy() for m, x in frames.items()}, 'present': torch.ones(1, len(frames), dtype=torch.bool).numpy()}
+        models['fused, ONNX (onnxruntime)'] = (lambda f: session.run(None, f), feed)
     print(f"inference latency, batch 1, {a.imgsz}x{a.imgsz}, CPU, {torch.get_num_threads()} threads, {a.runs} interleaved rounds")
     times = latencies(models, a.runs)
     base_med, base_min = statistics.median(times[next(iter(times))]), min(times[next(iter(times))])
     for name, t in times.items():
         med, low = statistics.median(t), min(t)
-        params = sum(p.numel() for p in models[name][0].parameters()) / 1e6
+        model = models[name][0]
+        params = sum(p.numel() for p in model.parameters()) / 1e6 if isinstance(model, torch.nn.Module) else float('nan')
         print(f"{name:<34} median {med * 1e3:7.1f} ms  min {low * 1e3:7.1f} ms  {params:5.2f} M params  "
               f"ratio {med / base_med:.2f}x (median) {low / base_min:.2f}x (min)")
 
