@@ -18,7 +18,7 @@ from .deploy import DetectionPredictor, Predictor, load_predictor
 
 # %% auto #0
 __all__ = ['BodyLimit', 'InferenceSlots', 'PredictRequest', 'PredictionResponse', 'BoxResponse', 'DetectionsResponse',
-           'create_app', 'free_port', 'running_server', 'serve']
+           'model_card', 'create_app', 'free_port', 'running_server', 'serve']
 
 # %% ../nbs/10_serve.ipynb #ec707197
 class BodyLimit:
@@ -59,7 +59,7 @@ class InferenceSlots:
             async with self.semaphore: yield
         finally: self.waiting -= 1
 
-# %% ../nbs/10_serve.ipynb #0af689b0
+# %% ../nbs/10_serve.ipynb #c7f20e90
 class PredictRequest(BaseModel):
     "JSON body of `/predict` and of each `/stream` message"
     inputs: dict[str, Any] = Field(description="modality -> nested list of numbers (one sample, the trained shape) or, for a tabular modality, {column: value}")
@@ -89,6 +89,7 @@ class DetectionsResponse(BaseModel):
     size: list[int]
     boxes: list[BoxResponse]
 
+# %% ../nbs/10_serve.ipynb #1f33293e
 _SUFFIX = re.compile(r'^\.[A-Za-z0-9]{1,5}$')
 
 def _save_uploads(items, # (field name, value) pairs of a multipart form, in order
@@ -122,8 +123,18 @@ def _refuse_paths(inputs:dict) -> dict:
             raise DataError(f"modality {m!r}", "file paths are not accepted over the API; upload the file to /predict/files or send an array")
     return inputs
 
+# %% ../nbs/10_serve.ipynb #891e3e2d
+def model_card(predictor:Predictor|DetectionPredictor) -> dict:
+    "What a predictor takes (modalities: shape, reader, tabular columns) and returns, as `/health` reports it"
+    specs = predictor.specs
+    return {'outputs': predictor.kinds, 'class_names': predictor.class_names,
+            'modalities': {m: {'shape': list(specs[m].shape), 'variable_length': specs[m].variable_length, 'reader': specs[m].reader,
+                               'columns': (specs[m].tabular['numeric'] + specs[m].tabular['categorical']) if specs[m].tabular else None}
+                           for m in predictor.modalities}}
+
+# %% ../nbs/10_serve.ipynb #f07268ed
 def create_app(predictor:Predictor|DetectionPredictor, # the model to serve (see `mmfusion.deploy.load_predictor`)
-               max_bytes:int=16 << 20, # largest request body (and WebSocket message) accepted
+               max_bytes:int=16 << 20, # largest request body accepted; also the WebSocket message limit `running_server`/`serve` give uvicorn
                max_concurrency:int=2, # predictions running at once
                max_queue:int=16, # requests allowed to wait for a slot before 503
                title:str='mmfusion', # API title
@@ -132,26 +143,20 @@ def create_app(predictor:Predictor|DetectionPredictor, # the model to serve (see
     app = FastAPI(title=title, description=f"Model taking {predictor.modalities}; outputs {predictor.kinds}")
     answer = DetectionsResponse if isinstance(predictor, DetectionPredictor) else PredictionResponse
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
-    app.state.predictor, app.state.slots = predictor, InferenceSlots(max_concurrency, max_queue)
+    app.state.predictor, app.state.slots, app.state.max_bytes = predictor, InferenceSlots(max_concurrency, max_queue), max_bytes  # the WebSocket limit for uvicorn
 
     async def run(inputs:dict, sid:str) -> dict:
         async with app.state.slots.acquire():
             p = await run_in_threadpool(predictor.predict, inputs, [sid])
         return p.to_dict()
 
-    def error(e:Exception) -> JSONResponse:
-        code = 503 if isinstance(e, OverflowError) else 422
-        return JSONResponse({'detail': str(e)}, status_code=code)
+    status = lambda e: 503 if isinstance(e, OverflowError) else 422  # server busy / bad input
+    error = lambda e: JSONResponse({'detail': str(e)}, status_code=status(e))
 
     @app.get('/health')
     def health() -> dict:
         "Liveness and what the model takes and returns"
-        specs = predictor.specs
-        return {'status': 'ok', 'outputs': predictor.kinds, 'class_names': predictor.class_names,
-                'modalities': {m: {'shape': list(specs[m].shape), 'variable_length': specs[m].variable_length, 'reader': specs[m].reader,
-                                   'columns': (specs[m].tabular['numeric'] + specs[m].tabular['categorical']) if specs[m].tabular else None}
-                               for m in predictor.modalities},
-                'limits': {'max_bytes': max_bytes, 'max_concurrency': max_concurrency, 'max_queue': max_queue}}
+        return {'status': 'ok', **model_card(predictor), 'limits': {'max_bytes': max_bytes, 'max_concurrency': max_concurrency, 'max_queue': max_queue}}
 
     @app.post('/predict', response_model=answer, responses={413: {}, 422: {}, 503: {}})
     async def predict(req:PredictRequest):
@@ -173,18 +178,17 @@ def create_app(predictor:Predictor|DetectionPredictor, # the model to serve (see
 
     @app.websocket('/stream')
     async def stream(ws:WebSocket):
-        "One JSON request per message (as `/predict`), one JSON answer per message; errors answered in-stream with their status"
+        "One JSON request per message (as `/predict`), one JSON answer per message; errors answered in-stream with their status. A message over `max_bytes` is refused by the server (uvicorn's `ws_max_size`), which closes the connection with code 1009"
         await ws.accept()
         try:
             while True:
                 text = await ws.receive_text()
                 try:
-                    if len(text.encode()) > max_bytes: raise DataError('message', f"payload of {len(text.encode())} bytes exceeds the limit of {max_bytes} bytes")
                     try: req = PredictRequest.model_validate_json(text)
                     except ValueError as e: raise DataError('message', f"not a request {{'inputs': {{modality: value}}, 'id': ...}}: {str(e).splitlines()[0]}") from None
                     await ws.send_json({'status': 200, 'prediction': await run(_refuse_paths(req.inputs), req.id)})
                 except (DataError, OverflowError) as e:
-                    await ws.send_json({'status': 503 if isinstance(e, OverflowError) else 413 if 'exceeds the limit' in str(e) else 422, 'detail': str(e)})
+                    await ws.send_json({'status': status(e), 'detail': str(e)})
         except WebSocketDisconnect: pass
 
     return app
@@ -205,7 +209,7 @@ def running_server(app:FastAPI, # the app (see `create_app`)
                    log_level:str='warning'):
     "Run `app` under uvicorn in a background thread; yields its base URL and stops it on exit"
     port = port or free_port(host)
-    max_bytes = next((m.kwargs['max_bytes'] for m in app.user_middleware if m.cls is BodyLimit), 16 << 20)
+    max_bytes = getattr(app.state, 'max_bytes', 16 << 20)  # `create_app`'s limit: uvicorn closes a larger WebSocket message (1009)
     server = uvicorn.Server(_config(app, host, port, max_bytes, log_level))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -3,13 +3,15 @@ import asyncio, json, os, tempfile
 from pathlib import Path
 
 import httpx, numpy as np, pandas as pd, pytest, torch
+from websockets.exceptions import ConnectionClosedError
 from websockets.sync.client import connect
 
 from mmfusion.deploy import DetectionPredictor, Predictor, load_predictor
 from mmfusion.detection import MultiModalYOLO
 from mmfusion.model import save_checkpoint
-from mmfusion.serve import InferenceSlots, create_app, running_server
-from mmfusion.training import train
+import mmfusion.serve
+from mmfusion.serve import InferenceSlots, create_app, free_port, running_server, serve
+from mmfusion.runs import train
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT/'data'
@@ -41,6 +43,7 @@ def servers(tmp_path_factory):
         torch.manual_seed(0)  # an untrained night detector saved as a run: serving boxes does not need a good one
         yolo = MultiModalYOLO({'thermal': 1, 'nvg': 1, 'visual_enhanced': 3}, 'yolo11n.yaml', imgsz=64)
         save_checkpoint({'config': yolo.config, 'state_dict': yolo.state_dict()}, d/'night'/'checkpoints'/'best.pt')
+        (d/'night'/'config.yaml').write_text('kind: detection\nname: night\n')  # a run folder of kind detection: its checkpoint is all a predictor needs
         p = load_predictor(d/'night')
         out['night'] = (stack.enter_context(running_server(create_app(p, max_bytes=LIMIT))), p, d/'night')
         yield out
@@ -163,9 +166,6 @@ def test_bad_requests_get_a_4xx_naming_the_problem(servers):
         print(f"{name}: {r.status_code} {detail[:160]}")
         assert r.status_code == status, (name, r.status_code, r.text)
         assert words.lower() in detail.lower(), (name, detail)
-    with connect(iurl.replace('http://', 'ws://') + '/stream', max_size=None) as ws:  # an oversize WebSocket message closes that connection only
-        ws.send(json.dumps({'inputs': {'image': 'x' * (LIMIT + 10)}}))
-        with pytest.raises(Exception): ws.recv(timeout=10)
     # still serving, nothing written outside temporary folders, and no upload folder left behind
     assert httpx.get(f'{iurl}/health').json()['status'] == 'ok'
     img = DATA/'inspection'/'images'/f'{CELL}.png'
@@ -176,6 +176,35 @@ def test_bad_requests_get_a_4xx_naming_the_problem(servers):
     assert httpx.post(f'{wurl}/predict/files', files=files, timeout=60).status_code == 200
     assert files_snapshot(wdir, idir, ROOT/'data') == watched
     assert uploads_left() == before_uploads
+
+
+def test_oversize_websocket_message_is_closed_with_1009(servers):
+    "A WebSocket message over the limit is refused by the server: the client sees the close (1009, message too big), and the limit is the app's max_bytes"
+    url = servers['inspection'][0].replace('http://', 'ws://') + '/stream'
+    with connect(url, max_size=None) as ws:
+        ws.send(json.dumps({'inputs': {'image': 'x' * (LIMIT + 10)}}))
+        with pytest.raises(ConnectionClosedError) as e: ws.recv(timeout=30)  # a TimeoutError (no close seen) fails the test
+    assert e.value.rcvd is not None and e.value.rcvd.code == 1009, f"closed with {e.value.rcvd}, expected 1009 (message too big)"
+    assert str(LIMIT) in e.value.rcvd.reason, e.value.rcvd.reason
+    with connect(url, max_size=None) as ws:  # just under the limit the app reads the message and answers in-stream
+        head = '{"id": "big", "inputs": {"image": "'
+        ws.send(head + 'x' * (LIMIT - 64 - len(head)) + '"}}')
+        got = json.loads(ws.recv(timeout=30))
+    assert got['status'] == 422 and 'file paths are not accepted' in got['detail'], got
+
+
+def test_serve_reads_the_configs_data_root_by_default(servers, tmp_path, monkeypatch):
+    "`serve(run)` refits the preprocessing on the config's data.root; `data_root=` replaces it"
+    from test_deploy import run_reading_other_data  # a copy of the run whose config names other data (metadata voltage x10)
+    run, other = run_reading_other_data(servers['inspection'][2], tmp_path)
+    apps = []
+    monkeypatch.setattr(mmfusion.serve.uvicorn.Server, 'run', lambda self, *a, **k: apps.append(self.config.app))  # build, do not block
+    serve(run, port=free_port(), log_level='warning')
+    serve(run, port=free_port(), data_root=DATA, log_level='warning')
+    default, given = (a.state.predictor.specs['metadata'].tabular['state']['mean'] for a in apps)
+    original = servers['inspection'][1].specs['metadata'].tabular['state']['mean']
+    assert np.isclose(default[1], 10 * original[1]) and default[0] == original[0], (default, original)  # voltage is column 1
+    assert given == original, (given, original)
 
 
 def test_concurrency_is_bounded():
