@@ -8,14 +8,16 @@ import copy, fnmatch, os, pickle, tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
-from .core import Registry, atomic_write
+from fastcore.basics import patch
+from .core import Registry, atomic_write, seed_everything
+from .data import TINY_TABULAR
 from .encoders import ENCODERS, Encoder
 from .fusion import FUSIONS
 
 # %% auto #0
-__all__ = ['HEADS', 'ClassificationHead', 'RegressionHead', 'EmbeddingHead', 'IdentityHead', 'MultiTaskHead', 'ModelOutput',
-           'MultiModalModel', 'build_model', 'CheckpointError', 'save_checkpoint', 'load_checkpoint', 'save_model',
-           'run_checkpoint', 'load_model']
+__all__ = ['HEADS', 'TINY_MODEL', 'ClassificationHead', 'RegressionHead', 'EmbeddingHead', 'IdentityHead', 'MultiTaskHead',
+           'ModelOutput', 'MultiModalModel', 'build_model', 'tiny_model', 'CheckpointError', 'save_checkpoint',
+           'load_checkpoint', 'save_model', 'run_checkpoint', 'load_model']
 
 # %% ../nbs/03_model.ipynb #ab697f68
 HEADS = Registry('head')
@@ -92,6 +94,7 @@ class MultiModalModel(nn.Module):
                 present:torch.Tensor|None=None, # (B, M) presence mask; default: a modality is present when it is in `inputs`
                 masks:Mapping|None=None, # modality -> (B, T) padding mask
                ) -> ModelOutput:
+        "Encode each modality given, fuse with the `present` mask, apply the head (and auxiliary heads)"
         if 'inputs' in inputs:  # a batch dict: take its `present` columns by modality name
             batch, inputs, present, masks = inputs, inputs['inputs'], inputs['present'], inputs.get('masks')
             cols = list(batch.get('modalities') or self.modalities)
@@ -108,67 +111,19 @@ class MultiModalModel(nn.Module):
         aux = {m: h(encoded[m].pooled) for m, h in self.aux_heads.items() if m in encoded}
         return ModelOutput(self.head(fo.fused), fo.fused, aux, encoded, fo.attention)
 
-    def train(self, mode:bool=True):
-        "Like `nn.Module.train`, but modules frozen with `freeze` stay in eval mode"
-        super().train(mode)
-        for name in self.frozen: self.get_submodule(name).train(False)
-        return self
 
-    def _matching(self, patterns) -> list:
-        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-        names = [n for n, _ in self.named_modules() if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-        top = [n for n in names if not any(n.startswith(o + '.') for o in names if o != n)]  # outermost matches only
-        if not top: raise KeyError(f"no module matches {patterns}; top-level modules: {[n for n, _ in self.named_children()]}, encoders: {self.modalities}")
-        return top
+# %% ../nbs/03_model.ipynb #ea345a3a
+@patch
+def summary(self:MultiModalModel) -> pd.DataFrame:
+    "Total and trainable parameters per encoder, fusion, head and auxiliary head"
+    rows = []
+    for group in ('encoders', 'aux_heads'):
+        for n, m in getattr(self, group).items(): rows.append((f"{group}.{n}", m))
+    rows += [('fusion', self.fusion), ('head', self.head)]
+    df = pd.DataFrame([{'module': n, 'type': type(m).__name__, 'params': sum(p.numel() for p in m.parameters()),
+                        'trainable': sum(p.numel() for p in m.parameters() if p.requires_grad)} for n, m in rows])
+    return pd.concat([df, pd.DataFrame([{'module': 'total', 'type': '', 'params': df.params.sum(), 'trainable': df.trainable.sum()}])], ignore_index=True)
 
-    def freeze(self, patterns:str|Sequence[str]) -> list:
-        "Freeze every module whose name matches a glob pattern (e.g. 'encoders.*', 'encoders.video'); returns their names"
-        names = self._matching(patterns)
-        for n in names:
-            mod = self.get_submodule(n)
-            for p in mod.parameters(): p.requires_grad_(False)
-            mod.train(False)
-            self.frozen.add(n)
-        return names
-
-    def unfreeze(self, patterns:str|Sequence[str]='*') -> list:
-        "Unfreeze every module whose name matches a glob pattern; returns their names"
-        names = self._matching(patterns)
-        for n in names:
-            mod = self.get_submodule(n)
-            for p in mod.parameters(): p.requires_grad_(True)
-            if isinstance(mod, Encoder): mod.unfreeze()
-            for sub in mod.modules():
-                if isinstance(sub, Encoder): sub.unfreeze()
-            self.frozen = {f for f in self.frozen if not (f == n or f.startswith(n + '.') or n.startswith(f + '.'))}
-        self.train(self.training)
-        return names
-
-    def param_groups(self,
-                     lr:float, # base learning rate
-                     lr_mult:Mapping[str, float]|None=None, # glob pattern on parameter names -> LR multiplier (first match wins)
-                     weight_decay:float=0.01, # weight decay (not applied to biases and norm weights)
-                    ) -> list:
-        "Optimizer parameter groups with per-module learning rates; frozen parameters are left out"
-        lr_mult, groups = dict(lr_mult or {}), {}
-        for n, p in self.named_parameters():
-            if not p.requires_grad: continue
-            pat = next((k for k in lr_mult if fnmatch.fnmatchcase(n, k) or fnmatch.fnmatchcase(n, k + '.*')), None)
-            wd = 0. if p.ndim <= 1 else weight_decay
-            key = (pat, wd)
-            if key not in groups: groups[key] = {'params': [], 'lr': lr * lr_mult.get(pat, 1.), 'weight_decay': wd, 'name': pat or 'default'}
-            groups[key]['params'].append(p)
-        return list(groups.values())
-
-    def summary(self) -> pd.DataFrame:
-        "Total and trainable parameters per encoder, fusion, head and auxiliary head"
-        rows = []
-        for group in ('encoders', 'aux_heads'):
-            for n, m in getattr(self, group).items(): rows.append((f"{group}.{n}", m))
-        rows += [('fusion', self.fusion), ('head', self.head)]
-        df = pd.DataFrame([{'module': n, 'type': type(m).__name__, 'params': sum(p.numel() for p in m.parameters()),
-                            'trainable': sum(p.numel() for p in m.parameters() if p.requires_grad)} for n, m in rows])
-        return pd.concat([df, pd.DataFrame([{'module': 'total', 'type': '', 'params': df.params.sum(), 'trainable': df.trainable.sum()}])], ignore_index=True)
 
 # %% ../nbs/03_model.ipynb #12bd8b26
 def build_model(cfg:Mapping, # {'encoders': {modality: cfg}, 'fusion': cfg, 'head': cfg, 'aux_heads'?: {...}, 'freeze'?: [patterns]}
@@ -189,6 +144,90 @@ def build_model(cfg:Mapping, # {'encoders': {modality: cfg}, 'fusion': cfg, 'hea
     model = MultiModalModel(encoders, fusion, head, aux_heads, aux.get('weight', 0.3), config=cfg)
     for pattern in cfg.get('freeze', []): model.freeze(pattern)
     return model
+
+# %% ../nbs/03_model.ipynb #fba77ca7
+TINY_MODEL = {'encoders': {'image': {'name': 'small_cnn', 'in_channels': 3, 'widths': [8]},
+                           'audio': {'name': 'small_cnn', 'in_channels': 1, 'widths': [4]},
+                           'series': {'name': 'series_transformer', 'in_channels': 4, 'dim': 8, 'heads': 2, 'depth': 1, 'dropout': 0.},
+                           'tabular': {'name': 'tabular_mlp', **TINY_TABULAR, 'dim': 8, 'hidden': 16, 'dropout': 0.}},
+              'fusion': {'name': 'concat', 'dim': 16}, 'head': {'name': 'classification', 'n_classes': 3},
+              'aux_heads': {'modalities': ['image', 'series'], 'weight': 0.3}}  # config of `tiny_model` for `tiny_dataset`
+
+def tiny_model(seed:int=0, # `seed_everything(seed)` before the weights are drawn: same seed, same model
+               modalities:Sequence[str]|None=None, # keep only these encoders (and their auxiliary heads); default: all four
+               **changes, # top-level config entries to replace, e.g. fusion={'name': 'fusion_tokens', 'dim': 32}, aux_heads=None
+              ) -> MultiModalModel:
+    "A seeded `MultiModalModel` of `TINY_MODEL` for `tiny_dataset` (a few thousand parameters, for lessons and tests)"
+    cfg = copy.deepcopy({**TINY_MODEL, **changes})
+    if modalities is not None:
+        unknown = [m for m in modalities if m not in cfg['encoders']]
+        if unknown: raise KeyError(f"tiny_model has no encoder for {unknown}; its modalities are {list(cfg['encoders'])}")
+        cfg['encoders'] = {m: cfg['encoders'][m] for m in modalities}
+        if cfg.get('aux_heads'): cfg['aux_heads']['modalities'] = [m for m in cfg['aux_heads']['modalities'] if m in modalities]
+    seed_everything(seed)
+    return build_model(cfg)
+
+
+# %% ../nbs/03_model.ipynb #19aa4599
+@patch
+def train(self:MultiModalModel, mode:bool=True):
+    "Like `nn.Module.train`, but modules frozen with `freeze` stay in eval mode"
+    nn.Module.train(self, mode)
+    for name in self.frozen: self.get_submodule(name).train(False)
+    return self
+
+@patch
+def _matching(self:MultiModalModel, patterns) -> list:
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    names = [n for n, _ in self.named_modules() if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    top = [n for n in names if not any(n.startswith(o + '.') for o in names if o != n)]  # outermost matches only
+    if not top: raise KeyError(f"no module matches {patterns}; top-level modules: {[n for n, _ in self.named_children()]}, encoders: {self.modalities}")
+    return top
+
+@patch
+def freeze(self:MultiModalModel, patterns:str|Sequence[str]) -> list:
+    "Freeze every module whose name matches a glob pattern (e.g. 'encoders.*', 'encoders.video'); returns their names"
+    names = self._matching(patterns)
+    for n in names:
+        mod = self.get_submodule(n)
+        for p in mod.parameters(): p.requires_grad_(False)
+        mod.train(False)
+        self.frozen.add(n)
+    return names
+
+@patch
+def unfreeze(self:MultiModalModel, patterns:str|Sequence[str]='*') -> list:
+    "Unfreeze every module whose name matches a glob pattern; returns their names"
+    names = self._matching(patterns)
+    for n in names:
+        mod = self.get_submodule(n)
+        for p in mod.parameters(): p.requires_grad_(True)
+        if isinstance(mod, Encoder): mod.unfreeze()
+        for sub in mod.modules():
+            if isinstance(sub, Encoder): sub.unfreeze()
+        self.frozen = {f for f in self.frozen if not (f == n or f.startswith(n + '.') or n.startswith(f + '.'))}
+    self.train(self.training)
+    return names
+
+
+# %% ../nbs/03_model.ipynb #57070282
+@patch
+def param_groups(self:MultiModalModel,
+                 lr:float, # base learning rate
+                 lr_mult:Mapping[str, float]|None=None, # glob pattern on parameter names -> LR multiplier (first match wins)
+                 weight_decay:float=0.01, # weight decay (not applied to biases and norm weights)
+                ) -> list:
+    "Optimizer parameter groups with per-module learning rates; frozen parameters are left out"
+    lr_mult, groups = dict(lr_mult or {}), {}
+    for n, p in self.named_parameters():
+        if not p.requires_grad: continue
+        pat = next((k for k in lr_mult if fnmatch.fnmatchcase(n, k) or fnmatch.fnmatchcase(n, k + '.*')), None)
+        wd = 0. if p.ndim <= 1 else weight_decay
+        key = (pat, wd)
+        if key not in groups: groups[key] = {'params': [], 'lr': lr * lr_mult.get(pat, 1.), 'weight_decay': wd, 'name': pat or 'default'}
+        groups[key]['params'].append(p)
+    return list(groups.values())
+
 
 # %% ../nbs/03_model.ipynb #f8fb3dcb
 class CheckpointError(RuntimeError):
@@ -228,11 +267,14 @@ def run_checkpoint(run_dir, # a run folder with `checkpoints/`
     if not ck.is_file(): raise FileNotFoundError(f"{run_dir} has no {checkpoint}.pt{' or last.pt' if checkpoint == 'best' else ''} in checkpoints/")
     return ck
 
-def load_model(path, map_location='cpu') -> MultiModalModel:
-    "Rebuild a model from a checkpoint written by `save_model`"
+def load_model(path, # a checkpoint written by `save_model` (or a run's best.pt / last.pt)
+               map_location='cpu', # where tensors go
+               build:Callable=build_model, # builds the module from the checkpoint's config (e.g. `build_scorer` for an anomaly scorer)
+              ) -> nn.Module:
+    "Rebuild a model from a checkpoint: `build(config)`, then its weights (and frozen parameters)"
     ck = load_checkpoint(path, map_location)
     if 'config' not in ck or 'state_dict' not in ck: raise CheckpointError(f"{path}: not a model checkpoint (no config/state_dict)")
-    model = build_model(ck['config'])
+    model = build(ck['config'])
     model.load_state_dict(ck['state_dict'])
     if ck.get('frozen'): model.freeze(ck['frozen'])
     return model

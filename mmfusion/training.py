@@ -17,30 +17,23 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
-from sklearn.metrics import f1_score, roc_auc_score
-from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
-import albumentations as A
-from .data import (AlignedAugment, MultiModalDataset, StratifiedBatchSampler, batch_to, class_folders, manifest_dataset,
-                           paired_folders, sample_splits, sequence_dataset, split_file_datasets, tiny_dataset)
+from fastcore.basics import patch
+from sklearn.metrics import f1_score
+from .data import MultiModalDataset, StratifiedBatchSampler, batch_to, tiny_dataset
 from .core import Registry, check_finite, default_device, rng_state, seed_everything, set_rng_state, write_json, write_text_atomic
-from .evaluation import (THRESHOLD_METHODS, anomaly_metrics, anomaly_scores, build_scorer, classification_metrics,
-                                 knn_evaluate, normal_class_index, regression_metrics, select_threshold, write_figure)
 from .fusion import drop_modalities
 from .model import (CheckpointError, EmbeddingHead, ModelOutput, MultiTaskHead, RegressionHead, build_model,
-                            load_checkpoint, save_checkpoint)
+                            load_checkpoint, save_checkpoint, tiny_model)
 
 # %% auto #0
-__all__ = ['LOSSES', 'METRICS', 'STEP_METHODS', 'DEFAULT_CONFIG', 'ANOMALY_MODEL', 'OPTIMIZERS', 'balanced_class_weights',
-           'CrossEntropyLoss', 'FocalLoss', 'SupConLoss', 'SupConCELoss', 'MSELoss', 'HuberLoss', 'MultiTaskLoss',
-           'ModelLoss', 'accuracy', 'macro_f1', 'mae', 'rmse', 'r2', 'CancelFitException', 'CancelEpochException',
-           'CancelBatchException', 'NonFiniteLossError', 'Callback', 'Learner', 'select_modalities', 'DeviceCB',
-           'resolve_precision', 'MixedPrecision', 'GradientClip', 'GradientAccumulation', 'LRSchedule', 'EarlyStopping',
-           'Checkpoint', 'ResumableBatches', 'CSVLogger', 'TensorBoardLogger', 'format_row', 'ProgressCB',
-           'NonFiniteGuard', 'StagedTraining', 'Curriculum', 'ModalityDropout', 'Distributed', 'load_config',
-           'apply_overrides', 'resolve_config', 'cache_samples', 'fit_standardizer', 'hold_out', 'normal_samples',
-           'build_splits', 'augmentation', 'ReconstructionTraining', 'evaluate_learner', 'Run', 'plot_history',
-           'training_callbacks', 'fit_config_to_data', 'init_output_bias', 'make_train_loader', 'train',
-           'add_train_arguments', 'main_train', 'demo_train']
+__all__ = ['LOSSES', 'METRICS', 'OPTIMIZERS', 'STEP_METHODS', 'balanced_class_weights', 'CrossEntropyLoss', 'FocalLoss',
+           'SupConLoss', 'SupConCELoss', 'MSELoss', 'HuberLoss', 'MultiTaskLoss', 'ModelLoss', 'logits_of', 'values_of',
+           'accuracy', 'macro_f1', 'mae', 'rmse', 'r2', 'CancelFitException', 'CancelEpochException',
+           'CancelBatchException', 'NonFiniteLossError', 'Callback', 'Learner', 'tiny_loaders', 'tiny_learner',
+           'is_distributed', 'DeviceCB', 'resolve_precision', 'MixedPrecision', 'GradientClip', 'GradientAccumulation',
+           'monitor_mode', 'LRSchedule', 'EarlyStopping', 'Checkpoint', 'ResumableBatches', 'CSVLogger',
+           'TensorBoardLogger', 'format_row', 'ProgressCB', 'NonFiniteGuard', 'StagedTraining', 'Curriculum',
+           'ModalityDropout', 'Distributed', 'training_callbacks', 'init_output_bias', 'make_train_loader']
 
 # %% ../nbs/04_training.ipynb #f3f8cb11
 LOSSES = Registry('loss')
@@ -167,29 +160,34 @@ class ModelLoss(nn.Module):
         return total
 
 # %% ../nbs/04_training.ipynb #0e211a38
-def _logits(out): return out['logits'] if isinstance(out, Mapping) else out
-def _values(out): return next(iter(out.values())) if isinstance(out, Mapping) else out
+def logits_of(out):
+    "The class logits of a model output: its `logits` entry for a multi-task head, else the output itself"
+    return out['logits'] if isinstance(out, Mapping) else out
+
+def values_of(out):
+    "The regression values of a model output: the first entry of a multi-task head's dict, else the output itself"
+    return next(iter(out.values())) if isinstance(out, Mapping) else out
 
 def accuracy(out, target) -> float:
     "Share of samples whose arg-max class is the target"
-    return (_logits(out).argmax(-1).cpu() == target.view(-1).cpu()).float().mean().item()
+    return (logits_of(out).argmax(-1).cpu() == target.view(-1).cpu()).float().mean().item()
 
 def macro_f1(out, target) -> float:
     "F1 averaged over classes with equal weight (a rare class counts as much as a common one)"
-    return float(f1_score(target.view(-1).cpu().numpy(), _logits(out).argmax(-1).cpu().numpy(), average='macro', zero_division=0))
+    return float(f1_score(target.view(-1).cpu().numpy(), logits_of(out).argmax(-1).cpu().numpy(), average='macro', zero_division=0))
 
 def mae(out, target) -> float:
     "Mean absolute error"
-    return (_values(out).float().cpu().view_as(target.cpu()) - target.float().cpu()).abs().mean().item()
+    return (values_of(out).float().cpu().view_as(target.cpu()) - target.float().cpu()).abs().mean().item()
 
 def rmse(out, target) -> float:
     "Root mean squared error"
-    return (_values(out).float().cpu().view_as(target.cpu()) - target.float().cpu()).pow(2).mean().sqrt().item()
+    return (values_of(out).float().cpu().view_as(target.cpu()) - target.float().cpu()).pow(2).mean().sqrt().item()
 
 def r2(out, target) -> float:
     "Coefficient of determination: 1 - SSE / SS of the target around its mean (0 = the mean predictor)"
     t = target.float().cpu()
-    return 1 - (_values(out).float().cpu().view_as(t) - t).pow(2).sum().item() / max((t - t.mean(0)).pow(2).sum().item(), 1e-12)
+    return 1 - (values_of(out).float().cpu().view_as(t) - t).pow(2).sum().item() / max((t - t.mean(0)).pow(2).sum().item(), 1e-12)
 
 METRICS = {'accuracy': accuracy, 'macro_f1': macro_f1, 'mae': mae, 'rmse': rmse, 'r2': r2}  # name -> metric(out, target)
 
@@ -210,35 +208,7 @@ class Callback:
     def load_state_dict(self, state:Mapping): pass
     def __repr__(self): return type(self).__name__
 
-# %% ../nbs/04_training.ipynb #dcb791a8
-STEP_METHODS = ('predict', 'get_loss', 'backward', 'step', 'zero_grad', 'validate')  # steps a callback can replace
-
-def _batch_size(batch) -> int:
-    if isinstance(batch, Mapping):
-        if 'ids' in batch: return len(batch['ids'])
-        batch = batch.get('target')
-    return len(batch) if hasattr(batch, '__len__') else 1
-
-def _cat(parts:list):
-    "Concatenate per-batch outputs or targets (tensors, or dicts of tensors) along the sample axis"
-    if not parts or parts[0] is None: return None
-    if isinstance(parts[0], Mapping): return {k: _cat([p[k] for p in parts]) for k in parts[0]}
-    return torch.cat(parts)
-
-def _detach(x):
-    if isinstance(x, Mapping): return {k: _detach(v) for k, v in x.items()}
-    if not isinstance(x, torch.Tensor): return x
-    x = x.detach().cpu()
-    return x.float() if x.is_floating_point() else x  # bf16/fp16 outputs -> fp32; class indices stay integers
-
-def _param_groups(model:nn.Module, lr:float, lr_mult:Mapping|None, weight_decay:float) -> list:
-    "A model's own `param_groups` when it has them (per-module LRs), else one group of its trainable parameters"
-    if hasattr(model, 'param_groups'): return model.param_groups(lr, lr_mult, weight_decay)
-    return [{'params': [p for p in model.parameters() if p.requires_grad], 'lr': lr, 'weight_decay': weight_decay, 'name': 'default'}]
-
-def _distributed() -> bool: return dist.is_available() and dist.is_initialized()
-
-# %% ../nbs/04_training.ipynb #81a7a1d0
+# %% ../nbs/04_training.ipynb #50316dfb
 class Learner:
     "A training loop that fires events to callbacks; `predict`, `get_loss`, `backward`, `step`, `zero_grad`, `validate` are replaceable by a callback"
     def __init__(self, model:nn.Module, # the model; called as `model(batch)`
@@ -261,7 +231,6 @@ class Learner:
         self.last_checkpoint = None
         self.add_cbs(cbs)
 
-    # --- callbacks
     def add_cbs(self, cbs:Sequence[Callback]):
         "Add callbacks (kept sorted by `order`)"
         self.cbs = sorted([*self.cbs, *cbs], key=lambda c: c.order)
@@ -283,205 +252,288 @@ class Learner:
             out.append((f"{type(cb).__name__}{n or ''}", cb))
         return out
 
-    # --- properties
-    @property
-    def rank(self) -> int: return dist.get_rank() if _distributed() else 0
-    @property
-    def world_size(self) -> int: return dist.get_world_size() if _distributed() else 1
-    @property
-    def is_main(self) -> bool: return self.rank == 0
     @property
     def steps_per_epoch(self) -> int: return math.ceil(len(self.train_dl) / self.accumulate)
 
-    def create_opt(self, lr:float|None=None, lr_mult:Mapping|None=None):
-        "A fresh optimizer over the trainable parameters (plus a loss's parameters), each group remembering its `initial_lr`"
-        if lr is not None: self.lr = lr
-        if lr_mult is not None: self.lr_mult = dict(lr_mult)
-        groups = _param_groups(self.model, self.lr, self.lr_mult, self.weight_decay)
-        if isinstance(self.loss_func, nn.Module) and any(p.requires_grad for p in self.loss_func.parameters()):
-            groups.append({'params': [p for p in self.loss_func.parameters() if p.requires_grad], 'lr': self.lr, 'weight_decay': 0., 'name': 'loss'})
-        self.opt = self.opt_func(groups, lr=self.lr)
-        for g in self.opt.param_groups: g['initial_lr'] = g['lr']
-        return self.opt
 
-    # --- the replaceable steps
-    def predict(self):
-        "Forward the batch: `self.preds = self.net(self.batch)`"
-        cb = self._replacement('predict')
-        if cb: return cb.predict(self)
-        self.preds = self.net(self.batch)
-    def get_loss(self):
-        "`self.loss = self.loss_func(self.preds, self.batch)`"
-        cb = self._replacement('get_loss')
-        if cb: return cb.get_loss(self)
-        self.loss = self.loss_func(self.preds, self.batch)
-    def backward(self):
-        "Backpropagate `self.loss_grad` (the loss as scaled for gradients)"
-        cb = self._replacement('backward')
-        if cb: return cb.backward(self)
-        self.loss_grad.backward()
-    def step(self):
-        "Optimizer step"
-        cb = self._replacement('step')
-        if cb: return cb.step(self)
-        self.opt.step()
-    def zero_grad(self):
-        "Clear gradients"
-        cb = self._replacement('zero_grad')
-        if cb: return cb.zero_grad(self)
-        self.opt.zero_grad(set_to_none=True)
+# %% ../nbs/04_training.ipynb #87ceb2fd
+def tiny_loaders(bs:int=8, # training batch size
+                 seed:int=0, # sampler seed
+                ) -> tuple:
+    "Training batches of `tiny_dataset()` (stratified, at least 2 per class) and one validation batch of 12 other samples"
+    tiny = tiny_dataset()
+    sampler = StratifiedBatchSampler(tiny.targets, bs, k=2, seed=seed)
+    return tiny.loader(batch_sampler=sampler), tiny_dataset(n=12, seed=1).loader(batch_size=12)
 
-    def get_preds(self, dl=None, # batches (default: the validation loader)
-                  with_loss:bool=True, # also return the mean loss
-                 ) -> tuple:
-        "Outputs and targets over `dl` in eval mode (and the sample-weighted mean loss): `(outputs, targets, loss or None)`"
-        dl = dl if dl is not None else self.valid_dl
-        was_training, outs, targets, total, n = self.model.training, [], [], 0., 0
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for batch in dl:
-                    batch = batch_to(batch, self.device)
-                    with self.autocast(): preds = self.model(batch)
-                    bs = _batch_size(batch)
-                    if with_loss and self.loss_func is not None:
-                        total, n = total + self.loss_func(preds, batch).item() * bs, n + bs
-                    outs.append(_detach(getattr(preds, 'output', preds)))
-                    targets.append(_detach(batch['target']) if isinstance(batch, Mapping) else None)
-        finally: self.model.train(was_training)
-        return _cat(outs), _cat(targets), (total / n if n else None)
+def tiny_learner(seed:int=0, # seeds the model (`tiny_model`) and the sampler: same seed, same run
+                 cbs:Sequence[Callback]=(), # callbacks
+                 **kwargs, # more `Learner` arguments (lr defaults to 3e-3)
+                ) -> Learner:
+    "A seeded `Learner` of `tiny_model` on `tiny_loaders`: cross-entropy plus auxiliary heads, accuracy as metric"
+    model = tiny_model(seed)
+    return Learner(model, *tiny_loaders(seed=seed), ModelLoss('cross_entropy', model.aux_weight), metrics={'accuracy': accuracy},
+                   cbs=cbs, **{'lr': 3e-3, **kwargs})
 
-    def validate(self, dl=None) -> dict:
-        "Validation loss and metrics as `{'valid_loss': ..., 'valid_<metric>': ...}`, or a callback's `validate(learn)`"
-        cb = self._replacement('validate')
-        if cb: return cb.validate(self)
-        outs, targets, loss = self.get_preds(dl)
-        res = {} if loss is None else {'valid_loss': loss}
-        for name, f in self.metrics.items(): res[f'valid_{name}'] = f(outs, targets)
-        return res
 
-    # --- the loop
-    def fit(self, n_epochs:int, # epochs in all (a resumed run continues up to this many)
-            cbs:Sequence[Callback]=(), # callbacks for this fit only
-            resume:str|Path|Mapping|None=None, # a checkpoint (path or loaded dict) written by `state_dict` to continue from
-           ):
-        "Train for `n_epochs` epochs; with `resume`, continue exactly where the checkpoint left off"
-        cbs = list(cbs)
-        self.add_cbs(cbs)
-        ck = load_checkpoint(resume) if isinstance(resume, (str, Path)) else resume
-        self.n_epochs, self.error = n_epochs, None
-        try:
-            self._restore_progress(ck)
-            self.create_opt()
-            self.phase = (0, n_epochs)  # (first epoch, epochs) of the current training phase; stages change it
-            self.callback('before_fit')
-            if ck is not None: self._restore_state(ck)
-            while self.epoch < n_epochs and not self.stop_reason: self._do_epoch()
-        except CancelFitException: pass
-        except BaseException as e: self.error = e; raise
-        finally:
-            self.callback('after_fit')
-            self.remove_cbs(cbs)
-        return self
+# %% ../nbs/04_training.ipynb #babbbd3c
+OPTIMIZERS = {'adamw': torch.optim.AdamW, 'adam': torch.optim.Adam, 'sgd': partial(torch.optim.SGD, momentum=0.9)}  # name -> optimizer a config can choose
 
-    def _do_epoch(self):
-        self.row = {'epoch': self.epoch + 1}
-        for o in (self.train_dl.batch_sampler, self.train_dl.sampler, self.train_dl.dataset):
-            if hasattr(o, 'set_epoch'): o.set_epoch(self.epoch)
-        self.callback('before_epoch')
-        t0 = time.perf_counter()
-        self._train_epoch()
-        if self.valid_dl is not None or self._replacement('validate'): self.row.update(self.validate())
-        self.row.update(lr=self.opt.param_groups[0]['lr'], step=self.global_step, seconds=round(time.perf_counter() - t0, 3))
-        self.history.append(self.row)
-        self.next_pos, self._totals = (self.epoch + 1, 0), [0., 0]
-        self.callback('after_epoch')
-        self.epoch, self.iter_start = self.epoch + 1, 0
+def _param_groups(model:nn.Module, lr:float, lr_mult:Mapping|None, weight_decay:float) -> list:
+    "A model's own `param_groups` when it has them (per-module LRs), else one group of its trainable parameters"
+    if hasattr(model, 'param_groups'): return model.param_groups(lr, lr_mult, weight_decay)
+    return [{'params': [p for p in model.parameters() if p.requires_grad], 'lr': lr, 'weight_decay': weight_decay, 'name': 'default'}]
 
-    def _train_epoch(self):
-        self.training = True
-        self.net.train()
-        self.callback('before_train')
-        dl, start, rng = self.train_dl, self.iter_start, self._pending_rng
-        self.n_iter, self._pending_rng = len(dl), None
-        if start == 0: self._totals = [0., 0]
-        if rng is not None and start == 0: set_rng_state(rng)  # as the uninterrupted run was when it began this epoch
-        if start and hasattr(dl.batch_sampler, 'start'): dl.batch_sampler.start = start; batches = iter(dl)  # skip without reading
-        else: batches = islice(iter(dl), start, None)
-        if rng is not None and start: set_rng_state(rng)  # as it was right after the checkpointed step
-        try:
-            for self.iter, batch in enumerate(batches, start): self._one_batch(batch)
-        except CancelEpochException: pass
-        self.training = False
-        self.row['train_loss'] = self._totals[0] / max(self._totals[1], 1)
-        self.callback('after_train')
+@patch
+def create_opt(self:Learner, lr:float|None=None, lr_mult:Mapping|None=None):
+    "A fresh optimizer over the trainable parameters (plus a loss's parameters), each group remembering its `initial_lr`"
+    if lr is not None: self.lr = lr
+    if lr_mult is not None: self.lr_mult = dict(lr_mult)
+    groups = _param_groups(self.model, self.lr, self.lr_mult, self.weight_decay)
+    if isinstance(self.loss_func, nn.Module) and any(p.requires_grad for p in self.loss_func.parameters()):
+        groups.append({'params': [p for p in self.loss_func.parameters() if p.requires_grad], 'lr': self.lr, 'weight_decay': 0., 'name': 'loss'})
+    self.opt = self.opt_func(groups, lr=self.lr)
+    for g in self.opt.param_groups: g['initial_lr'] = g['lr']
+    return self.opt
 
-    def _one_batch(self, batch):
-        self.batch, self.batch_n = batch_to(batch, self.device), _batch_size(batch)
-        self.will_step = (self.iter + 1) % self.accumulate == 0 or self.iter + 1 == self.n_iter
-        try:
-            self.callback('before_batch')
-            sync = self.net.no_sync() if not self.will_step and hasattr(self.net, 'no_sync') else nullcontext()
-            with sync:
-                with self.autocast():
-                    self.predict(); self.callback('after_pred')
-                    self.get_loss()
-                self.loss_grad = self.loss
-                self.callback('after_loss')
-                self.backward(); self.callback('after_backward')
-            self._totals[0] += self.loss.item() * self.batch_n; self._totals[1] += self.batch_n
-            if self.will_step:
-                self.callback('before_step')
-                self.step(); self.zero_grad()
-                self.global_step += 1
-                self.next_pos = (self.epoch, self.iter + 1)
-                self.callback('after_step')
-        except CancelBatchException: pass
-        self.callback('after_batch')
 
-    # --- checkpoints
-    def state_dict(self) -> dict:
-        "Everything an exact resume needs, as tensors and plain data: weights, optimizer, loss, callbacks, RNG states, position, history"
-        rng = rng_state()
-        if _distributed():
-            rngs = [None] * self.world_size
-            dist.all_gather_object(rngs, rng)
-            rng = rngs
-        return {'config': copy.deepcopy(getattr(self.model, 'config', {})), 'state_dict': self.model.state_dict(),
-                'frozen': sorted(getattr(self.model, 'frozen', ())), 'optimizer': self.opt.state_dict(),
-                'loss': self.loss_func.state_dict() if isinstance(self.loss_func, nn.Module) else {},
-                'callbacks': {k: cb.state_dict() for k, cb in self._cb_keys()}, 'rng': rng,
-                'epoch': self.next_pos[0], 'iter': self.next_pos[1], 'step': self.global_step, 'history': copy.deepcopy(self.history),
-                'train_totals': list(self._totals), 'stop_reason': self.stop_reason}
+# %% ../nbs/04_training.ipynb #beaf2bc6
+STEP_METHODS = ('predict', 'get_loss', 'backward', 'step', 'zero_grad', 'validate')  # steps a callback can replace
 
-    def _restore_progress(self, ck):
-        self._pending_rng = None
-        if ck is None:
-            self.epoch = self.iter_start = self.global_step = 0
-            self.history, self._totals, self.stop_reason, self.next_pos = [], [0., 0], None, (0, 0)
-            return
-        self.model.load_state_dict(ck['state_dict'])
-        if isinstance(self.loss_func, nn.Module) and ck.get('loss'): self.loss_func.load_state_dict(ck['loss'])
-        self.epoch, self.iter_start, self.global_step = ck['epoch'], ck['iter'], ck['step']
-        self.history, self._totals, self.stop_reason = list(ck['history']), list(ck['train_totals']), ck.get('stop_reason')
-        self.next_pos = (self.epoch, self.iter_start)
+@patch
+def predict(self:Learner):
+    "Forward the batch: `self.preds = self.net(self.batch)`"
+    cb = self._replacement('predict')
+    if cb: return cb.predict(self)
+    self.preds = self.net(self.batch)
 
-    def _restore_state(self, ck):
-        self.opt.load_state_dict(ck['optimizer'])
-        for k, cb in self._cb_keys():
-            if k in ck['callbacks']: cb.load_state_dict(ck['callbacks'][k])
-        rng = ck['rng']
-        self._pending_rng = rng[self.rank] if isinstance(rng, list) else rng
+@patch
+def get_loss(self:Learner):
+    "`self.loss = self.loss_func(self.preds, self.batch)`"
+    cb = self._replacement('get_loss')
+    if cb: return cb.get_loss(self)
+    self.loss = self.loss_func(self.preds, self.batch)
 
-# %% ../nbs/04_training.ipynb #b917b38a
-def select_modalities(ds:MultiModalDataset, # a dataset (changed in place)
-                      names:Sequence[str], # the modalities to keep, in this order (the `present` column order)
-                     ) -> MultiModalDataset:
-    "Keep only `names` of a dataset's modalities: the others are never read, and batches hold just these (e.g. to train an ablation)"
-    unknown = [m for m in names if m not in ds.modalities]
-    if unknown: raise KeyError(f"{ds.name} has no modality {unknown}; it has {list(ds.modalities)}")
-    ds.modalities, ds._shapes = {m: ds.modalities[m] for m in names}, None
-    return ds
+@patch
+def backward(self:Learner):
+    "Backpropagate `self.loss_grad` (the loss as scaled for gradients)"
+    cb = self._replacement('backward')
+    if cb: return cb.backward(self)
+    self.loss_grad.backward()
+
+@patch
+def step(self:Learner):
+    "Optimizer step"
+    cb = self._replacement('step')
+    if cb: return cb.step(self)
+    self.opt.step()
+
+@patch
+def zero_grad(self:Learner):
+    "Clear gradients"
+    cb = self._replacement('zero_grad')
+    if cb: return cb.zero_grad(self)
+    self.opt.zero_grad(set_to_none=True)
+
+
+# %% ../nbs/04_training.ipynb #43e90efc
+def _batch_size(batch) -> int:
+    if isinstance(batch, Mapping):
+        if 'ids' in batch: return len(batch['ids'])
+        batch = batch.get('target')
+    return len(batch) if hasattr(batch, '__len__') else 1
+
+def _cat(parts:list):
+    "Concatenate per-batch outputs or targets (tensors, or dicts of tensors) along the sample axis"
+    if not parts or parts[0] is None: return None
+    if isinstance(parts[0], Mapping): return {k: _cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+def _detach(x):
+    if isinstance(x, Mapping): return {k: _detach(v) for k, v in x.items()}
+    if not isinstance(x, torch.Tensor): return x
+    x = x.detach().cpu()
+    return x.float() if x.is_floating_point() else x  # bf16/fp16 outputs -> fp32; class indices stay integers
+
+@patch
+def get_preds(self:Learner, dl=None, # batches (default: the validation loader)
+              with_loss:bool=True, # also return the mean loss
+             ) -> tuple:
+    "Outputs and targets over `dl` in eval mode (and the sample-weighted mean loss): `(outputs, targets, loss or None)`"
+    dl = dl if dl is not None else self.valid_dl
+    was_training, outs, targets, total, n = self.model.training, [], [], 0., 0
+    self.model.eval()
+    try:
+        with torch.no_grad():
+            for batch in dl:
+                batch = batch_to(batch, self.device)
+                with self.autocast(): preds = self.model(batch)
+                bs = _batch_size(batch)
+                if with_loss and self.loss_func is not None:
+                    total, n = total + self.loss_func(preds, batch).item() * bs, n + bs
+                outs.append(_detach(getattr(preds, 'output', preds)))
+                targets.append(_detach(batch['target']) if isinstance(batch, Mapping) else None)
+    finally: self.model.train(was_training)
+    return _cat(outs), _cat(targets), (total / n if n else None)
+
+@patch
+def validate(self:Learner, dl=None) -> dict:
+    "Validation loss and metrics as `{'valid_loss': ..., 'valid_<metric>': ...}`, or a callback's `validate(learn)`"
+    cb = self._replacement('validate')
+    if cb: return cb.validate(self)
+    outs, targets, loss = self.get_preds(dl)
+    res = {} if loss is None else {'valid_loss': loss}
+    for name, f in self.metrics.items(): res[f'valid_{name}'] = f(outs, targets)
+    return res
+
+
+# %% ../nbs/04_training.ipynb #b3ea72d4
+def is_distributed() -> bool:
+    "True inside an initialised `torch.distributed` process group (under torchrun)"
+    return dist.is_available() and dist.is_initialized()
+
+@patch(as_prop=True)
+def rank(self:Learner) -> int:
+    "This process's rank (0 without DDP)"
+    return dist.get_rank() if is_distributed() else 0
+
+@patch(as_prop=True)
+def world_size(self:Learner) -> int:
+    "The number of processes (1 without DDP)"
+    return dist.get_world_size() if is_distributed() else 1
+
+@patch(as_prop=True)
+def is_main(self:Learner) -> bool:
+    "Rank 0: the process that writes files and prints"
+    return self.rank == 0
+
+
+# %% ../nbs/04_training.ipynb #69c53c61
+@patch
+def _reset_progress(self:Learner):
+    "Epoch 0, batch 0, step 0, an empty history: where a fresh `fit` starts"
+    self._pending_rng = None
+    self.epoch = self.iter_start = self.global_step = 0
+    self.history, self._totals, self.stop_reason, self.next_pos = [], [0., 0], None, (0, 0)
+
+@patch
+def _train_epoch(self:Learner):
+    self.training = True
+    self.net.train()
+    self.callback('before_train')
+    dl, start, rng = self.train_dl, self.iter_start, self._pending_rng
+    self.n_iter, self._pending_rng = len(dl), None
+    if start == 0: self._totals = [0., 0]
+    if rng is not None and start == 0: set_rng_state(rng)  # as the uninterrupted run was when it began this epoch
+    if start and hasattr(dl.batch_sampler, 'start'): dl.batch_sampler.start = start; batches = iter(dl)  # skip without reading
+    else: batches = islice(iter(dl), start, None)
+    if rng is not None and start: set_rng_state(rng)  # as it was right after the checkpointed step
+    try:
+        for self.iter, batch in enumerate(batches, start): self._one_batch(batch)
+    except CancelEpochException: pass
+    self.training = False
+    self.row['train_loss'] = self._totals[0] / max(self._totals[1], 1)
+    self.callback('after_train')
+
+@patch
+def _one_batch(self:Learner, batch):
+    self.batch, self.batch_n = batch_to(batch, self.device), _batch_size(batch)
+    self.will_step = (self.iter + 1) % self.accumulate == 0 or self.iter + 1 == self.n_iter
+    try:
+        self.callback('before_batch')
+        sync = self.net.no_sync() if not self.will_step and hasattr(self.net, 'no_sync') else nullcontext()
+        with sync:
+            with self.autocast():
+                self.predict(); self.callback('after_pred')
+                self.get_loss()
+            self.loss_grad = self.loss
+            self.callback('after_loss')
+            self.backward(); self.callback('after_backward')
+        self._totals[0] += self.loss.item() * self.batch_n; self._totals[1] += self.batch_n
+        if self.will_step:
+            self.callback('before_step')
+            self.step(); self.zero_grad()
+            self.global_step += 1
+            self.next_pos = (self.epoch, self.iter + 1)
+            self.callback('after_step')
+    except CancelBatchException: pass
+    self.callback('after_batch')
+
+
+# %% ../nbs/04_training.ipynb #f24c6ad2
+@patch
+def fit(self:Learner, n_epochs:int, # epochs in all (a resumed run continues up to this many)
+        cbs:Sequence[Callback]=(), # callbacks for this fit only
+        resume:str|Path|Mapping|None=None, # a checkpoint (path or loaded dict) written by `state_dict` to continue from
+       ):
+    "Train for `n_epochs` epochs; with `resume`, continue exactly where the checkpoint left off"
+    cbs = list(cbs)
+    self.add_cbs(cbs)
+    ck = load_checkpoint(resume) if isinstance(resume, (str, Path)) else resume
+    self.n_epochs, self.error = n_epochs, None
+    try:
+        self._reset_progress()
+        if ck is not None: self._restore_progress(ck)
+        self.create_opt()
+        self.phase = (0, n_epochs)  # (first epoch, epochs) of the current training phase; stages change it
+        self.callback('before_fit')
+        if ck is not None: self._restore_state(ck)
+        while self.epoch < n_epochs and not self.stop_reason: self._do_epoch()
+    except CancelFitException: pass
+    except BaseException as e: self.error = e; raise
+    finally:
+        self.callback('after_fit')
+        self.remove_cbs(cbs)
+    return self
+
+@patch
+def _do_epoch(self:Learner):
+    self.row = {'epoch': self.epoch + 1}
+    for o in (self.train_dl.batch_sampler, self.train_dl.sampler, self.train_dl.dataset):
+        if hasattr(o, 'set_epoch'): o.set_epoch(self.epoch)
+    self.callback('before_epoch')
+    t0 = time.perf_counter()
+    self._train_epoch()
+    if self.valid_dl is not None or self._replacement('validate'): self.row.update(self.validate())
+    self.row.update(lr=self.opt.param_groups[0]['lr'], step=self.global_step, seconds=round(time.perf_counter() - t0, 3))
+    self.history.append(self.row)
+    self.next_pos, self._totals = (self.epoch + 1, 0), [0., 0]
+    self.callback('after_epoch')
+    self.epoch, self.iter_start = self.epoch + 1, 0
+
+
+# %% ../nbs/04_training.ipynb #afd89cb3
+@patch
+def state_dict(self:Learner) -> dict:
+    "Everything an exact resume needs, as tensors and plain data: weights, optimizer, loss, callbacks, RNG states, position, history"
+    rng = rng_state()
+    if is_distributed():
+        rngs = [None] * self.world_size
+        dist.all_gather_object(rngs, rng)
+        rng = rngs
+    return {'config': copy.deepcopy(getattr(self.model, 'config', {})), 'state_dict': self.model.state_dict(),
+            'frozen': sorted(getattr(self.model, 'frozen', ())), 'optimizer': self.opt.state_dict(),
+            'loss': self.loss_func.state_dict() if isinstance(self.loss_func, nn.Module) else {},
+            'callbacks': {k: cb.state_dict() for k, cb in self._cb_keys()}, 'rng': rng,
+            'epoch': self.next_pos[0], 'iter': self.next_pos[1], 'step': self.global_step, 'history': copy.deepcopy(self.history),
+            'train_totals': list(self._totals), 'stop_reason': self.stop_reason}
+
+@patch
+def _restore_progress(self:Learner, ck:Mapping):
+    "Weights, loss state, position and history from a checkpoint"
+    self.model.load_state_dict(ck['state_dict'])
+    if isinstance(self.loss_func, nn.Module) and ck.get('loss'): self.loss_func.load_state_dict(ck['loss'])
+    self.epoch, self.iter_start, self.global_step = ck['epoch'], ck['iter'], ck['step']
+    self.history, self._totals, self.stop_reason = list(ck['history']), list(ck['train_totals']), ck.get('stop_reason')
+    self.next_pos = (self.epoch, self.iter_start)
+
+@patch
+def _restore_state(self:Learner, ck):
+    self.opt.load_state_dict(ck['optimizer'])
+    for k, cb in self._cb_keys():
+        if k in ck['callbacks']: cb.load_state_dict(ck['callbacks'][k])
+    rng = ck['rng']
+    self._pending_rng = rng[self.rank] if isinstance(rng, list) else rng
+
 
 # %% ../nbs/04_training.ipynb #e6fda52e
 class DeviceCB(Callback):
@@ -553,7 +605,10 @@ class GradientAccumulation(Callback):
     def after_fit(self, learn): learn.accumulate = 1
 
 # %% ../nbs/04_training.ipynb #f74fbf0c
-def _mode(monitor:str, mode:str='auto') -> str:
+def monitor_mode(monitor:str, # a history column, e.g. 'valid_loss' or 'valid_macro_f1'
+                 mode:str='auto', # 'min', 'max', or 'auto': min for losses and errors, max otherwise
+                ) -> str:
+    "Whether a smaller or a larger `monitor` is better: 'min' or 'max'"
     if mode != 'auto': return mode
     return 'min' if any(k in monitor for k in ('loss', 'mae', 'rmse', 'error')) else 'max'
 
@@ -572,7 +627,7 @@ class LRSchedule(Callback):
                  monitor:str='valid_loss', patience:int=2, mode:str='auto'): # plateau: what to watch and how long to wait
         if name not in self.kinds: raise ValueError(f"schedule must be one of {self.kinds}, got {name!r}")
         self.name, self.warmup_epochs, self.start_factor, self.min_factor = name, warmup_epochs, start_factor, min_factor
-        self.step_epochs, self.gamma, self.monitor, self.patience, self.mode = step_epochs, gamma, monitor, patience, _mode(monitor, mode)
+        self.step_epochs, self.gamma, self.monitor, self.patience, self.mode = step_epochs, gamma, monitor, patience, monitor_mode(monitor, mode)
         self.plateau_factor, self.best, self.wait = 1., None, 0
 
     def factor(self, learn) -> float:
@@ -610,7 +665,7 @@ class EarlyStopping(Callback):
                  patience:int=5, # epochs without improvement before stopping
                  mode:str='auto', # 'min', 'max' or 'auto' (min for losses and errors)
                  min_delta:float=0.): # smallest change that counts as an improvement
-        self.monitor, self.patience, self.mode, self.min_delta = monitor, patience, _mode(monitor, mode), min_delta
+        self.monitor, self.patience, self.mode, self.min_delta = monitor, patience, monitor_mode(monitor, mode), min_delta
         self.best, self.wait = None, 0
     def after_epoch(self, learn):
         if self.monitor not in learn.row: raise KeyError(f"EarlyStopping monitors {self.monitor!r}, which is not in the history: {list(learn.row)}")
@@ -630,7 +685,7 @@ class Checkpoint(Callback):
                  mode:str='auto', # 'min', 'max' or 'auto'
                  every_steps:int=0): # also write `last.pt` every this many optimizer steps inside an epoch (0: epoch ends only)
         self.folder, self.monitor, self.every_steps = Path(folder), monitor, every_steps
-        self.mode = _mode(monitor, mode) if monitor else None
+        self.mode = monitor_mode(monitor, mode) if monitor else None
         self.best, self.best_epoch = None, None
     @property
     def last(self) -> Path: return self.folder/'last.pt'
@@ -765,6 +820,8 @@ class StagedTraining(Callback):
         if i != self.current: self._apply(learn, i); self._start(learn, i)
         learn.row['stage'] = self.stages[i].get('name', i + 1)
 
+
+# %% ../nbs/04_training.ipynb #f4cd9a07
 def _step_indices(T:int, L:int, mode:str) -> torch.Tensor:
     if mode == 'uniform': return torch.linspace(0, T - 1, L).round().long()
     start = {'first': 0, 'last': T - L, 'center': (T - L) // 2}[mode]
@@ -795,6 +852,8 @@ class Curriculum(Callback):
             b['inputs'][m] = b['inputs'][m][:, idx]
             if m in b.get('masks', {}): b['masks'][m] = b['masks'][m][:, idx]
 
+
+# %% ../nbs/04_training.ipynb #6689b0fa
 class ModalityDropout(Callback):
     "Training only: drop whole modalities per sample at rate `p` (never all of a sample's) so the model cannot lean on one"
     def __init__(self, p:float=0.2, # drop rate per present modality
@@ -809,6 +868,7 @@ class ModalityDropout(Callback):
             dropped = torch.where(keep, present, dropped)
         b['present'] = dropped
 
+
 # %% ../nbs/04_training.ipynb #cae539e4
 class Distributed(Callback):
     "DistributedDataParallel under torchrun: wraps the model and rescales each rank's loss so the ranks compute the global-batch update"
@@ -820,326 +880,17 @@ class Distributed(Callback):
         learn.net = DistributedDataParallel(learn.model, device_ids=[dev.index or 0] if dev.type == 'cuda' else None,
                                             find_unused_parameters=self.find_unused_parameters)
     def before_fit(self, learn):
-        if _distributed(): self._wrap(learn)
+        if is_distributed(): self._wrap(learn)
     def before_epoch(self, learn):  # a stage that (un)froze modules needs a new wrapper: DDP syncs what was trainable when it was built
-        if _distributed() and self.trainable != [p.requires_grad for p in learn.model.parameters()]: self._wrap(learn)
+        if is_distributed() and self.trainable != [p.requires_grad for p in learn.model.parameters()]: self._wrap(learn)
     def after_loss(self, learn):
-        if not _distributed(): return
+        if not is_distributed(): return
         n = learn.batch_n
         t = torch.stack([learn.loss.detach().float() * n, torch.tensor(float(n), device=learn.loss.device)])
         dist.all_reduce(t)
         learn.loss_grad = learn.loss_grad * (n * learn.world_size / t[1])  # DDP averages gradients over ranks
         learn.loss, learn.batch_n = t[0] / t[1], int(t[1].item())
     def after_fit(self, learn): learn.net = learn.model
-
-# %% ../nbs/04_training.ipynb #71b50da3
-DEFAULT_CONFIG = {
-    'name': 'run', 'seed': 0, 'runs_dir': 'runs',
-    'data': {'root': 'data', 'train': 'train', 'valid': None, 'test': 'test', 'batch_size': 16, 'sampler': 'random', 'k': 2,
-             'drop_last': False, 'cache': True, 'standardize': [], 'modalities': None, 'augment': None, 'split_off': None},
-    'model': {},
-    'loss': {'name': 'cross_entropy'},
-    'training': {'epochs': 10, 'optimizer': 'adamw', 'lr': 1e-3, 'weight_decay': 0.01, 'lr_mult': {},
-                 'schedule': {'name': 'cosine', 'warmup_epochs': 0}, 'clip': None, 'accumulate': 1, 'precision': 'auto',
-                 'device': 'auto', 'modality_dropout': 0., 'early_stopping': None, 'monitor': None, 'checkpoint_every': 0,
-                 'stages': None, 'curriculum': None, 'progress': 'auto', 'tensorboard': True, 'deterministic': True,
-                 'find_unused_parameters': False, 'init_output_bias': True},
-    'evaluation': {'split': 'test', 'primary': None, 'knn': {'k': 5, 'metric': 'cosine'}},
-    'diagnosis': {'split': None, 'head': None},  # split None: validation when the run has one, else test; head None: the primary head
-}  # every config key and its default
-ANOMALY_MODEL = {'scorer': None, 'input': 'image', 'normal': 0, 'threshold': {'method': 'percentile', 'percentile': 95.}}  # an anomaly `model` section and its defaults
-_DATA_SOURCES = ('sample', 'tiny', 'layout', 'options')
-OPTIMIZERS = {'adamw': torch.optim.AdamW, 'adam': torch.optim.Adam, 'sgd': partial(torch.optim.SGD, momentum=0.9)}  # name -> optimizer
-
-class _ConfigLoader(yaml.SafeLoader):
-    "YAML loader that reads 1e-3 as a float (YAML 1.1 wants 1.0e-3)"
-_ConfigLoader.add_implicit_resolver('tag:yaml.org,2002:float', re.compile(r'''^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$''', re.X),
-    list('-+0123456789.'))
-
-def _plain(x):
-    "Plain YAML/JSON-able data: tuples become lists, NumPy and torch scalars become Python numbers"
-    if isinstance(x, Mapping): return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return [_plain(v) for v in x]
-    if isinstance(x, (np.generic, torch.Tensor)): return x.item() if x.ndim == 0 else _plain(x.tolist())
-    return x
-
-def load_config(src:str|Path|Mapping) -> dict:
-    "A config from a YAML file or a mapping (deep-copied)"
-    if isinstance(src, Mapping): return _plain(copy.deepcopy(dict(src)))
-    path = Path(src)
-    if not path.is_file(): raise FileNotFoundError(f"config {path} not found")
-    cfg = yaml.load(path.read_text(), Loader=_ConfigLoader)
-    if not isinstance(cfg, Mapping): raise ValueError(f"{path}: a config must be a YAML mapping, got {type(cfg).__name__}")
-    return cfg
-
-def apply_overrides(cfg:Mapping, overrides:Sequence[str]=()) -> dict:
-    "Apply `key.sub=value` overrides (values parsed as YAML; list items by index) to a copy of `cfg`"
-    cfg = copy.deepcopy(dict(cfg))
-    for o in overrides:
-        if '=' not in o: raise ValueError(f"override {o!r} is not KEY=VALUE (e.g. training.lr=0.001)")
-        key, value = o.split('=', 1)
-        *path, last = key.strip().split('.')
-        node = cfg
-        for p in path:
-            if isinstance(node, list): node = node[int(p)]
-            else:
-                if not isinstance(node.get(p), (dict, list)): node[p] = {}
-                node = node[p]
-        v = yaml.load(value, Loader=_ConfigLoader)
-        if isinstance(node, list): node[int(last)] = v
-        else: node[last] = v
-    return cfg
-
-def _merge(defaults:Mapping, cfg:Mapping, where:str, open_keys=()) -> dict:
-    unknown = [k for k in cfg if k not in defaults and k not in open_keys]
-    if unknown: raise KeyError(f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; known under '{where or 'top level'}': {sorted(defaults)}")
-    return {**copy.deepcopy(dict(defaults)), **copy.deepcopy(dict(cfg))}
-
-def resolve_config(cfg:Mapping) -> dict:
-    "Fill in defaults and check every key: the fully resolved config a run folder stores"
-    anomaly = 'scorer' in (cfg.get('model') or {})
-    if anomaly and 'loss' not in cfg: cfg = {**cfg, 'loss': {'name': 'mse'}}  # a scorer learns to reconstruct its input
-    cfg = _merge(DEFAULT_CONFIG, cfg, '')
-    cfg['data'] = _merge(DEFAULT_CONFIG['data'], cfg['data'], 'data.', _DATA_SOURCES)
-    cfg['training'] = _merge(DEFAULT_CONFIG['training'], cfg['training'], 'training.')
-    cfg['evaluation'] = _merge(DEFAULT_CONFIG['evaluation'], cfg['evaluation'], 'evaluation.')
-    cfg['diagnosis'] = _merge(DEFAULT_CONFIG['diagnosis'], cfg['diagnosis'] or {}, 'diagnosis.')
-    d = cfg['data']
-    if d['valid'] and d['valid'] == d['test']:
-        raise ValueError(f"data.valid and data.test are both {d['test']!r}: checkpoints and early stopping would be chosen on the test "
-                         "split, whose score is then no longer held out; hold a validation split out of train instead, e.g. "
-                         "data.split_off: {val: {from: train, fraction: 0.2}} with data.valid: val")
-    sources = [k for k in ('sample', 'tiny', 'layout') if cfg['data'].get(k) is not None]
-    if len(sources) != 1: raise ValueError(f"data needs exactly one of 'sample', 'tiny' or 'layout'; got {sources or 'none'}")
-    if anomaly:
-        cfg['model'] = _merge(ANOMALY_MODEL, cfg['model'], 'model.')
-        if cfg['loss'].get('name') not in ('mse', 'huber'): raise ValueError(f"an anomaly scorer learns to reconstruct its input: loss must be mse or huber, got {cfg['loss'].get('name')!r}")
-        if cfg['model']['threshold'].get('method') not in THRESHOLD_METHODS: raise ValueError(f"model.threshold.method must be one of {THRESHOLD_METHODS}, got {cfg['model']['threshold'].get('method')!r}")
-        if not cfg['data']['valid']: raise ValueError("an anomaly scorer needs data.valid: its threshold is chosen on validation data (data.split_off can hold one out)")
-    elif not cfg['model'].get('encoders'): raise ValueError("model needs 'encoders' (modality -> encoder config), a 'fusion' and a 'head' (or a 'scorer', for anomaly detection)")
-    if cfg['training']['optimizer'] not in OPTIMIZERS: raise ValueError(f"training.optimizer must be one of {list(OPTIMIZERS)}")
-    return _plain(cfg)
-
-# %% ../nbs/04_training.ipynb #4f4ca1a6
-def cache_samples(ds:MultiModalDataset) -> MultiModalDataset:
-    "Keep every decoded sample of `ds` in memory after its first read (a transform still runs on every access)"
-    if getattr(ds, '_cached', False): return ds
-    cache, read = {}, ds._read
-    def _read(r):
-        if r.id not in cache: cache[r.id] = read(r)
-        return cache[r.id]
-    ds._read, ds._cached = _read, True
-    return ds
-
-def _channel_dim(x:torch.Tensor) -> int: return -1 if x.ndim <= 2 else -3  # (T, C) / (F,) rows vs (..., C, H, W) images
-
-def fit_standardizer(ds:MultiModalDataset, # the training split
-                     modality:str, # the modality to standardise
-                    ) -> dict:
-    "Per-channel mean and std of `modality` over every sample of `ds` (channels last for series/tabular, C of (..., C, H, W) for images)"
-    xs = [s.inputs[modality] for s in (ds[i] for i in range(len(ds))) if modality in s.inputs]
-    if not xs: raise ValueError(f"no sample of {ds.name} has modality {modality!r}")
-    cd = _channel_dim(xs[0])
-    flat = torch.cat([x.movedim(cd, -1).reshape(-1, x.shape[cd]).double() for x in xs])
-    std = flat.std(0)
-    return {'mean': flat.mean(0).tolist(), 'std': torch.where(std > 1e-8, std, torch.ones_like(std)).tolist(), 'channel_dim': cd}
-
-def _held_out(ds:MultiModalDataset, fraction:float, seed:int) -> set:
-    "Indices to hold out: a seeded share of each class (all samples for other tasks); whole groups when samples carry one"
-    classes = ds.targets if ds.task == 'classification' else [0] * len(ds)
-    if all(g is None for g in ds.groups):
-        rng, held = np.random.default_rng(seed), set()
-        for c in sorted(set(classes)):
-            idx = [i for i, t in enumerate(classes) if t == c]
-            held.update(rng.permutation(idx)[:round(fraction * len(idx))].tolist())
-        return held
-    groups = [r.id if r.group is None else r.group for r in ds.records]  # a sample without a group is a group of its own
-    n_splits = max(2, round(1 / fraction))
-    if len(set(groups)) < n_splits: raise ValueError(f"holding out {fraction} of {ds.name} by group needs at least {n_splits} groups, it has {len(set(groups))}")
-    splitter = (StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed) if ds.task == 'classification' else
-                GroupShuffleSplit(1, test_size=fraction, random_state=seed))
-    return set(next(splitter.split(np.zeros(len(ds)), classes, groups))[1].tolist())
-
-def hold_out(ds:MultiModalDataset, # the split to take samples from
-             fraction:float, # share of each class (of all samples, for other tasks) to take
-             seed:int=0, # which samples are taken
-             name:str='valid', # name of the new split, for messages
-            ) -> tuple:
-    "(the rest of `ds`, a held-out share of it): seeded, disjoint, both non-empty; stratified by class, and by group when samples carry one"
-    if not 0 < fraction < 1: raise ValueError(f"hold_out fraction must be between 0 and 1, got {fraction}")
-    held = _held_out(ds, fraction, seed)
-    if not held or len(held) == len(ds): raise ValueError(f"holding out {fraction} of {ds.name} ({len(ds)} samples) leaves an empty split")
-    part = lambda keep, label: MultiModalDataset([r for i, r in enumerate(ds.records) if (i in held) == keep], list(ds.modalities.values()),
-                                                 ds.task, ds.class_names, ds.transform, name=label)
-    return part(False, ds.name), part(True, f"{ds.name} ({name})")
-
-def normal_samples(ds:MultiModalDataset, # a classification split
-                   normal:str|int=0, # the normal class, by name or index
-                  ) -> MultiModalDataset:
-    "Only the normal samples of `ds` (same modalities, transform and caching): what an anomaly scorer trains on"
-    c = normal_class_index(ds.class_names, normal)
-    keep = [r for r in ds.records if r.target == c]
-    if not keep: raise ValueError(f"{ds.name} has no sample of the normal class {normal!r}: an anomaly scorer has nothing to learn from")
-    out = MultiModalDataset(keep, list(ds.modalities.values()), ds.task, ds.class_names, ds.transform, name=f"{ds.name} (normal)")
-    return cache_samples(out) if getattr(ds, '_cached', False) else out
-
-def build_splits(data:Mapping, # the resolved `data` section of a config
-                 seed:int=0, # seed of the training split's augmentation and of `split_off`
-                ) -> dict:
-    "Every split the `data` section names: split name -> `MultiModalDataset` (cached when `cache` is on, training split augmented)"
-    if data.get('sample'): splits = sample_splits(data['sample'], data['root'])
-    elif data.get('tiny') is not None:
-        t = dict(data['tiny']); n, seed = t.pop('n', 48), t.pop('seed', 0)
-        splits = {'train': tiny_dataset(n, seed, **t), 'valid': tiny_dataset(max(n // 2, 6), seed + 1, **t), 'test': tiny_dataset(max(n // 2, 6), seed + 2, **t)}
-    else:
-        layouts = {'manifest': manifest_dataset, 'sequence': sequence_dataset, 'paired_folders': paired_folders, 'class_folders': class_folders}
-        opts, root = dict(data.get('options') or {}), data['root']
-        if data['layout'] == 'split_files': splits = split_file_datasets(root, **opts)
-        elif data['layout'] in layouts:
-            names = opts.pop('splits', {s: s for s in (data['train'], data['valid'], data['test']) if s})
-            splits = {s: layouts[data['layout']](root, v, **opts) for s, v in names.items()}
-        else: raise ValueError(f"unknown data layout {data['layout']!r}; choose from {['split_files', *layouts]}")
-    for new, spec in (data.get('split_off') or {}).items():
-        unknown = set(spec) - {'from', 'fraction'}
-        if unknown or 'from' not in spec: raise KeyError(f"data.split_off.{new} takes 'from' (a split) and 'fraction'; got {sorted(spec)}")
-        if spec['from'] not in splits: raise KeyError(f"data.split_off.{new} takes from split {spec['from']!r}, but the data has {list(splits)}")
-        if new in splits: raise ValueError(f"data.split_off would create split {new!r}, which the data already has")
-        splits[spec['from']], splits[new] = hold_out(splits[spec['from']], spec.get('fraction', 0.2), seed, new)
-    for role in ('train', 'valid', 'test'):
-        if data.get(role) and data[role] not in splits: raise KeyError(f"data.{role} names split {data[role]!r}, but the data has {list(splits)}")
-    for ds in splits.values():
-        if data.get('modalities'): select_modalities(ds, data['modalities'])
-        if data.get('cache', True): cache_samples(ds)
-    if data.get('augment'): splits[data['train']].transform = augmentation(data['augment'], seed)
-    return splits
-
-def augmentation(spec:Sequence[Mapping]|Mapping, # [{'name': 'HorizontalFlip', 'p': 0.5}, ...], or {'transforms': [...], 'modalities': [...]}
-                 seed:int=0) -> AlignedAugment:
-    "An `AlignedAugment` from albumentations transforms named in a config: one draw per sample shared by its images (all (C, H, W) ones, or `modalities`)"
-    spec = dict(spec) if isinstance(spec, Mapping) else {'transforms': list(spec)}
-    def build(c):
-        c = dict(c); name = c.pop('name')
-        if not hasattr(A, name): raise KeyError(f"albumentations has no transform {name!r}")
-        return getattr(A, name)(**c)
-    return AlignedAugment([build(c) for c in spec['transforms']], seed=seed, spatial=spec.get('modalities'))
-
-# %% ../nbs/04_training.ipynb #2af7d0df
-class ReconstructionTraining(Callback):
-    "Train a `ReconstructionScorer`: reconstruct one input, loss against it; each validation re-chooses the threshold, so every checkpoint carries its own"
-    def __init__(self, modality:str='image', # the input the scorer reconstructs
-                 normal_class:int=0, # class index of normal samples in the validation split; every other class is anomalous
-                 threshold:Mapping|None=None): # `select_threshold` arguments, e.g. {'method': 'youden'} (default: 95th percentile of normal scores)
-        self.modality, self.normal_class, self.threshold = modality, normal_class, dict(threshold or {'method': 'percentile'})
-        if self.threshold.get('method') not in THRESHOLD_METHODS: raise ValueError(f"threshold method must be one of {THRESHOLD_METHODS}, got {self.threshold.get('method')!r}")
-    def before_fit(self, learn):
-        if learn.valid_dl is None: raise ValueError("ReconstructionTraining needs validation data: the anomaly threshold is chosen on it")
-    def predict(self, learn): learn.preds = learn.net(learn.batch['inputs'][self.modality])
-    def get_loss(self, learn): learn.loss = learn.loss_func(learn.preds, learn.batch['inputs'][self.modality])
-    def validate(self, learn) -> dict:
-        p = anomaly_scores(learn.model, learn.valid_dl, self.modality, learn.device, progress=False, normal_class=self.normal_class)
-        scores = check_finite(p.outputs, f"validation anomaly scores at epoch {learn.epoch + 1}", p.ids)
-        if not (p.targets == 0).any(): raise ValueError("the validation split has no normal sample: no reconstruction error to monitor")
-        learn.model.threshold = {**select_threshold(scores, p.targets, **self.threshold), 'epoch': learn.epoch + 1}
-        res = {'valid_loss': float(scores[p.targets == 0].mean())}
-        if p.targets.any(): res['valid_roc_auc'] = float(roc_auc_score(p.targets, scores))
-        return res
-
-# %% ../nbs/04_training.ipynb #9dbcfb4b
-def _embedding(out):
-    if isinstance(out, Mapping): return out.get('embedding')
-    return None
-
-def evaluate_learner(learn:Learner, # a trained learner (its model is scored as it is)
-                     splits:Mapping[str, MultiModalDataset], # the datasets
-                     cfg:Mapping, # the resolved config
-                     batch_size:int=64) -> dict:
-    "Held-out metrics of the learner's model next to the trivial baseline's (majority class / training mean / constant score), with full reports"
-    data, ev = cfg['data'], cfg['evaluation']
-    train_ds, test_ds = splits[data['train']], splits[ev['split']]
-    test_ids = [r.id for r in test_ds.records]
-    if 'scorer' in cfg['model']: return _evaluate_scorer(learn, test_ds, cfg, batch_size)
-    outs, targets, loss = learn.get_preds(test_ds.loader(batch_size=batch_size))
-    train_targets = torch.as_tensor(np.stack([np.asarray(t) for t in train_ds.targets]))
-    res = {'split': ev['split'], 'n': len(test_ds), 'task': test_ds.task, 'test': {'loss': loss}, 'baseline': {}}
-    if test_ds.task == 'classification':
-        names = test_ds.class_names
-        emb = _embedding(outs) if isinstance(outs, Mapping) else outs if isinstance(learn.model.head, EmbeddingHead) else None
-        if emb is not None:  # the weld protocol: k-NN fitted on the training embeddings (a sample in both splits is an error)
-            tr_out, tr_y, _ = learn.get_preds(train_ds.loader(batch_size=batch_size), with_loss=False)
-            tr_emb = _embedding(tr_out) if isinstance(tr_out, Mapping) else tr_out
-            res['knn'] = knn_evaluate(tr_emb.numpy(), tr_y.numpy(), emb.numpy(), targets.numpy(), **ev['knn'], class_names=names,
-                                      train_ids=[r.id for r in train_ds.records], test_ids=test_ids)
-            res['test'].update(knn_accuracy=res['knn']['accuracy'], knn_macro_f1=res['knn']['f1_macro'])
-        if (isinstance(outs, Mapping) and 'logits' in outs) or emb is None:
-            res['report'] = classification_metrics(targets.numpy(), _logits(outs).numpy(), names, test_ids)
-            res['test'].update(accuracy=accuracy(outs, targets), macro_f1=macro_f1(outs, targets))
-        majority = int(np.bincount(train_targets.numpy()).argmax())
-        const = F.one_hot(torch.full_like(targets, majority), int(max(targets.max(), train_targets.max())) + 1).float()
-        base = {'accuracy': accuracy(const, targets), 'macro_f1': macro_f1(const, targets)}
-        res['baseline'] = {**base, **({'knn_accuracy': base['accuracy'], 'knn_macro_f1': base['macro_f1']} if emb is not None else {})}
-        res['baseline_kind'] = f"majority class of the training split ({names[majority] if names else majority})"
-        primary = ev['primary'] or ('knn_accuracy' if emb is not None else 'accuracy')
-    else:
-        targets = targets.view(len(targets), -1)
-        preds = _values(outs).view_as(targets)
-        res['report'] = regression_metrics(targets.numpy(), preds.numpy(), ids=test_ids)  # includes the collapsed-prediction check
-        res['test'].update(mae=mae(preds, targets), rmse=rmse(preds, targets), r2=r2(preds, targets))
-        const = train_targets.float().view(len(train_targets), -1).mean(0).expand_as(targets)
-        res['baseline'] = {'mae': mae(const, targets), 'rmse': rmse(const, targets), 'r2': r2(const, targets)}
-        res['baseline_kind'] = 'mean of the training targets'
-        primary = ev['primary'] or 'mae'
-    return _with_primary(res, primary)
-
-def _with_primary(res:dict, primary:str) -> dict:
-    if primary not in res['test']: raise KeyError(f"evaluation.primary {primary!r} is not among the computed metrics {list(res['test'])}")
-    res['primary'] = {'name': primary, 'value': res['test'][primary], 'baseline': res['baseline'][primary],
-                      'higher_is_better': _mode(primary) == 'max'}
-    return res
-
-def _evaluate_scorer(learn:Learner, test_ds:MultiModalDataset, cfg:Mapping, batch_size:int) -> dict:
-    "An anomaly scorer on the held-out split with the threshold it carries, next to a constant score (chance ranking, every sample flagged)"
-    m, ev = cfg['model'], cfg['evaluation']
-    p = anomaly_scores(learn.model, test_ds.loader(batch_size=batch_size), m['input'], learn.device, progress=False,
-                       normal_class=normal_class_index(test_ds.class_names, m['normal']))
-    report = anomaly_metrics(p.outputs, p.targets, learn.model.threshold, p.ids)  # a NaN score or threshold raises
-    base = anomaly_metrics(np.zeros(len(p)), p.targets, 0.)
-    keys = ('roc_auc', 'pr_auc', 'accuracy', 'f1')
-    res = {'split': ev['split'], 'n': len(test_ds), 'task': 'anomaly', 'test': {k: report[k] for k in keys}, 'baseline': {k: base[k] for k in keys},
-           'baseline_kind': 'a constant score (chance ranking, every sample flagged)', 'report': report, 'threshold_rule': learn.model.threshold}
-    return _with_primary(res, ev['primary'] or 'roc_auc')
-
-# %% ../nbs/04_training.ipynb #34607128
-@dataclass
-class Run:
-    "What `train` returns: the run folder, its resolved config, final metrics and history (and the learner)"
-    dir: Path  # the run folder
-    config: dict  # the fully resolved config
-    metrics: dict  # what metrics.json holds
-    history: list  # one dict per epoch
-    learner: Learner|None = None  # the trained learner (its model holds the weights that were evaluated)
-    @property
-    def paths(self) -> dict:
-        "Where each output of the run is"
-        return {'config': self.dir/'config.yaml', 'metrics': self.dir/'metrics.json', 'history': self.dir/'history.csv',
-                'last': self.dir/'checkpoints'/'last.pt', 'best': self.dir/'checkpoints'/'best.pt', 'curves': self.dir/'curves.png',
-                'tensorboard': self.dir/'tensorboard'}
-    def __repr__(self):
-        p = self.metrics.get('primary', {})
-        return f"Run({str(self.dir)!r}, {p.get('name')}={p.get('value', float('nan')):.4g} vs baseline {p.get('baseline', float('nan')):.4g})"
-
-def plot_history(history:Sequence[Mapping]) -> plt.Figure:
-    "Loss curves and metric curves of a run's history"
-    df = pd.DataFrame(history)
-    fig, axs = plt.subplots(1, 3, figsize=(12, 3))
-    for c in [c for c in df if c.endswith('loss')]: axs[0].plot(df.epoch, df[c], label=c)
-    for c in [c for c in df if c.startswith('valid_') and not c.endswith('loss')]: axs[1].plot(df.epoch, df[c], label=c)
-    axs[2].plot(df.epoch, df.lr)
-    for ax, t in zip(axs, ('loss', 'validation metrics', 'learning rate (end of epoch)')):
-        ax.set_title(t, fontsize=10); ax.set_xlabel('epoch')
-        if ax.get_legend_handles_labels()[0]: ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
 
 # %% ../nbs/04_training.ipynb #88a45fce
 def training_callbacks(cfg:Mapping, # the resolved config
@@ -1148,9 +899,9 @@ def training_callbacks(cfg:Mapping, # the resolved config
     "The callbacks the `training` section of a config asks for"
     t = cfg['training']
     device = default_device() if t['device'] == 'auto' else torch.device(t['device'])
-    if _distributed() and device.type == 'cuda': device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    if is_distributed() and device.type == 'cuda': device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
     cbs = [DeviceCB(device), NonFiniteGuard(), LRSchedule(**t['schedule'])]
-    if _distributed(): cbs.append(Distributed(t['find_unused_parameters']))
+    if is_distributed(): cbs.append(Distributed(t['find_unused_parameters']))
     precision = resolve_precision(t['precision'], device)
     if precision != 'fp32': cbs.append(MixedPrecision(precision))
     if t['clip']: cbs.append(GradientClip(t['clip']))
@@ -1164,23 +915,6 @@ def training_callbacks(cfg:Mapping, # the resolved config
         if t['tensorboard']: cbs.append(TensorBoardLogger(run_dir/'tensorboard'))
     if t['progress'] is not False: cbs.append(ProgressCB(None if t['progress'] == 'auto' else bool(t['progress']), print_fn))
     return cbs
-
-def fit_config_to_data(cfg:Mapping, # a resolved config
-                       splits:Mapping[str, MultiModalDataset], # its datasets (`build_splits`)
-                      ) -> dict:
-    "Resolve what depends on the training split: standardisation statistics, balanced class weights, the monitor, stage epochs"
-    cfg, train_ds = copy.deepcopy(cfg), splits[cfg['data']['train']]
-    for m in cfg['data']['standardize']:
-        encs = cfg['model']['encoders']
-        if m not in encs: raise KeyError(f"data.standardize names {m!r}, which has no encoder (encoders: {list(encs)})")
-        if encs[m].get('name') != 'standardize': encs[m] = {'name': 'standardize', 'encoder': encs[m], **fit_standardizer(train_ds, m)}
-    loss = cfg['loss']
-    for holder in [loss, *(loss.get('tasks') or {}).values()]:
-        if holder.get('weight') == 'balanced': holder['weight'] = balanced_class_weights(train_ds.targets, len(train_ds.class_names or []) or None)
-    t = cfg['training']
-    if t['monitor'] is None: t['monitor'] = 'valid_loss' if cfg['data']['valid'] else 'train_loss'
-    if t['stages']: t['epochs'] = int(sum(s['epochs'] for s in t['stages']))
-    return _plain(cfg)
 
 def init_output_bias(model:nn.Module, # a `MultiModalModel`
                      targets:Sequence, # the training split's regression targets
@@ -1208,129 +942,3 @@ def make_train_loader(ds:MultiModalDataset, # the training split
     return DataLoader(ds, batch_sampler=ResumableBatches(sampler), collate_fn=ds.collate, num_workers=0,
                       generator=torch.Generator().manual_seed(seed))
 
-def _new_run_dir(cfg:Mapping) -> Path:
-    base, name = Path(cfg['runs_dir']), cfg['name']
-    d, i = base/name, 1
-    while d.exists() and any(d.iterdir()): i += 1; d = base/f"{name}-{i}"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-def _broadcast(obj):
-    if not _distributed(): return obj
-    box = [obj]; dist.broadcast_object_list(box, 0)
-    return box[0]
-
-def _init_distributed():
-    "Join the process group torchrun describes in the environment (gloo on CPU, nccl on GPU), if there is one"
-    if _distributed() or int(os.environ.get('WORLD_SIZE', 1)) < 2: return
-    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-    if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-
-# %% ../nbs/04_training.ipynb #8b094541
-def train(config_or_path:str|Path|Mapping|None=None, # a YAML file or a config mapping (not needed with `resume`)
-          overrides:Sequence[str]=(), # `key.sub=value` overrides
-          resume:str|Path|None=None, # a run folder to continue from its `checkpoints/last.pt`
-          cbs:Sequence[Callback]=(), # extra callbacks
-          verbose:bool=True, # print progress and where the run is
-         ) -> Run:
-    "Train from a config (or resume a run folder): data, model, loss, callbacks, fit, held-out evaluation; returns the `Run`"
-    _init_distributed()
-    rank = dist.get_rank() if _distributed() else 0
-    say = print if verbose and rank == 0 else (lambda *a, **k: None)
-    if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir/'config.yaml').is_file(): raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-        ck = load_checkpoint(run_dir/'checkpoints'/'last.pt')  # refuses pickled code with a CheckpointError
-        cfg = resolve_config(apply_overrides(load_config(run_dir/'config.yaml'), overrides))
-        if overrides and rank == 0: write_text_atomic(run_dir/'config.yaml', yaml.safe_dump(cfg, sort_keys=False))
-    else:
-        if config_or_path is None: raise ValueError("give a config (path or mapping), or resume=RUN_DIR")
-        cfg, ck = resolve_config(apply_overrides(load_config(config_or_path), overrides)), None
-    t, data = cfg['training'], cfg['data']
-    seed_everything(cfg['seed'], t['deterministic'])
-    splits = build_splits(data, cfg['seed'])
-    anomaly = 'scorer' in cfg['model']  # an anomaly scorer learns the normal class only
-    if anomaly: splits[data['train']] = normal_samples(splits[data['train']], cfg['model']['normal'])
-    if resume is None:
-        cfg = fit_config_to_data(cfg, splits)
-        run_dir = _broadcast(_new_run_dir(cfg) if rank == 0 else None)
-        if rank == 0: write_text_atomic(run_dir/'config.yaml', yaml.safe_dump(cfg, sort_keys=False))
-        t = cfg['training']
-    say(f"run {cfg['name']}: {run_dir}" + (f" (resuming at epoch {ck['epoch'] + 1}, batch {ck['iter'] + 1})" if ck else ''))
-    seed_everything(cfg['seed'], t['deterministic'])
-    task = splits[data['train']].task
-    if anomaly:
-        m = cfg['model']
-        model, loss_func, metrics = build_scorer(m['scorer']), LOSSES.build(cfg['loss']), {}
-        task_cbs = [ReconstructionTraining(m['input'], normal_class_index(splits[data['valid']].class_names, m['normal']), m['threshold'])]
-    else:
-        model, task_cbs = build_model(cfg['model']), []
-        if t['init_output_bias'] and task == 'regression': init_output_bias(model, splits[data['train']].targets)
-        loss_func = ModelLoss(cfg['loss'], model.aux_weight)
-        metrics = {'accuracy': accuracy, 'macro_f1': macro_f1} if task == 'classification' and not isinstance(model.head, EmbeddingHead) else \
-                  {'mae': mae, 'rmse': rmse} if task == 'regression' else {}
-        if isinstance(model.head, MultiTaskHead) and 'logits' not in model.head.heads: metrics = {}
-    world = dist.get_world_size() if _distributed() else 1
-    train_dl = make_train_loader(splits[data['train']], data, cfg['seed'], rank, world)
-    valid_dl = splits[data['valid']].loader(batch_size=data['batch_size']) if data['valid'] else None
-    learn = Learner(model, train_dl, valid_dl, loss_func, t['lr'], OPTIMIZERS[t['optimizer']], t['weight_decay'], t['lr_mult'], metrics,
-                    training_callbacks(cfg, run_dir, say) + task_cbs + list(cbs))
-    t0 = time.perf_counter()
-    try: learn.fit(t['epochs'], resume=ck)
-    except BaseException as e:
-        if rank == 0: write_json({'status': 'failed', 'error': f"{type(e).__name__}: {e}", 'epochs_done': len(learn.history),
-                                         'last_checkpoint': str(learn.last_checkpoint) if learn.last_checkpoint else None}, run_dir/'metrics.json')
-        raise
-    seconds = time.perf_counter() - t0
-    metrics_out = None
-    if rank == 0:
-        best = run_dir/'checkpoints'/'best.pt'
-        evaluated = 'last'
-        if best.is_file():
-            b = load_checkpoint(best)
-            model.load_state_dict(b['state_dict'])
-            evaluated = f"best (epoch {b['epoch']}, {b['monitor']} {b['value']:.4g})"
-        metrics_out = {'status': 'completed', 'stop_reason': learn.stop_reason, 'epochs': len(learn.history), 'train_seconds': round(seconds, 1),
-                       'checkpoint': evaluated, **evaluate_learner(learn, splits, cfg)}
-        write_json(metrics_out, run_dir/'metrics.json')
-        write_figure(plot_history(learn.history), run_dir/'curves.png')
-        p = metrics_out['primary']
-        say(f"held-out {p['name']} on {metrics_out['split']} ({metrics_out['n']} samples): {p['value']:.4f}  "
-            f"(trivial baseline: {p['baseline']:.4f}, {metrics_out['baseline_kind']}); {seconds:.0f}s training\nrun folder: {run_dir}")
-    if _distributed(): dist.barrier()
-    return Run(run_dir, cfg, metrics_out or {}, learn.history, learn)
-
-# %% ../nbs/04_training.ipynb #04cf4a9a
-def add_train_arguments(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Add `train`'s arguments (CONFIG, --set KEY=VALUE ..., --resume RUN_DIR, --quiet) to a parser"
-    p.add_argument('config', nargs='?', help='YAML config (see configs/)')
-    p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE', help='override a config value, e.g. training.lr=0.001')
-    p.add_argument('--resume', metavar='RUN_DIR', help='continue an interrupted run from RUN_DIR/checkpoints/last.pt')
-    p.add_argument('--quiet', action='store_true', help='print nothing but errors')
-    return p
-
-def main_train(argv:Sequence[str]|None=None, # arguments after `train` (default: sys.argv[1:])
-              ) -> Run:
-    "`mmfusion train`: parse arguments and call `train`"
-    p = add_train_arguments(argparse.ArgumentParser(prog='mmfusion train', description='Train a fusion model from a YAML config.'))
-    a = p.parse_args(argv)
-    if not a.config and not a.resume: p.error('give a CONFIG or --resume RUN_DIR')
-    if a.config and a.resume: p.error('give a CONFIG or --resume RUN_DIR, not both')
-    return train(a.config, a.overrides, a.resume, verbose=not a.quiet)
-
-def demo_train(config='configs/weld.yaml', # the scenario to run
-               root='data', # the sample datasets
-               runs_dir='runs/demo', # where the run folder goes
-              ) -> Run:
-    "`make demo`: train the weld scenario end to end, printing progress, the held-out metric vs baseline and where the run is"
-    print(f"mmfusion demo: training {config} on the sample data in {Path(root).resolve()}", flush=True)
-    run = train(config, [f'data.root={root}', f'runs_dir={runs_dir}'])
-    print(f"metrics: {run.paths['metrics']}\ncurves:  {run.paths['curves']}\nbest weights: {run.paths['best'] if run.paths['best'].is_file() else run.paths['last']}")
-    return run
-
-def _cli():
-    try: main_train()
-    except (NonFiniteLossError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
-        print(f"mmfusion train: {type(e).__name__}: {e}", file=sys.stderr); sys.exit(1)
-
-if __name__ == '__main__' and Path(sys.argv[0]).stem == 'training': _cli()
