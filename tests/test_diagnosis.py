@@ -320,3 +320,49 @@ def test_as_batches_mixes_class_sorted_files():
     first = as_batches(ds, max_samples=8, batch_size=8)
     assert len(set(first[0]['target'].tolist())) == 2  # a subsample, not the first class's files
     assert [b['ids'] for b in as_batches(ds, 64, 16)] == [b['ids'] for b in batches]  # seeded
+
+
+# --- one home per task and per kind (issue 14): no branching on task names, no guessing a run's kind
+def test_each_task_reads_outputs_through_its_entry():
+    "The diagnosis's per-task parts live in TASKS[task].diagnosis: classification compares probabilities, the others values"
+    from mmfusion.evaluation import TASKS
+    a, b = torch.tensor([[3., 0.]]), torch.tensor([[0., 3.]])
+    tv = 0.5 * (a.softmax(-1) - b.softmax(-1)).abs().sum(-1)
+    assert torch.allclose(TASKS['classification'].diagnosis.delta(a, b), tv)
+    assert TASKS['regression'].diagnosis.delta(a, b).tolist() == [3.] == TASKS['embedding'].diagnosis.delta(a, b).tolist()
+    y = torch.tensor([0, 1, 1])
+    assert TASKS['classification'].diagnosis.aux_gain(torch.tensor([[9., 0], [0, 9], [9, 0]]), y).round(decimals=3).tolist() == [1., 0., -1.]
+    assert TASKS['embedding'].diagnosis.aux_gain is None
+
+
+def test_ratio_interval_is_the_bootstrap_of_the_ratio():
+    "ratio_interval is bootstrap_ci of mean(num)/mean(den): the same resamples as drawing them all at once"
+    from mmfusion.diagnosis import ratio_interval
+    rng = np.random.default_rng(0); num, den = rng.normal(1, 1, 40), rng.normal(2, .5, 40)
+    idx = np.random.default_rng(3).integers(0, 40, (500, 40))
+    lo, hi = np.percentile(num[idx].mean(1) / den[idx].mean(1), [2.5, 97.5])
+    assert ratio_interval(num, den, 500, seed=3) == pytest.approx((num.mean() / den.mean(), lo, hi))
+    assert np.isnan(ratio_interval(num, np.zeros(40))[1])  # no denominator: no interval
+
+
+def test_anomaly_checks_are_registered_and_need_no_output_score(tiny_batches):
+    "A scorer is diagnosed by registered checks; none of them scores outputs (the autoencoder has no classifier output to score)"
+    from mmfusion.diagnosis import ANOMALY_CHECKS
+    from mmfusion.evaluation import ConvAutoencoder, Predictions
+    ae = ConvAutoencoder(); ae.threshold = {'method': 'percentile', 'threshold': float('nan')}
+    p = Predictions(np.array([0] * 6 + [1] * 6), np.r_[np.ones(6), 3 * np.ones(6)] + np.arange(12) * .01, [str(i) for i in range(12)])
+    d = diagnose(ae, tiny_batches, ANOMALY_CHECKS[:3], scores=p, split='valid', checkpoint='best.pt', config={'data': {'valid': 'valid'}})
+    assert [(f.check, f.severity) for f in d.findings] == [('score_separation', 'ok'), ('threshold', 'problem'), ('finite_inputs', 'ok')]
+    assert 'best.pt holds no finite anomaly threshold' in d.findings[1].summary
+    ae.threshold = {'method': 'percentile', 'threshold': 2.}
+    ok = diagnose(ae, tiny_batches, ['threshold'], scores=p, split='valid', checkpoint='best.pt', config={'data': {'valid': 'valid'}}).findings
+    assert ok[0].severity == 'ok' and ok[0].evidence['fitted_on_this_split'] and '6 of 6 anomalous' in ok[0].summary
+
+
+def test_diagnose_run_dispatches_on_the_declared_kind(tmp_path):
+    "diagnose_run asks the run's declared kind for its verb; a kind nobody registered is a KindError that says how to load every kind"
+    from mmfusion.config import KindError, kind_verb
+    from mmfusion.diagnosis import diagnose_anomaly_run, diagnose_fused_run
+    assert kind_verb('fused', 'diagnose') is diagnose_fused_run and kind_verb('anomaly', 'diagnose') is diagnose_anomaly_run
+    (tmp_path/'config.yaml').write_text('kind: segmentation\n')
+    with pytest.raises(KindError, match="unknown kind of run 'segmentation'.*import mmfusion.runs"): diagnose_run(tmp_path)

@@ -11,7 +11,9 @@ from mmfusion.encoders import TINY_CONFIGS
 from mmfusion.evaluation import (ConvAutoencoder, NonFiniteError, Predictions, anomaly_metrics, atomic_write, bootstrap_ci,
                                  classification_metrics, collect, evaluate_model, evaluate_predictions, fit_autoencoder,
                                  headline_metric, knn_predict, mask_modalities, measure_speed, modality_ablation,
-                                 regression_metrics, select_threshold, write_json, write_report)
+                                 regression_metrics, select_threshold, write_json, write_report, TASKS, threshold_settings,
+                                 evaluate_run, evaluate_fused_run, evaluate_anomaly_run)
+from mmfusion.config import KindError, kind_verb
 from mmfusion.model import build_model
 from conftest import json_numbers
 
@@ -82,13 +84,56 @@ def test_classification_report_files_parse_and_agree(classifier, splits, tmp_pat
     assert m['accuracy'] == saved['metrics']['accuracy']
 
 
-def test_embedding_task_uses_knn_on_train(splits, tmp_path):
+def test_embedding_task_uses_knn_on_train(splits, tmp_path, monkeypatch):
+    "k-NN is fitted once on the training embeddings: its votes give the metrics, the interval and predictions.csv"
+    import mmfusion.evaluation as ev
     def first_dims_as_logits(out, y): return F.cross_entropy(out[:, :3] * 10, y)  # pulls the classes apart
     model = trained({'name': 'embedding', 'dim': 8}, splits, first_dims_as_logits)
-    m = evaluate_model(model, loaders(splits), 'embedding', tmp_path, k=5, knn_metric='euclidean', n_boot=50, speed=False, progress=False)
+    fits, real = [], ev.knn_predict
+    monkeypatch.setattr(ev, 'knn_predict', lambda *a, **kw: fits.append(1) or real(*a, **kw))
+    m = evaluate_model(model, loaders(splits), 'embedding', tmp_path, k=5, knn_metric='euclidean', n_boot=50, speed=False, ablation=False, progress=False)
+    assert len(fits) == 1
     assert (m['k'], m['metric']) == (5, 'euclidean')
     assert np.array(m['confusion']).sum() == len(splits[1])
     assert (tmp_path/'embeddings.png').exists() and no_temp_files(tmp_path) == []
+    preds = pd.read_csv(tmp_path/'predictions.csv')
+    assert (preds.predicted == preds.target).mean() == pytest.approx(m['accuracy'])
+    majority = np.bincount(splits[0].targets).argmax()  # the trivial baseline: the training split's majority class for everyone
+    assert m['headline']['baseline'] == pytest.approx(skm.f1_score(splits[1].targets, [majority] * len(splits[1]), average='macro', zero_division=0))
+
+
+def test_tasks_registry_holds_what_differs_per_task():
+    "One entry per task: its headline, its direction, its trivial baseline; an unknown task is a KeyError naming the known ones"
+    tasks = ('classification', 'regression', 'embedding', 'anomaly')
+    assert set(tasks) <= set(TASKS.names)
+    assert [TASKS[t].headline for t in tasks] == ['f1_macro', 'mae', 'f1_macro', 'roc_auc']
+    assert [t for t in tasks if TASKS[t].lower_is_better] == ['regression']
+    p = Predictions(np.array([0, 1, 1]), np.eye(3), list('abc'))
+    base = TASKS['classification'].baseline([1, 1, 0, 2], p)
+    assert base.outputs.argmax(1).tolist() == [1, 1, 1] and headline_metric('classification', 'accuracy')(base) == pytest.approx(2 / 3)
+    r = Predictions(np.array([[0.], [4.]]), np.zeros((2, 1)), ['a', 'b'])
+    assert TASKS['regression'].baseline(np.array([[1.], [3.]]), r).outputs.ravel().tolist() == [2., 2.]
+    a = Predictions(np.array([0, 1, 0, 1]), np.array([.1, .9, .2, .8]), list('abcd'))
+    assert headline_metric('anomaly')(a) == 1.0 and headline_metric('anomaly')(TASKS['anomaly'].baseline(None, a)) == 0.5
+    m, _ = evaluate_predictions('anomaly', a, threshold=.5, n_boot=0, plots=False)
+    assert m['headline'] == {'name': 'roc_auc', 'value': 1.0, 'baseline': 0.5}
+    with pytest.raises(KeyError, match="unknown task 'ranking'"): evaluate_predictions('ranking', a)
+
+
+def test_threshold_settings_are_checked_in_one_place():
+    assert threshold_settings() == {'method': 'percentile', 'percentile': 95., 'max_fpr': .05}
+    assert threshold_settings({'method': 'youden'})['method'] == 'youden'
+    with pytest.raises(ValueError, match='model.threshold.method must be one of'): threshold_settings({'method': 'otsu'}, 'model.threshold')
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['pct'\]"): threshold_settings({'pct': 90})
+    with pytest.raises(ValueError, match='percentile must be in'): select_threshold([.1, .2, .3], percentile=120)
+
+
+def test_evaluate_run_dispatches_on_the_declared_kind(tmp_path):
+    "evaluate_run asks the run's declared kind for its verb; a kind nobody registered is a KindError that says how to load every kind"
+    assert kind_verb('fused', 'evaluate') is evaluate_fused_run and kind_verb('anomaly', 'evaluate') is evaluate_anomaly_run
+    (tmp_path/'config.yaml').write_text('kind: segmentation\n')
+    with pytest.raises(KindError, match="unknown kind of run 'segmentation'.*import mmfusion.runs"): evaluate_run(tmp_path)
+    with pytest.raises(FileNotFoundError, match='no config.yaml'): evaluate_run(tmp_path/'missing')
 
 
 def test_knn_refuses_a_sample_in_both_splits():
