@@ -1,12 +1,15 @@
 """Deployment on trained sample runs: the Predictor reads raw files as training did, exports match PyTorch, TTA/ensembles/distillation keep their invariants."""
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np, pytest, torch
+import numpy as np, pandas as pd, pytest, torch, torch.nn as nn, torch.nn.functional as F, yaml
 
 from mmfusion.data import DataError
-from mmfusion.deploy import (EXPORT_FORMATS, Ensemble, ExportedModel, Predictor, TTAPredictor, check_export, distill, export_model, flat_inputs,
-                             predictor_outputs)
-from mmfusion.training import build_splits, load_config, train
+from mmfusion.deploy import (EXPORT_FORMATS, TTA_VIEWS, Distill, Ensemble, ExportedModel, Predictor, TTAPredictor, check_export, distill,
+                             distillation_loss, export_model, flat_inputs, predictor_outputs)
+from mmfusion.config import build_splits, load_config
+from mmfusion.runs import train
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT/'data'
@@ -124,3 +127,86 @@ def test_distillation_trains_a_smaller_student(runs, tmp_path):
     s = distill(runs['inspection'], ROOT/'configs/inspection.yaml', QUICK + student + [f'runs_dir={tmp_path}'])
     assert s.metrics['status'] == 'completed' and np.isfinite(s.history[-1]['train_loss'])
     assert Predictor.from_run(s.dir, data_root=DATA).modalities == ['image']
+
+
+def run_reading_other_data(run_dir, tmp:Path) -> tuple:
+    "A copy of an inspection run whose config's data.root is a copy of the data with every voltage x10: preprocessing refitted there differs"
+    other = tmp/'other-data'
+    shutil.copytree(DATA/'inspection', other/'inspection')
+    meta = pd.read_csv(other/'inspection'/'metadata.csv', dtype=str)
+    meta['voltage'] = (meta['voltage'].astype(float) * 10).map(repr)
+    meta.to_csv(other/'inspection'/'metadata.csv', index=False)
+    run = tmp/'moved-run'
+    shutil.copytree(run_dir, run)
+    (run/'preprocessing.json').unlink(missing_ok=True)
+    cfg = yaml.safe_load((run/'config.yaml').read_text())
+    cfg['data']['root'] = str(other)
+    (run/'config.yaml').write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return run, other
+
+
+def test_data_root_default_is_the_configs_data_root(runs, predictors, tmp_path):
+    "data_root=None refits the preprocessing on the config's data.root (here other data: voltage x10); data_root= replaces it"
+    run, other = run_reading_other_data(runs['inspection'], tmp_path)
+    original = predictors['inspection'].specs['metadata'].tabular['state']['mean']
+    default = Predictor.from_run(run).specs['metadata'].tabular['state']['mean']  # column order: capacity_mah, voltage, weight_g
+    assert np.isclose(default[1], 10 * original[1]) and default[0] == original[0], (default, original)
+    assert Predictor.from_run(run, data_root=DATA).specs == predictors['inspection'].specs
+    assert Predictor.from_run(run, data_root=other).specs == Predictor.from_run(run).specs
+
+
+class ConstantTeacher(nn.Module):
+    "A teacher answering the same logits for any batch"
+    def __init__(self, logits): super().__init__(); self.register_buffer('logits', logits)
+    def forward(self, batch): return SimpleNamespace(output={'logits': self.logits})
+
+
+def distill_steps(alpha:float, steps:int=300) -> dict:
+    "Fit free student logits with `Distill`'s loss against labels that disagree with the teacher on every sample"
+    torch.manual_seed(0)
+    teacher = torch.randn(8, 5) * 3
+    labels = (teacher.argmax(-1) + 1) % 5
+    student = torch.zeros(8, 5, requires_grad=True)
+    cb = Distill(ConstantTeacher(teacher), temperature=2.0, alpha=alpha)
+    learn = SimpleNamespace(batch={'target': labels}, loss_func=lambda preds, batch: F.cross_entropy(preds.output['logits'], batch['target']))
+    kl = lambda: distillation_loss(student.detach(), teacher, temperature=1.0).item()
+    opt, start = torch.optim.SGD([student], lr=0.5), kl()
+    for _ in range(steps):
+        learn.preds = SimpleNamespace(output={'logits': student})
+        cb.get_loss(learn)
+        opt.zero_grad(); learn.loss.backward(); opt.step()
+    pred = student.detach().argmax(-1)
+    return {'kl_start': start, 'kl_end': kl(), 'agrees_with_teacher': (pred == teacher.argmax(-1)).float().mean().item(),
+            'agrees_with_labels': (pred == labels).float().mean().item()}
+
+
+def test_distillation_term_acts():
+    "alpha=0: exactly the task loss; alpha=1: exactly the KD term, and training on it pulls the student to the teacher against the labels"
+    torch.manual_seed(1)
+    s, t, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    learn = SimpleNamespace(preds=SimpleNamespace(output={'logits': s}), batch={'target': y},
+                            loss_func=lambda preds, batch: F.cross_entropy(preds.output['logits'], batch['target']))
+    for alpha, expected in ((0.0, F.cross_entropy(s, y)), (1.0, distillation_loss(s, t, 4.0))):
+        Distill(ConstantTeacher(t), temperature=4.0, alpha=alpha).get_loss(learn)
+        assert torch.equal(learn.loss, expected), (alpha, learn.loss, expected)
+    assert distillation_loss(s, t) > 0 and distillation_loss(t, t).abs() < 1e-6
+    kd, task = distill_steps(1.0), distill_steps(0.0)
+    print('alpha=1:', kd, '\nalpha=0:', task)
+    assert kd['kl_end'] < 0.05 * kd['kl_start'] and kd['agrees_with_teacher'] == 1.0 and kd['agrees_with_labels'] == 0.0
+    assert task['kl_end'] > kd['kl_start'] and task['agrees_with_labels'] == 1.0 and task['agrees_with_teacher'] == 0.0
+
+
+def test_tta_views_differ_from_the_identity_and_move_the_average(runs, predictors):
+    "Each view changes the image (not the metadata), the model answers each differently, and TTA returns their average, not the identity's"
+    p = predictors['inspection']
+    ds = build_splits({**load_config(runs['inspection']/'config.yaml')['data'], 'cache': False})['test']
+    batch = ds.collate([ds[i] for i in range(8)])
+    x, views = batch['inputs']['image'], ['hflip', 'vflip', 'rot90']
+    for v in views: assert TTA_VIEWS[v](x).shape == x.shape and not torch.equal(TTA_VIEWS[v](x), x), v
+    with_view = lambda v: {**batch, 'inputs': {**batch['inputs'], 'image': TTA_VIEWS[v](x)}}
+    outs = {v: p.outputs(with_view(v))['logits'] for v in ['identity'] + views}
+    for v in views: assert (outs[v] - outs['identity']).abs().max() > 1e-4, f"the model is invariant to {v}: this test would prove nothing"
+    got = TTAPredictor(p, ['identity'] + views).outputs(batch)['logits']
+    expected = torch.stack(list(outs.values())).softmax(-1).mean(0).log()
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert (got - outs['identity'].log_softmax(-1)).abs().max() > 1e-4  # a 2-epoch model moves ~1e-3 under a flip; float noise is ~1e-7
