@@ -14,7 +14,7 @@ import numpy as np, pandas as pd, torch
 
 # %% auto #0
 __all__ = ['Registry', 'atomic_write', 'write_text_atomic', 'NonFiniteError', 'check_finite', 'to_jsonable', 'write_json',
-           'seed_everything', 'rng_state', 'set_rng_state', 'default_device', 'model_device', 'patch_to']
+           'seed_everything', 'rng_state', 'set_rng_state', 'default_device', 'model_device']
 
 # %% ../nbs/00a_core.ipynb #d202253b
 class Registry:
@@ -141,13 +141,3 @@ def model_device(model:torch.nn.Module) -> torch.device:
     "The device of a model's first parameter or buffer (the CPU for a model without either)"
     for t in (*model.parameters(), *model.buffers()): return t.device
     return torch.device('cpu')
-
-# %% ../nbs/00a_core.ipynb #a2525b5a
-def patch_to(cls:type): # the class that gets the method
-    "Decorator: add the function (or property) to `cls` under its own name, so a long class is built over several cells"
-    def add(f):
-        name = (f.fget if isinstance(f, property) else f).__name__
-        if callable(f): f.__qualname__ = f"{cls.__name__}.{name}"
-        setattr(cls, name, f)
-        return f
-    return add

@@ -4,7 +4,8 @@
 
 # %% ../nbs/00_data.ipynb #62f30165
 from __future__ import annotations
-from .core import patch_to  # first: it also keeps albumentations from asking PyPI for updates at import
+from . import core  # first: it keeps albumentations from asking PyPI for updates at import
+from fastcore.basics import patch
 import hashlib, math, re, warnings, xml.etree.ElementTree as ET
 from functools import partial
 from collections import Counter, defaultdict
@@ -188,20 +189,19 @@ class MultiModalDataset(Dataset):
         return f"{type(self).__name__}({self.name!r}, {len(self)} samples, modalities={list(self.modalities)}, task={self.task!r})"
 
 # %% ../nbs/00_data.ipynb #5110406e
-@patch_to(MultiModalDataset)
-def cache(self) -> MultiModalDataset:
+@patch
+def cache(self:MultiModalDataset) -> MultiModalDataset:
     "Keep every sample in memory after its first read (the transform still runs on every access); returns the dataset"
     if self._cache is None: self._cache = {}
     return self
 
-@patch_to(MultiModalDataset)
-@property
-def cached(self) -> bool:
+@patch(as_prop=True)
+def cached(self:MultiModalDataset) -> bool:
     "Whether `cache` is on"
     return self._cache is not None
 
-@patch_to(MultiModalDataset)
-def select(self, modalities:Sequence[str]) -> MultiModalDataset: # modalities to keep, in this order (the `present` column order)
+@patch
+def select(self:MultiModalDataset, modalities:Sequence[str]) -> MultiModalDataset: # modalities to keep, in this order (the `present` column order)
     "Keep only `modalities` (in place): the others are never read, and batches hold just these (e.g. to train an ablation)"
     unknown = [m for m in modalities if m not in self.modalities]
     if unknown: raise KeyError(f"{self.name} has no modality {unknown}; it has {list(self.modalities)}")
@@ -210,8 +210,8 @@ def select(self, modalities:Sequence[str]) -> MultiModalDataset: # modalities to
     if self._cache is not None: self._cache = {}  # cached samples still hold the dropped modalities
     return self
 
-@patch_to(MultiModalDataset)
-def subset(self, indices:Sequence[int], # which samples to keep, in this order
+@patch
+def subset(self:MultiModalDataset, indices:Sequence[int], # which samples to keep, in this order
            name:str|None=None, # the new split's name (default: this one's)
           ) -> MultiModalDataset:
     "A new dataset of some of these samples: same modalities, task, classes, transform and `tabular`, cached if this one is"
@@ -272,8 +272,8 @@ def batch_to(batch:dict, device) -> dict:
     return batch
 
 # %% ../nbs/00_data.ipynb #c1507a50
-@patch_to(MultiModalDataset)
-def shapes(self) -> dict:
+@patch
+def shapes(self:MultiModalDataset) -> dict:
     "Shape of each modality in one sample that has it (reads at most a few samples; remembered)"
     if self._shapes is None:
         self._shapes = {}
@@ -285,13 +285,13 @@ def shapes(self) -> dict:
             if len(self._shapes) == len(self.modalities): break
     return self._shapes
 
-@patch_to(MultiModalDataset)
-def collate(self, samples:Sequence[Sample]) -> dict:
+@patch
+def collate(self:MultiModalDataset, samples:Sequence[Sample]) -> dict:
     "Batch `samples` of this dataset (see `collate_samples`)"
     return collate_samples(samples, list(self.modalities), self.shapes())
 
-@patch_to(MultiModalDataset)
-def loader(self, batch_size:int=8, shuffle:bool=False, sampler=None, batch_sampler=None, seed:int=0, **kwargs):
+@patch
+def loader(self:MultiModalDataset, batch_size:int=8, shuffle:bool=False, sampler=None, batch_sampler=None, seed:int=0, **kwargs):
     "A `DataLoader` over this dataset with its collate function (num_workers=0 unless given)"
     g = torch.Generator().manual_seed(seed)
     if batch_sampler is not None:
