@@ -11,7 +11,7 @@ from mmfusion.sample_data import make_night_data
 from mmfusion.config import KindError, kind_verb
 from mmfusion.detection import (DetectionConfigError, DetectionLoss, ExportMismatchError, GateError, MultiModalYOLO, _read_yolo_checkpoint,
                                 detection_config, detection_contribution, detection_splits, detector_cams, diagnose_detection_run,
-                                export_detector, fit_detector, load_detector, predict_cli, run_detection, train_baseline, validate_detection,
+                                detection_frames, export_detector, fit_detector, load_detector, predict_detections, run_detection, train_baseline, validate_detection,
                                 yolo_dataset_view)
 from mmfusion.encoders import adapt_in_channels, load_yolo_model
 from mmfusion.model import save_checkpoint
@@ -194,15 +194,15 @@ def test_baseline_trains_offline_and_loads(tmp_path, batch):
     with pytest.raises(FileNotFoundError, match='never downloads'): train_baseline(ROOT, model='yolo11n.pt', run_dir=tmp_path/'x')
 
 
-def test_checkpoint_round_trip_and_predict_cli(tmp_path):
-    "A saved detector rebuilds from its config; `predict_cli` pairs folders by name and writes JSON boxes inside each frame + drawings"
+def test_checkpoint_round_trip_and_predict_on_paired_folders(tmp_path):
+    "A saved detector rebuilds from its config; `detection_frames` pairs folders by name; JSON boxes inside each frame + drawings"
     torch.manual_seed(7)
     model = MultiModalYOLO(NIGHT_MODALITIES, 'yolo11n.yaml', imgsz=64)
     save_checkpoint({'config': model.config, 'state_dict': model.state_dict()}, tmp_path/'run'/'checkpoints'/'best.pt')
     x = {m: torch.rand(1, c, 64, 64) for m, c in NIGHT_MODALITIES.items()}
     assert torch.equal(load_detector(tmp_path/'run')(x)[0], model.eval()(x)[0])
-    out = predict_cli(tmp_path/'run', {m: ROOT/'test'/m for m in NIGHT_MODALITIES}, tmp_path/'pred', conf=0.0)
-    recs = json.loads(out.read_text())
+    predict_detections(tmp_path/'run', detection_frames({m: ROOT/'test'/m for m in NIGHT_MODALITIES}, NIGHT_MODALITIES), tmp_path/'pred', conf=0.0)
+    recs = json.loads((tmp_path/'pred'/'detections.json').read_text())
     assert len(recs) == len(list((ROOT/'test'/'thermal').glob('*.png'))) and all(r['missing'] == [] for r in recs)
     assert sum(len(r['detections']) for r in recs) > 0
     for r in recs:
@@ -211,8 +211,10 @@ def test_checkpoint_round_trip_and_predict_cli(tmp_path):
             x1, y1, x2, y2 = d['box_xyxy']
             assert 0 <= x1 <= x2 <= W and 0 <= y1 <= y2 <= H and d['name'] == 'person'
         assert Path(r['drawing']).is_file()
-    one = predict_cli(tmp_path/'run', {'thermal': sorted((ROOT/'test'/'thermal').glob('*.png'))[0]}, tmp_path/'one')
-    assert json.loads(one.read_text())[0]['missing'] == ['nvg', 'visual_enhanced']
+    one = predict_detections(tmp_path/'run', detection_frames({'thermal': sorted((ROOT/'test'/'thermal').glob('*.png'))[0]}, NIGHT_MODALITIES))
+    assert one[0]['missing'] == ['nvg', 'visual_enhanced']
+    with pytest.raises(ValueError, match='not a mix'): detection_frames({'thermal': ROOT/'test'/'thermal', 'nvg': next((ROOT/'test'/'nvg').iterdir())}, NIGHT_MODALITIES)
+    with pytest.raises(KeyError, match="unknown modality 'visual'"): detection_frames({'visual': ROOT/'test'/'visual_enhanced'}, NIGHT_MODALITIES)
 
 
 class Oracle(torch.nn.Module):
