@@ -19,7 +19,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from tqdm import tqdm
 from .data import batch_to
 from .core import NonFiniteError, Registry, atomic_write, check_finite, model_device, to_jsonable, write_json
-from .model import CheckpointError, EmbeddingHead, MultiTaskHead, load_checkpoint, load_model
+from .model import CheckpointError, EmbeddingHead, MultiTaskHead, load_model
 from .config import RunFolder, build_splits, kind_verb, register_verb
 
 # %% auto #0
@@ -288,14 +288,12 @@ def build_scorer(cfg:Mapping, # {'name': a `SCORERS` entry, **its arguments}
 def load_scorer(path, # a checkpoint whose `config` names a scorer (e.g. a run's `best.pt`)
                 map_location='cpu', # where tensors go
                ) -> ReconstructionScorer:
-    "Rebuild a scorer, threshold included, from a checkpoint (loaded as data only), in eval mode"
-    ck = load_checkpoint(path, map_location)
-    cfg = ck.get('config') or {}
-    if cfg.get('name') not in SCORERS:
-        raise CheckpointError(f"{path}: not an anomaly scorer checkpoint (its config names none of {SCORERS.names})")
-    scorer = build_scorer(cfg)
-    scorer.load_state_dict(ck['state_dict'])
-    return scorer.eval()
+    "Rebuild a scorer, threshold included, from a checkpoint (loaded as data only), in eval mode: `load_model` building with `build_scorer`"
+    def build(cfg):
+        if (cfg or {}).get('name') not in SCORERS:
+            raise CheckpointError(f"{path}: not an anomaly scorer checkpoint (its config names none of {SCORERS.names})")
+        return build_scorer(cfg)
+    return load_model(path, map_location, build=build).eval()
 
 # %% ../nbs/05_evaluation.ipynb #cac359d5
 def fit_autoencoder(scorer:ReconstructionScorer, # the scorer to train (in place)
