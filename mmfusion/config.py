@@ -20,8 +20,8 @@ from .training import OPTIMIZERS, balanced_class_weights
 
 # %% auto #0
 __all__ = ['RUN_VERBS', 'VERB_PHRASES', 'RUN_KINDS', 'DEFAULT_CONFIG', 'ANOMALY_MODEL', 'KindError', 'RunKind', 'register_verb',
-           'refuse_verb', 'kind_verb', 'run_kind', 'plain_data', 'load_config', 'apply_overrides',
-           'resolve_fused_config', 'resolve_anomaly_config', 'resolve_config', 'fit_standardizer', 'build_splits',
+           'refuse_verb', 'kind_verb', 'run_kind', 'plain_data', 'load_config', 'apply_overrides', 'merge_section',
+           'resolve_sections', 'resolve_fused_config', 'resolve_config', 'fit_standardizer', 'build_splits',
            'augmentation', 'hold_out', 'fit_config_to_data', 'new_run_dir', 'RunFolder', 'config_splits']
 
 # %% ../nbs/04a_config.ipynb #ee3ab2bc
@@ -145,16 +145,22 @@ def apply_overrides(cfg:Mapping, overrides:Sequence[str]=()) -> dict:
 
 
 # %% ../nbs/04a_config.ipynb #0af3b865
-def _merge(defaults:Mapping, cfg:Mapping, where:str, open_keys=()) -> dict:
+def merge_section(defaults:Mapping, # every key of the section and its default
+                  cfg:Mapping, # the section as the user wrote it
+                  where:str, # its key path, e.g. 'data.', for messages
+                  open_keys=(), # keys allowed besides the defaults
+                 ) -> dict:
+    "`defaults` updated with `cfg`; an unknown key is a `KeyError` naming its full path and the known keys"
     unknown = [k for k in cfg if k not in defaults and k not in open_keys]
     if unknown: raise KeyError(f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; known under '{where or 'top level'}': {sorted(defaults)}")
     return {**copy.deepcopy(dict(defaults)), **copy.deepcopy(dict(cfg))}
 
-def _resolve_sections(cfg:Mapping, kind:str) -> dict:
+def resolve_sections(cfg:Mapping, # a config of a Learner-trained kind
+                     kind:str) -> dict:
     "The sections every Learner-trained kind shares, with defaults filled in and checked"
-    cfg = _merge(DEFAULT_CONFIG, {**cfg, 'kind': kind}, '')
+    cfg = merge_section(DEFAULT_CONFIG, {**cfg, 'kind': kind}, '')
     for sec in ('data', 'training', 'evaluation', 'diagnosis'):
-        cfg[sec] = _merge(DEFAULT_CONFIG[sec], cfg[sec] or {}, f'{sec}.', _DATA_SOURCES if sec == 'data' else ())
+        cfg[sec] = merge_section(DEFAULT_CONFIG[sec], cfg[sec] or {}, f'{sec}.', _DATA_SOURCES if sec == 'data' else ())
     d = cfg['data']
     if d['valid'] and d['valid'] == d['test']:
         raise ValueError(f"data.valid and data.test are both {d['test']!r}: checkpoints and early stopping would be chosen on the test "
@@ -168,18 +174,9 @@ def _resolve_sections(cfg:Mapping, kind:str) -> dict:
 @register_verb('fused', 'resolve')
 def resolve_fused_config(cfg:Mapping) -> dict:
     "A fused model's config with every default filled in and every key checked"
-    cfg = _resolve_sections(cfg, 'fused')
+    cfg = resolve_sections(cfg, 'fused')
     if not cfg['model'].get('encoders'):
         raise ValueError("model needs 'encoders' (modality -> encoder config), a 'fusion' and a 'head' (or kind: anomaly with a 'scorer')")
-    return plain_data(cfg)
-
-@register_verb('anomaly', 'resolve')
-def resolve_anomaly_config(cfg:Mapping) -> dict:
-    "An anomaly scorer's config: the scorer defaults (`ANOMALY_MODEL`), a reconstruction loss and a validation split to choose the threshold on"
-    cfg = _resolve_sections({'loss': {'name': 'mse'}, **cfg}, 'anomaly')  # a scorer learns to reconstruct its input
-    cfg['model'] = _merge(ANOMALY_MODEL, cfg['model'], 'model.')
-    if cfg['loss'].get('name') not in ('mse', 'huber'): raise ValueError(f"an anomaly scorer learns to reconstruct its input: loss must be mse or huber, got {cfg['loss'].get('name')!r}")
-    if not cfg['data']['valid']: raise ValueError("an anomaly scorer needs data.valid: its threshold is chosen on validation data (data.split_off can hold one out)")
     return plain_data(cfg)
 
 def resolve_config(cfg:Mapping) -> dict:

@@ -16,14 +16,26 @@ from .data import MultiModalDataset
 from .model import EmbeddingHead, MultiTaskHead, build_model, load_checkpoint
 from .training import (LOSSES, OPTIMIZERS, Callback, Learner, ModelLoss, accuracy, init_output_bias, is_distributed, logits_of,
                                macro_f1, mae, make_train_loader, monitor_mode, r2, rmse, training_callbacks, values_of)
-from .config import (RunFolder, apply_overrides, build_splits, fit_config_to_data, load_config, register_verb,
-                             resolve_config, run_kind)
+from .config import (ANOMALY_MODEL, RunFolder, apply_overrides, build_splits, fit_config_to_data, load_config, merge_section,
+                             plain_data, register_verb, resolve_config, resolve_sections, run_kind)
 from .evaluation import (anomaly_metrics, anomaly_scores, build_scorer, classification_metrics,
                                  knn_evaluate, normal_class_index, regression_metrics, select_threshold, threshold_settings, write_figure)
 
 # %% auto #0
-__all__ = ['RECIPES', 'normal_samples', 'ReconstructionTraining', 'with_primary', 'evaluate_learner', 'evaluate_scorer', 'Run',
-           'plot_history', 'start_run', 'Recipe', 'fused_parts', 'anomaly_parts', 'finish_run', 'train']
+__all__ = ['RECIPES', 'resolve_anomaly_config', 'normal_samples', 'ReconstructionTraining', 'with_primary', 'evaluate_learner',
+           'evaluate_scorer', 'Run', 'plot_history', 'start_run', 'Recipe', 'fused_parts', 'anomaly_parts',
+           'finish_run', 'train']
+
+# %% ../nbs/07a_kinds.ipynb #c01663a8
+@register_verb('anomaly', 'resolve')
+def resolve_anomaly_config(cfg:Mapping) -> dict:
+    "An anomaly scorer's config: the scorer defaults (`ANOMALY_MODEL`), a reconstruction loss and a validation split to choose the threshold on"
+    cfg = resolve_sections({'loss': {'name': 'mse'}, **cfg}, 'anomaly')  # a scorer learns to reconstruct its input
+    cfg['model'] = merge_section(ANOMALY_MODEL, cfg['model'], 'model.')
+    if cfg['loss'].get('name') not in ('mse', 'huber'): raise ValueError(f"an anomaly scorer learns to reconstruct its input: loss must be mse or huber, got {cfg['loss'].get('name')!r}")
+    cfg['model']['threshold'] = threshold_settings(cfg['model']['threshold'], 'model.threshold')
+    if not cfg['data']['valid']: raise ValueError("an anomaly scorer needs data.valid: its threshold is chosen on validation data (data.split_off can hold one out)")
+    return plain_data(cfg)
 
 # %% ../nbs/07a_kinds.ipynb #9de08cfc
 def normal_samples(ds:MultiModalDataset, # a classification split
