@@ -32,12 +32,6 @@ def runs(tmp_path_factory):
 def predictors(runs): return {c: Predictor.from_run(d) for c, d in runs.items()}
 
 
-def test_data_root_default(runs, predictors):
-    # a run's config names data.root; overriding it changes where the training data is read, nothing else
-    p = Predictor.from_run(runs['inspection'], data_root=DATA)
-    assert p.specs == predictors['inspection'].specs
-
-
 @pytest.mark.parametrize('name', ['weld', 'inspection'])
 def test_predictor_matches_the_training_pipeline(runs, predictors, name):
     "Raw files through the Predictor give the same outputs as the training datasets' batch through the model"
