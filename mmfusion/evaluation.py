@@ -934,11 +934,8 @@ def evaluate_run(run_dir, # a run folder written by `mmfusion train` (or a `RunF
 # %% ../nbs/05_evaluation.ipynb #4a9f3e67
 @register_verb('anomaly', 'evaluate')
 def evaluate_anomaly_run(run:RunFolder, # an opened run folder of kind 'anomaly'
-                         split:str|None=None, # split to score (default: the config's `evaluation.split`)
-                         out=None, # where the report goes (default: RUN_DIR/eval)
-                         checkpoint:str='best', # 'best' or 'last' (falls back to 'last' when there is no best)
-                         n_boot:int=1000, # bootstrap resamples for the confidence interval
-                         progress:bool=True, # progress bars
+                         split:str|None=None, out=None, checkpoint:str='best', # as in `evaluate_fused_run`
+                         **kwargs, # more `evaluate_model` arguments: n_boot, progress, ...
                         ) -> dict:
     "Evaluate an anomaly scorer's run with the scorer and the threshold its checkpoint holds (chosen on validation data during training)"
     ck = run.checkpoint(checkpoint)
@@ -947,5 +944,5 @@ def evaluate_anomaly_run(run:RunFolder, # an opened run folder of kind 'anomaly'
     check_finite(scorer.threshold['threshold'], f"anomaly threshold saved in {ck}")
     loaders, test_ds, split = _run_loaders(run, split)
     m = run.config['model']
-    return evaluate_model(scorer, loaders, 'anomaly', split=split, n_boot=n_boot, progress=progress, modality=m['input'],
-                          normal_class=normal_class_index(test_ds.class_names, m['normal']), **_report_of(run, ck, out))
+    return evaluate_model(scorer, loaders, 'anomaly', split=split, modality=m['input'], normal_class=normal_class_index(test_ds.class_names, m['normal']),
+                          **_report_of(run, ck, out), **kwargs)
