@@ -3,19 +3,14 @@ import json
 
 import numpy as np, pytest, torch, torch.nn as nn
 
-from mmfusion.data import MultiModalDataset, StratifiedBatchSampler, TINY_TABULAR, tiny_dataset
+from mmfusion.data import MultiModalDataset, StratifiedBatchSampler, tiny_dataset
 from mmfusion.diagnosis import (CHECKS, as_batches, channel_importance, class_balance, contrastive_batches, default_loss, diagnose,
                                 diagnose_run, feature_magnitudes, finite_inputs, fusion_attention, gradient_flow, lr_schedule,
                                 modality_contribution, output_dependence, saliency, shapley_values, solar_toy_dataset, split_leakage,
                                 temporal_behaviour)
-from mmfusion.model import build_model
+from mmfusion.model import TINY_MODEL, build_model
 
-TINY_CFG = {'encoders': {'image': {'name': 'small_cnn', 'in_channels': 3, 'widths': [8, 16]},
-                         'audio': {'name': 'small_cnn', 'in_channels': 1, 'widths': [4]},
-                         'series': {'name': 'series_transformer', 'in_channels': 4, 'dim': 8, 'heads': 2, 'depth': 1, 'dropout': 0.0},
-                         'tabular': {'name': 'tabular_mlp', **TINY_TABULAR, 'dim': 8, 'hidden': 16}},
-            'fusion': {'name': 'concat', 'dim': 16}, 'head': {'name': 'classification', 'n_classes': 3},
-            'aux_heads': {'weight': 0.3}}
+TINY_CFG = {**TINY_MODEL, 'aux_heads': {'weight': 0.3}}  # the library's tiny model, an auxiliary head on every modality
 SOLAR_CFG = {'encoders': {'frames': {'name': 'conv_lstm', 'in_channels': 3, 'hidden': 8},
                           'wind': {'name': 'series_transformer', 'in_channels': 4, 'dim': 8, 'heads': 2, 'depth': 1, 'dropout': 0.0}},
              'fusion': {'name': 'concat', 'dim': 16}, 'head': {'name': 'regression', 'n_outputs': 1}}
