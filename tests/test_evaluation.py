@@ -7,19 +7,16 @@ from sklearn import metrics as skm
 
 from mmfusion.data import MultiModalDataset, tiny_dataset
 from mmfusion.sample_data import sample_splits
-from mmfusion.encoders import TINY_CONFIGS
 from mmfusion.evaluation import (ConvAutoencoder, NonFiniteError, Predictions, anomaly_metrics, atomic_write, bootstrap_ci,
                                  classification_metrics, collect, evaluate_model, evaluate_predictions, fit_autoencoder,
                                  headline_metric, knn_predict, mask_modalities, measure_speed, modality_ablation,
                                  regression_metrics, select_threshold, write_json, write_report, TASKS, threshold_settings,
                                  evaluate_run, evaluate_fused_run, evaluate_anomaly_run)
 from mmfusion.config import KindError, kind_verb
-from mmfusion.model import build_model
+from mmfusion.model import tiny_model
 from conftest import json_numbers
 
 DATA = Path(__file__).resolve().parents[1]/'data'
-ENCODERS_CFG = {'image': TINY_CONFIGS['small_cnn'], 'audio': {'name': 'small_cnn', 'in_channels': 1, 'widths': [8]},
-                'series': TINY_CONFIGS['series_cnn'], 'tabular': TINY_CONFIGS['tabular_mlp']}
 
 
 @pytest.fixture(scope='module')
@@ -30,8 +27,7 @@ def splits():
 
 
 def trained(head, splits, loss):
-    torch.manual_seed(0)
-    model = build_model({'encoders': ENCODERS_CFG, 'fusion': {'name': 'concat', 'dim': 16}, 'head': head})
+    model = tiny_model(aux_heads=None, head=head)  # the library's tiny model, seeded
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     for epoch in range(8):
         for b in splits[0].loader(batch_size=16, shuffle=True, seed=epoch):
