@@ -336,7 +336,7 @@ class DetectionValidation(Callback):
 DETECTION_TRAINING = {'epochs': 20, 'optimizer': 'adamw', 'lr': 1e-4, 'weight_decay': 5e-4, 'lr_mult': {},
                       'schedule': {'name': 'cosine', 'warmup_epochs': 1, 'min_factor': 0.01}, 'clip': 10.0, 'accumulate': 1,
                       'precision': 'auto', 'device': 'auto', 'early_stopping': None, 'monitor': 'valid_mAP50-95', 'checkpoint_every': 0,
-                      'progress': 'auto', 'tensorboard': True, 'freeze_base_epochs': 0, 'validate_at_start': True}  # a detection `training` section's keys and defaults
+                      'progress': 'auto', 'tensorboard': True, 'stages': None, 'freeze_base_epochs': 0, 'validate_at_start': True}  # a detection `training` section's keys and defaults
 
 class DetectionConfigError(ValueError):
     "A detection config with a missing, unknown or ill-typed key (the message names it)"
@@ -359,6 +359,9 @@ def detection_training(training:Mapping|None=None, # a detection config's `train
     if t['clip'] is not None and not isinstance(t['clip'], Mapping): _number(t['clip'], 'training.clip')
     if t['optimizer'] not in OPTIMIZERS: raise DetectionConfigError(f"training.optimizer must be one of {list(OPTIMIZERS)}, got {t['optimizer']!r}")
     if t['freeze_base_epochs'] > t['epochs']: raise DetectionConfigError(f"training.freeze_base_epochs ({t['freeze_base_epochs']}) exceeds training.epochs ({t['epochs']})")
+    if t['stages']:  # `StagedTraining` stages, as a fused run takes them; their epochs are the run's
+        if t['freeze_base_epochs']: raise DetectionConfigError("give training.stages or training.freeze_base_epochs (a base-frozen first stage), not both")
+        t['epochs'] = sum(_number(s.get('epochs'), f'training.stages[{i}].epochs', whole=True) for i, s in enumerate(t['stages']))
     return t
 
 def detection_callbacks(model:MultiModalYOLO, # the detector (its `base_modules` for a base-frozen first stage)
@@ -367,7 +370,7 @@ def detection_callbacks(model:MultiModalYOLO, # the detector (its `base_modules`
                        ) -> list:
     "The `Learner` callbacks a detection `training` section asks for: the library's own (`training_callbacks`) plus `DetectionValidation`"
     t, n = training, training['freeze_base_epochs']
-    stages = [{'name': 'base frozen', 'epochs': n, 'freeze': model.base_modules}, {'name': 'all', 'epochs': t['epochs'] - n, 'unfreeze': ['*']}] if n else None
+    stages = [{'name': 'base frozen', 'epochs': n, 'freeze': model.base_modules}, {'name': 'all', 'epochs': t['epochs'] - n, 'unfreeze': ['*']}] if n else t['stages']
     es = t['early_stopping'] and {'monitor': t['monitor'], **t['early_stopping']}  # watches the checkpoint's metric unless told otherwise
     section = {**DEFAULT_CONFIG['training'], **{k: v for k, v in t.items() if k in DEFAULT_CONFIG['training']}, 'stages': stages, 'early_stopping': es}
     return [*training_callbacks({'training': section}, None if run_dir is None else Path(run_dir)), DetectionValidation(at_start=t['validate_at_start'])]
@@ -524,7 +527,7 @@ def _frame_id(frame:Mapping, i:int) -> str:
 @torch.no_grad()
 def predict_detections(run_or_model, # a run folder, a checkpoint, or a `MultiModalYOLO`
                        frames:Mapping|Sequence[Mapping], # one frame {modality: image path or (C, H, W) tensor in [0, 1]} or a list of them
-                       out_dir=None, # write `detections.json` and a drawing per frame here
+                       out_dir=None, # write `predictions.json` and a drawing per frame here
                        conf:float=0.25, iou:float=0.7, max_det:int=300, # NMS settings (ultralytics' prediction defaults)
                        imgsz:int|None=None, # working size (default: the model's `imgsz`, else the frame's long side)
                       ) -> list:
@@ -564,7 +567,7 @@ def predict_detections(run_or_model, # a run folder, a checkpoint, or a `MultiMo
                 rec['drawing'] = str(out_dir/f"{fid}.png")
             records.append(rec)
     finally: model.train(was_training)
-    if out_dir is not None: write_json(records, out_dir/'detections.json')
+    if out_dir is not None: write_json(records, out_dir/'predictions.json')
     return records
 
 
@@ -1044,8 +1047,9 @@ def evaluate_detection_run(run:RunFolder|str|Path, # a detection run folder
     loader, ck, nms = splits[split].loader(cfg['data']['batch_size']), run.checkpoint(checkpoint), _nms(cfg)
     baselines = {n: validate_detection(b, loader, **nms) for n, b in _recorded_baselines(run.path, cfg).items()}
     table = ablation_table(load_detector(ck), loader, baselines, **nms)
-    metrics = {'kind': 'detection', 'split': split, 'checkpoint': ck.name, 'images': len(splits[split]),
-               'metrics': table.loc['fused: all modalities'].to_dict(), 'table': table.to_dict('index')}
+    fused = table.loc['fused: all modalities'].to_dict()
+    metrics = {'kind': 'detection', 'split': split, 'checkpoint': ck.name, 'images': len(splits[split]), 'metrics': fused,
+               'headline': {'name': 'mAP50-95', 'value': fused['mAP50-95']}, 'table': table.to_dict('index')}
     out = Path(out) if out is not None else run.path/'eval'
     write_json(metrics, out/'metrics.json')
     write_text_atomic(out/'ablation.csv', table.to_csv())
@@ -1053,12 +1057,14 @@ def evaluate_detection_run(run:RunFolder|str|Path, # a detection run folder
 @register_verb('detection', 'predict')
 def predict_detection_run(run:RunFolder|str|Path, # a detection run folder
                           inputs, # what `detection_frames` takes: {modality: file or folder}, a folder of modality subfolders, or frames
-                          out=None, # write `detections.json` and a drawing per frame here
+                          out=None, # where `predictions.json` and a drawing per frame go (default RUN/predictions)
                           checkpoint:str='best', # 'best' or 'last'
                           conf:float=0.25, iou:float=0.7, max_det:int=300, # NMS settings
+                          data_root=None, # not used: a fused run's option (a detection run reads frames only from `inputs`)
                          ) -> list:
-    "Boxes for every frame of `inputs` from a run's fused detector, as JSON-able records (written to `out/detections.json`)"
+    "Boxes for every frame of `inputs` from a run's fused detector, as JSON-able records (written to `out/predictions.json`)"
     model = load_detector(RunFolder(run).checkpoint(checkpoint))
+    out = Path(out) if out is not None else RunFolder(run).path/'predictions'
     return predict_detections(model, detection_frames(inputs, model.modalities), out, conf, iou, max_det)
 
 
@@ -1119,7 +1125,7 @@ def export_detector(model:MultiModalYOLO, # the detector (moved to the CPU)
                     atol:float=1e-4, # largest allowed absolute difference from PyTorch on the raw maps (on the decoded pixels: relative to their scale)
                     opset:int=17, # ONNX opset
                    ) -> dict:
-    "Write the detector (dynamic batch, NMS left outside), run each file on other inputs and batch size, check its raw outputs against PyTorch's; format -> path"
+    "Write the detector (dynamic batch, NMS left outside), run each file on other inputs and batch size, check it against PyTorch; format -> {path, max_abs_diff}"
     bad = [f for f in formats if f not in DETECTOR_FORMATS]
     if bad: raise ValueError(f"format must be one of {list(DETECTOR_FORMATS)}, got {bad[0]!r}")
     graph, out = DetectorGraph(model.cpu()).eval(), Path(out)
@@ -1139,15 +1145,16 @@ def export_detector(model:MultiModalYOLO, # the detector (moved to the CPU)
                 'outputs': [{'name': 'predictions', 'shape': ['batch', 4 + len(model.names), int(ref[0].shape[-1])], 'layout': 'xywh pixels, then one score per class'},
                             {'name': 'raw', 'shape': ['batch', int(ref[1].shape[1]), int(ref[1].shape[-1])], 'layout': 'the Detect head maps: box distributions (4 x 16), then class logits'}],
                 'names': model.names, 'postprocess': 'NMS outside the graph: mmfusion.detection.postprocess_detections'}, out/'detector.json')
-    return paths
+    return {f: {'path': p, 'max_abs_diff': diffs[f]} for f, p in paths.items()}
 
 @register_verb('detection', 'export')
 def export_detection_run(run:RunFolder|str|Path, # a detection run folder
                          out=None, # the export folder (default RUN/export)
                          formats:Sequence[str]|None=None, # 'onnx' and/or 'torchscript' (default: both)
                          checkpoint:str='best', # 'best' or 'last'
+                         data_root=None, # not used: a fused run's option (a detection run's config names its data)
                         ) -> dict:
-    "Export a run's fused detector at its working size (`export_detector`, checked against PyTorch); format -> path"
+    "Export a run's fused detector at its working size (`export_detector`, checked against PyTorch); format -> {path, max_abs_diff}"
     run = RunFolder(run)
     model, ds = load_detector(run.checkpoint(checkpoint)), next(iter(run.splits().values()))
     size = tuple(ds[0].inputs[model.modalities[0]].shape[-2:])  # the working size of the run's frames

@@ -202,7 +202,7 @@ def test_checkpoint_round_trip_and_predict_on_paired_folders(tmp_path):
     x = {m: torch.rand(1, c, 64, 64) for m, c in NIGHT_MODALITIES.items()}
     assert torch.equal(load_detector(tmp_path/'run')(x)[0], model.eval()(x)[0])
     predict_detections(tmp_path/'run', detection_frames({m: ROOT/'test'/m for m in NIGHT_MODALITIES}, NIGHT_MODALITIES), tmp_path/'pred', conf=0.0)
-    recs = json.loads((tmp_path/'pred'/'detections.json').read_text())
+    recs = json.loads((tmp_path/'pred'/'predictions.json').read_text())
     assert len(recs) == len(list((ROOT/'test'/'thermal').glob('*.png'))) and all(r['missing'] == [] for r in recs)
     assert sum(len(r['detections']) for r in recs) > 0
     for r in recs:
@@ -355,12 +355,14 @@ def test_detection_verbs_on_a_short_run(tiny_run, tmp_path):
     diag = kind_verb('detection', 'diagnose')(tiny_run.path, out=tmp_path/'diag', checks=['detection'], max_samples=8)
     assert diag.findings and (tmp_path/'diag'/'findings.json').is_file() and 'val split' in diag.title
     test_dir = Path(_data_root(tiny_run))/'test'
-    recs = kind_verb('detection', 'predict')(tiny_run.path, test_dir, tmp_path/'pred', conf=0.01)
-    assert len(recs) == len(list((test_dir/'thermal').iterdir())) == len(json.loads((tmp_path/'pred'/'detections.json').read_text()))
-    paths = kind_verb('detection', 'export')(tiny_run.path, tmp_path/'export')
+    recs = kind_verb('detection', 'predict')(tiny_run.path, test_dir, conf=0.01)
+    assert (tiny_run.path/'predictions'/'predictions.json').is_file()  # where every kind's predict writes by default
+    assert len(recs) == len(list((test_dir/'thermal').iterdir())) == len(json.loads((tiny_run.path/'predictions'/'predictions.json').read_text()))
+    res = kind_verb('detection', 'export')(tiny_run.path, tmp_path/'export', data_root='ignored')
     card = json.loads((tmp_path/'export'/'detector.json').read_text())
-    assert sorted(paths) == ['onnx', 'torchscript'] and all(p.is_file() for p in paths.values())
-    assert all(d['raw'] <= 1e-4 for d in card['max_abs_diff'].values()) and card['inputs'][-1]['name'] == 'present'
+    assert sorted(res) == ['onnx', 'torchscript'] and all(Path(r['path']).is_file() for r in res.values())
+    assert all(r['max_abs_diff']['raw'] <= 1e-4 for r in res.values()) and card['inputs'][-1]['name'] == 'present'
+    assert ev['headline'] == {'name': 'mAP50-95', 'value': ran['fused: all modalities']['mAP50-95']}
 
 
 def test_export_parity_is_checked_and_can_fail(tmp_path):
