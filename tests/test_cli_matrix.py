@@ -12,9 +12,9 @@ MMFUSION = [sys.executable, '-c', 'from mmfusion.cli import main; main()']
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'MPLBACKEND': 'Agg', 'PYTHONHASHSEED': '0', 'HF_HUB_OFFLINE': '1'}
 QUICK = ['training.progress=false', 'training.tensorboard=false']
 CONFIGS = {  # kind -> (config, overrides for a short run)
-    'fused': ('configs/inspection.yaml', ['training.epochs=1', 'training.stages=null', *QUICK]),
-    'anomaly': ('configs/inspection_anomaly.yaml', ['training.epochs=1', *QUICK]),
-    'detection': ('configs/night_person.yaml', ['gate=null', 'data.imgsz=64', 'baseline.epochs=1', 'baseline.modalities=[thermal]',
+    'fused': ('configs/inspection.yaml', ['data.root=data', 'training.epochs=1', 'training.stages=null', *QUICK]),
+    'anomaly': ('configs/inspection_anomaly.yaml', ['data.root=data', 'training.epochs=1', *QUICK]),
+    'detection': ('configs/night_person.yaml', ['data.root=data/night', 'gate=null', 'data.imgsz=64', 'baseline.epochs=1', 'baseline.modalities=[thermal]',
                                                 'training.epochs=1', 'training.stages=null', *QUICK]),
 }
 INPUTS = {'fused': ['--input', 'image=data/inspection/images'], 'anomaly': ['--input', 'image=data/inspection/anomaly/test/defect'],
@@ -39,7 +39,7 @@ def run(request, tmp_path_factory):
     kind = request.param
     config, overrides = CONFIGS[kind]
     runs = tmp_path_factory.mktemp(f'{kind}_runs')
-    out = cli('train', config, '--set', f'runs_dir={runs}', '--set', 'data.root=data', *sum((['--set', o] for o in overrides), []))
+    out = cli('train', config, '--set', f'runs_dir={runs}', *sum((['--set', o] for o in overrides), []))
     folder = Path(out.stdout.strip().splitlines()[-1].split('run folder: ')[-1])
     assert folder.is_dir() and (folder/'config.yaml').is_file(), out.stdout[-2000:]
     return kind, folder
