@@ -85,7 +85,7 @@ def main():
     a = p.parse_args()
     warnings.filterwarnings('ignore', message='The image is already gray')
     t_all = time.perf_counter()
-    overrides = {'data': {'root': a.root, 'imgsz': a.imgsz, 'batch_size': a.batch},
+    overrides = {'data': {'root': a.root, 'sample': None, 'imgsz': a.imgsz, 'batch_size': a.batch},  # --root is the dataset folder itself
                  'baseline': {'modality': 'thermal', 'modalities': ['thermal', 'nvg', 'visual_enhanced'], 'finetune': True, 'weights': None,
                               'epochs': a.epochs, 'batch': a.batch, 'ultralytics': {'nbs': a.batch}},
                  'training': {'epochs': a.finetune, 'progress': False}}

@@ -31,6 +31,7 @@ from .data import IMAGE_EXTS, NIGHT_MODALITIES, AlignedAugment, batch_to, detect
 from .diagnosis import CHECKS, DETECTION_CHECKS, REMEDIES, Diagnosis, Finding, diagnose, remedies
 from .encoders import YOLOBackbone, adapt_in_channels
 from .fusion import FUSIONS
+from .sample_data import SAMPLE_SETS
 from .model import MultiModalModel, load_checkpoint, run_checkpoint, save_checkpoint
 from .training import OPTIMIZERS, Callback, Checkpoint, Learner, training_callbacks
 
@@ -39,12 +40,12 @@ __all__ = ['DETECTION_TRAINING', 'DETECTION_CONFIG', 'GATE_METRICS', 'DETECTION_
            'fit_size', 'detection_splits', 'DetectionLoss', 'postprocess_detections', 'validate_detection',
            'DetectionValidation', 'DetectionConfigError', 'detection_training', 'detection_callbacks', 'fit_detector',
            'yolo_dataset_view', 'train_baseline', 'ablation_table', 'draw_detections', 'load_detector',
-           'predict_detections', 'detection_frames', 'detection_gate', 'resolve_detection_config', 'detection_config',
-           'train_single_detector', 'load_single_detector', 'GateError', 'phase1_gate', 'baseline_gate',
-           'train_detection_baselines', 'build_fused_detector', 'score_detection_run', 'DetectionRun', 'run_detection',
-           'run_detection_splits', 'detector_cams', 'plot_detector_cams', 'detection_contribution',
-           'diagnose_detection_run', 'evaluate_detection_run', 'predict_detection_run', 'DetectorGraph',
-           'ExportMismatchError', 'detector_inputs', 'export_detector', 'export_detection_run']
+           'predict_detections', 'detection_frames', 'detection_data_root', 'detection_gate',
+           'resolve_detection_config', 'detection_config', 'train_single_detector', 'load_single_detector', 'GateError',
+           'phase1_gate', 'baseline_gate', 'train_detection_baselines', 'build_fused_detector', 'score_detection_run',
+           'DetectionRun', 'run_detection', 'run_detection_splits', 'detector_cams', 'plot_detector_cams',
+           'detection_contribution', 'diagnose_detection_run', 'evaluate_detection_run', 'predict_detection_run',
+           'DetectorGraph', 'ExportMismatchError', 'detector_inputs', 'export_detector', 'export_detection_run']
 
 # %% ../nbs/07_detection.ipynb #9a19d80b
 def _read_yolo_checkpoint(path) -> DetectionModel:
@@ -598,7 +599,7 @@ def detection_frames(inputs, # {modality: file or folder}, a folder with one sub
 # %% ../nbs/07_detection.ipynb #a854380a
 DETECTION_CONFIG = {
     'kind': 'detection', 'name': 'detection', 'seed': 0, 'runs_dir': 'runs',
-    'data': {'root': None, 'modalities': None, 'class_names': ['person'], 'imgsz': None, 'batch_size': 8, 'augment': True},
+    'data': {'root': None, 'sample': None, 'modalities': None, 'class_names': ['person'], 'imgsz': None, 'batch_size': 8, 'augment': True},
     'baseline': {'modality': None, 'modalities': None, 'finetune': True, 'model': 'yolo11n.yaml', 'epochs': 30, 'batch': None,
                  'weights': None, 'ultralytics': {}},
     'model': {'fusion': 'map_attention', 'base': None, 'init': 'all', 'shared_backbone': False},
@@ -608,6 +609,14 @@ DETECTION_CONFIG = {
     'diagnosis': {'split': None, 'max_samples': 64},
 }  # every key of a detection config and its default
 GATE_METRICS = {'map50': 'mAP50', 'map50_95': 'mAP50-95'}  # gate key -> the metric it bounds
+
+def detection_data_root(data:Mapping, # a detection config's `data` section
+                       ) -> Path:
+    "The dataset folder `data` names: `root/SAMPLE_SETS[sample]` for a shipped sample set (`sample: night`, root: the folder holding them), else `root`"
+    if not data.get('root'): raise DetectionConfigError("data.root is missing: the paired-folder dataset (ROOT/{train,val,test}/{MODALITY,labels}/), or with data.sample the folder holding the sample sets")
+    if data.get('sample') is None: return Path(data['root'])
+    if data['sample'] not in SAMPLE_SETS: raise DetectionConfigError(f"data.sample must be one of {list(SAMPLE_SETS)}, got {data['sample']!r}")
+    return Path(data['root'])/SAMPLE_SETS[data['sample']]
 
 def _section(cfg:Mapping, name:str) -> dict:
     "Section `name` of `cfg` over its defaults; an unknown key is an error naming it"
@@ -641,7 +650,7 @@ def resolve_detection_config(cfg:Mapping, # a detection config as loaded (`load_
     out = {'kind': 'detection', **out, **{s: _section(cfg, s) for s in ('data', 'baseline', 'model', 'evaluation', 'diagnosis')},
            'training': detection_training(cfg.get('training')), 'gate': detection_gate(cfg.get('gate'))}
     d, b, m = out['data'], out['baseline'], out['model']
-    if not d['root']: raise DetectionConfigError("data.root is missing: the paired-folder dataset root (ROOT/{train,val,test}/{MODALITY,labels}/)")
+    detection_data_root(d)  # checks data.root and data.sample
     if not isinstance(d['modalities'], Mapping) or not d['modalities']:
         raise DetectionConfigError(f"data.modalities must map each modality to its channels, e.g. {{thermal: 1, nvg: 1}}; got {d['modalities']!r}")
     d['modalities'] = {k: _number(v, f'data.modalities.{k}', whole=True) for k, v in d['modalities'].items()}
@@ -740,9 +749,9 @@ def baseline_gate(cfg:Mapping, # a resolved detection config
     d, b = cfg['data'], cfg['baseline']
     base, names = b['modality'], d['class_names']
     model = load_single_detector({'modality': base, 'channels': d['modalities'][base], 'phase1': str(phase1), 'finetuned': None}, names, d['imgsz'])
-    val = detection_splits(d['root'], d['imgsz'], {base: d['modalities'][base]}, False, cfg['seed'], ('val',), names)['val']
+    val = detection_splits(detection_data_root(d), d['imgsz'], {base: d['modalities'][base]}, False, cfg['seed'], ('val',), names)['val']
     metrics = validate_detection(model, val.loader(d['batch_size']), **_nms(cfg))
-    return phase1_gate(metrics, cfg['gate'], f"the {base} Phase-1 detector on the val split ({metrics['images']} frames)", force)
+    return phase1_gate(metrics, cfg['gate'], f"the {base} Phase-1 detector ({phase1}; `baseline.weights` can reuse it) on the val split ({metrics['images']} frames)", force)
 
 def _nms(cfg:Mapping) -> dict: return {k: cfg['evaluation'][k] for k in ('conf', 'iou', 'max_det')}
 
@@ -756,7 +765,7 @@ def train_detection_baselines(cfg:Mapping, # a resolved detection config (`detec
     d, b, seed = cfg['data'], cfg['baseline'], cfg['seed']
     weights = dict(b['weights']) if isinstance(b['weights'], Mapping) else ({b['modality']: b['weights']} if b['weights'] else {})
     def single(m, w, finetune):
-        return train_single_detector(d['root'], m, run_dir, d['modalities'][m], b['model'], d['imgsz'], b['epochs'], b['batch'] or d['batch_size'],
+        return train_single_detector(detection_data_root(d), m, run_dir, d['modalities'][m], b['model'], d['imgsz'], b['epochs'], b['batch'] or d['batch_size'],
                                      cfg['training'] if finetune and b['finetune'] else None, d['batch_size'], d['augment'], d['class_names'],
                                      seed, w, **b['ultralytics'])
     base = single(b['modality'], weights.get(b['modality']), False)  # the fused model's start: gated before anything else is trained
@@ -789,7 +798,7 @@ def score_detection_run(cfg:Mapping, # a resolved detection config
                        ) -> pd.DataFrame:
     "Step 4: the evaluation split's table (fused, each modality removed, each trained baseline); writes metrics.json, ablation.csv, predictions.png"
     d, run_dir, split, nms = cfg['data'], Path(run_dir), cfg['evaluation']['split'], _nms(cfg)
-    data = detection_splits(d['root'], d['imgsz'], model.channels, False, cfg['seed'], (split,), d['class_names'])[split]
+    data = detection_splits(detection_data_root(d), d['imgsz'], model.channels, False, cfg['seed'], (split,), d['class_names'])[split]
     test_dl, device = data.loader(d['batch_size']), next(model.parameters()).device
     score = lambda m: {k: v for k, v in validate_detection(m.to(device), test_dl, **nms).items() if k in _COLUMNS}
     for m in cfg['baseline']['modalities']:
@@ -840,7 +849,7 @@ def run_detection(config:str|Path|Mapping='configs/night_person.yaml', # a YAML 
     baselines = train_detection_baselines(cfg, run_dir, force)
     seconds = {f'{m} {p}': r[f'{p}_seconds'] for m, r in baselines.items() for p in ('phase1', 'finetune')}
     model, t1 = build_fused_detector(cfg, baselines[cfg['baseline']['modality']]['phase1']), time.perf_counter()
-    splits = detection_splits(d['root'], d['imgsz'], model.channels, d['augment'], seed, ('train', 'val'), model.config['names'])
+    splits = detection_splits(detection_data_root(d), d['imgsz'], model.channels, d['augment'], seed, ('train', 'val'), model.config['names'])
     learn = fit_detector(model, splits['train'].loader(d['batch_size'], shuffle=True, seed=seed), splits['val'].loader(d['batch_size']),
                          cfg['training'], run_dir, cbs, seed)
     seconds['fused finetune'] = round(time.perf_counter() - t1, 1)
@@ -854,7 +863,7 @@ def run_detection_splits(run:RunFolder, # a detection run folder
     "Split name -> dataset of a detection run's data, at its working size and unaugmented (what evaluation and diagnosis read)"
     cfg = resolve_detection_config(run.config)
     d = cfg['data']
-    return detection_splits(d['root'], d['imgsz'], d['modalities'], False, cfg['seed'], class_names=d['class_names'])
+    return detection_splits(detection_data_root(d), d['imgsz'], d['modalities'], False, cfg['seed'], class_names=d['class_names'])
 
 
 # %% ../nbs/07_detection.ipynb #e91aaab1

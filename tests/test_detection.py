@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Subset
 from mmfusion.data import NIGHT_MODALITIES
 from mmfusion.sample_data import make_night_data
 from mmfusion.config import KindError, kind_verb
-from mmfusion.detection import (DetectionConfigError, DetectionLoss, ExportMismatchError, GateError, MultiModalYOLO, _read_yolo_checkpoint,
+from mmfusion.detection import (DetectionConfigError, detection_data_root, DetectionLoss, ExportMismatchError, GateError, MultiModalYOLO, _read_yolo_checkpoint,
                                 detection_config, detection_contribution, detection_splits, detector_cams, diagnose_detection_run,
                                 detection_frames, export_detector, fit_detector, load_detector, predict_detections, run_detection, train_baseline, validate_detection,
                                 yolo_dataset_view)
@@ -68,6 +68,8 @@ def test_config_reads_through_the_library_loader_and_names_bad_keys(tmp_path):
     with pytest.raises(DetectionConfigError, match=r"night_person.yaml: unknown config key\(s\) \['model.fusions'\]"): detection_config(CONFIG, ['model.fusions=x'])
     with pytest.raises(DetectionConfigError, match=r"gate.map50 must be between 0 and 1"): detection_config(CONFIG, ['gate.map50=70'])
     with pytest.raises(DetectionConfigError, match=r"data.root is missing"): detection_config(CONFIG, ['data.root=null'])
+    assert detection_data_root(cfg['data']) == Path('data/night')  # `sample: night` under `root: data`, as every kind's config names sample data
+    with pytest.raises(DetectionConfigError, match=r"data.sample must be one of"): detection_config(CONFIG, ['data.sample=nite'])
 
 
 @pytest.mark.parametrize('fusion,shared', [('map_attention', False), ('map_weighted', False), ('map_concat', False), ('map_attention', True)])
@@ -275,7 +277,7 @@ def tiny_run(tmp_path_factory):
     "A run_detection run on a tiny generated night set: three trained baselines (1 + 1 epochs at 64 px) and the fused model"
     tmp = tmp_path_factory.mktemp('night_run')
     root = make_night_data(tmp/'night', n_frames=20, seed=3)
-    return run_detection(CONFIG, {'data': {'root': str(root), 'imgsz': 64}, 'baseline': {'epochs': 1}, 'training': {'epochs': 1}, 'gate': None}, tmp/'run')
+    return run_detection(CONFIG, {'data': {'root': str(root), 'sample': None, 'imgsz': 64}, 'baseline': {'epochs': 1}, 'training': {'epochs': 1}, 'gate': None}, tmp/'run')
 
 
 def test_run_records_every_trained_baseline_and_the_diagnosis_loads_them(tiny_run):
@@ -327,15 +329,15 @@ def test_eigencam_of_a_backbone_sees_only_its_own_modality(batch):
     with pytest.raises(KeyError, match="no 'nvg' image"): detector_cams(model, {'thermal': frame['thermal']})
 
 
-def _data_root(run) -> str: return detection_config(run.path/'config.yaml')['data']['root']
+def _data_root(run) -> str: return str(detection_data_root(detection_config(run.path/'config.yaml')['data']))
 
 
 def test_gate_refuses_a_weak_baseline_and_force_overrides_it(tiny_run, tmp_path):
     "The night plan's gate refuses the one-epoch thermal Phase 1 before anything else trains, naming the values and the overrides; force starts anyway"
     pt = tiny_run.baselines['thermal']['phase1']
-    small = {'data': {'root': _data_root(tiny_run), 'imgsz': 64}, 'baseline': {'weights': {'thermal': pt}, 'modalities': ['thermal']},
+    small = {'data': {'root': _data_root(tiny_run), 'sample': None, 'imgsz': 64}, 'baseline': {'weights': {'thermal': pt}, 'modalities': ['thermal']},
              'training': {'epochs': 1}}
-    with pytest.raises(GateError, match=r"thermal Phase-1 detector on the val split .* mAP50 0\.\d{3} \(not above the gate's 0\.7\).*--set gate=null"):
+    with pytest.raises(GateError, match=r"thermal Phase-1 detector \(.*best.pt; `baseline.weights` can reuse it\) on the val split .* mAP50 0\.\d{3} \(not above the gate's 0\.7\).*--set gate=null"):
         run_detection(CONFIG, small, tmp_path/'refused')
     assert sorted(p.name for p in (tmp_path/'refused').iterdir()) == ['config.yaml']  # refused before any training
     forced = run_detection(CONFIG, small, tmp_path/'forced', force=True, verbose=False)
