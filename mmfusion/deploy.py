@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_deploy.ipynb #0cebd480
 from __future__ import annotations
-import json, warnings
+import copy, json, warnings
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,11 +25,12 @@ from .detection import MultiModalYOLO, load_detector, predict_detections
 # %% auto #0
 __all__ = ['FILE_READERS', 'IMAGE_READERS', 'EXPORT_FORMATS', 'TTA_VIEWS', 'ModalitySpec', 'preprocessing_from_splits',
            'preprocessing_to_json', 'preprocessing_from_json', 'Prediction', 'output_kinds', 'run_preprocessing',
-           'sample_prediction', 'Predictor', 'Box', 'Detections', 'DetectionPredictor', 'load_predictor',
-           'fused_predictor', 'detection_predictor', 'predictor_outputs', 'score', 'input_samples', 'write_predictions',
-           'predict_fused_run', 'predict_anomaly_run', 'ExportModule', 'example_inputs', 'export_model',
-           'ExportedModel', 'check_export', 'flat_inputs', 'export_run', 'export_fused_run', 'zoom', 'average_outputs',
-           'TTAPredictor', 'Ensemble', 'box_iou', 'weighted_box_fusion', 'distillation_loss', 'Distill', 'distill']
+           'sample_prediction', 'Predictor', 'AnomalyPredictor', 'Box', 'Detections', 'DetectionPredictor',
+           'load_predictor', 'fused_predictor', 'detection_predictor', 'predictor_outputs', 'score', 'input_samples',
+           'write_predictions', 'predict_fused_run', 'predict_anomaly_run', 'ExportModule', 'example_inputs',
+           'export_model', 'ExportedModel', 'check_export', 'flat_inputs', 'export_run', 'export_fused_run',
+           'anomaly_predictor', 'ScoreModule', 'export_anomaly_run', 'zoom', 'average_outputs', 'TTAPredictor',
+           'Ensemble', 'box_iou', 'weighted_box_fusion', 'distillation_loss', 'Distill', 'distill']
 
 # %% ../nbs/08_deploy.ipynb #c9163e64
 FILE_READERS = {f.__name__: f for f in (read_image, read_image_set, read_video, read_audio, read_series, read_image_sequence)}  # readers a spec may name
@@ -244,6 +245,43 @@ class Predictor:
 
     def __repr__(self): return f"Predictor(modalities={self.modalities}, outputs={self.kinds}, classes={self.class_names})"
 
+# %% ../nbs/08_deploy.ipynb #5980d7e2
+class AnomalyPredictor:
+    "An anomaly scorer plus its input's training preprocessing: raw inputs -> `Prediction`s (label, and the score in `values`)"
+    def __init__(self, scorer:nn.Module, # a trained `ReconstructionScorer` carrying its threshold
+                 modality:str, # the input it reconstructs
+                 spec:ModalitySpec, # how that input is read
+                 device:str='cpu'):
+        if scorer.threshold is None: raise ValueError("the scorer has no threshold: train it with ReconstructionTraining (or set one) first")
+        self.model, self.modality, self.specs, self.device = scorer.eval().to(device), modality, {modality: spec}, torch.device(device)
+        self.threshold = float(check_finite(scorer.threshold['threshold'], 'the anomaly threshold saved with the scorer'))
+        self.kinds, self.class_names, self.task = {'score': 'anomaly'}, ['normal', 'anomalous'], 'anomaly'
+
+    @classmethod
+    def from_run(cls, run_dir, checkpoint:str='best', data_root=None, device:str='cpu'):
+        "Load an anomaly run's scorer (as data only) and its input's preprocessing"
+        run = RunFolder(run_dir)
+        m = run.config['model']['input']
+        return cls(load_scorer(run.checkpoint(checkpoint)), m, run_preprocessing(run, data_root)[0][m], device)
+
+    @property
+    def modalities(self) -> list: return [self.modality]
+
+    def predict(self, inputs:Mapping|Sequence[Mapping], # one sample's inputs, or a list of them
+                ids:Sequence[str]|None=None) -> Prediction|list:
+        "Score one sample (returns a `Prediction`) or several (returns a list)"
+        one = isinstance(inputs, Mapping)
+        items = [inputs] if one else list(inputs)
+        ids = [str(i) for i in (ids if ids is not None else range(len(items)))]
+        for i, x in zip(ids, items):
+            extra = [m for m in x if m != self.modality]
+            if extra or x.get(self.modality) is None:
+                raise DataError(f"sample {i!r}", f"an anomaly scorer reads only {self.modality!r}; got {list(x)}")
+        with torch.no_grad(): scores = self.model.score(torch.stack([self.specs[self.modality].decode(x[self.modality]) for x in items]).to(self.device))
+        scores = check_finite(scores.float().cpu(), 'anomaly scores', ids)
+        res = [Prediction(i, [], self.class_names[int(v >= self.threshold)], int(v >= self.threshold), None, [float(v)]) for i, v in zip(ids, scores)]
+        return res[0] if one else res
+
 # %% ../nbs/08_deploy.ipynb #14351758
 @dataclass
 class Box:
@@ -375,17 +413,11 @@ def predict_fused_run(run:RunFolder, inputs, # see `input_samples`
     return records
 
 @register_verb('anomaly', 'predict')
-def predict_anomaly_run(run:RunFolder, inputs, # see `input_samples`; each sample needs the scorer's input modality
-                        out=None, checkpoint:str='best', data_root=None) -> list:
-    "The `predict` verb of anomaly scorers: each sample's anomaly score, and whether it is above the threshold the checkpoint carries"
-    scorer, m = load_scorer(run.checkpoint(checkpoint)), run.config['model']['input']
-    data = {**run.config['data'], 'cache': False, 'augment': None, **({'root': str(data_root)} if data_root else {})}
-    spec, (samples, ids) = preprocessing_from_splits(build_splits(data), data['train'])[m], input_samples(inputs)
-    missing = [i for i, s in zip(ids, samples) if m not in s]
-    if missing: raise DataError(f"sample {missing[0]!r}", f"an anomaly scorer reads {m!r}; give --input {m}=FILE_OR_FOLDER")
-    with torch.no_grad(): scores = scorer.eval().score(torch.stack([spec.decode(s[m]) for s in samples]))
-    scores, thr = check_finite(scores, 'anomaly scores', ids), float(scorer.threshold['threshold'])
-    records = [{'id': i, 'score': float(v), 'anomalous': bool(v >= thr), 'threshold': thr} for i, v in zip(ids, scores)]
+def predict_anomaly_run(run:RunFolder, inputs, # see `input_samples`; each sample gives the scorer's input modality
+                        out=None, checkpoint:str='best', data_root=None, batch_size:int=32) -> list:
+    "The `predict` verb of anomaly scorers: each sample's label ('anomalous' when its score reaches the checkpoint's threshold) and score"
+    p, (samples, ids) = AnomalyPredictor.from_run(run.path, checkpoint, data_root), input_samples(inputs)
+    records = [r.to_dict() for s in range(0, len(samples), batch_size) for r in p.predict(samples[s:s + batch_size], ids[s:s + batch_size])]
     write_predictions(records, run, out)
     return records
 
@@ -535,9 +567,36 @@ def export_fused_run(run:RunFolder, # a fused run
         res[f] = {'path': str(path), 'max_abs_diff': diffs}
     return res
 
-refuse_verb('anomaly', 'export', "exporting an anomaly scorer (a reconstruction model plus its threshold) is not built; "
-            "score images with `mmfusion predict RUN --input image=FOLDER` instead")
-refuse_verb('anomaly', 'predictor', "serving an anomaly scorer is not built; score images with `mmfusion predict RUN --input image=FOLDER`")
+@register_verb('anomaly', 'predictor')
+def anomaly_predictor(run:RunFolder, checkpoint:str='best', data_root=None, device:str='cpu', **kwargs) -> AnomalyPredictor:
+    "An anomaly run's `AnomalyPredictor` (the `predictor` verb)"
+    return AnomalyPredictor.from_run(run.path, checkpoint, data_root, device)
+
+class ScoreModule(nn.Module):
+    "An anomaly scorer as a graph: images in, one anomaly score per image out (the threshold travels in the JSON card)"
+    def __init__(self, scorer:nn.Module):
+        super().__init__()
+        object.__setattr__(self, 'scorer', copy.deepcopy(scorer).requires_grad_(False))  # not a submodule: its threshold (extra state, a dict) cannot be traced; weights become graph constants
+    def forward(self, x): return (self.scorer.score(x),)
+
+@register_verb('anomaly', 'export')
+def export_anomaly_run(run:RunFolder, out=None, formats:Sequence[str]|None=None, checkpoint:str='best', data_root=None) -> dict:
+    "The `export` verb of anomaly runs: the score as ONNX / TorchScript (+ a card with the threshold), checked against PyTorch"
+    p, out, res = AnomalyPredictor.from_run(run.path, checkpoint, data_root), Path(out) if out is not None else run.path/'export', {}
+    module, spec = ScoreModule(p.model.cpu().eval()).eval(), p.specs[p.modality]
+    x = torch.rand(3, *spec.shape, generator=torch.Generator().manual_seed(0))
+    card = {'batch_size': None, 'inputs': [{'name': p.modality, 'shape': ['batch', *spec.shape], 'dtype': 'float32'}],
+            'outputs': [{'name': 'score', 'kind': 'anomaly'}], 'threshold': p.threshold, 'task': 'anomaly',
+            'preprocessing': json.loads(preprocessing_to_json(p.specs))}
+    for f in formats or ('onnx',):
+        if f not in EXPORT_FORMATS: raise ValueError(f"format must be one of {list(EXPORT_FORMATS)}, got {f!r}")
+        path = out/f'model{EXPORT_FORMATS[f]}'
+        _write_graph(module, (x,), path, f, [p.modality], ['score'], 17, dynamic_batch=True)
+        write_json({**card, 'format': f}, path.with_suffix('.json'))
+        x2 = torch.rand(5, *spec.shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad(): ref = module(x2)[0]
+        res[f] = {'path': str(path), 'max_abs_diff': {'score': float((ExportedModel(path)(x2)[0] - ref).abs().max())}}
+    return res
 
 # %% ../nbs/08_deploy.ipynb #16bbeb08
 def zoom(x:torch.Tensor, # (..., H, W)

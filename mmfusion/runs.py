@@ -5,11 +5,10 @@
 # %% ../nbs/11_runs.ipynb #f8d901f7
 from __future__ import annotations
 import importlib, pkgutil
-from pathlib import Path
 from typing import Mapping, Sequence
 import pandas as pd
 import mmfusion
-from .config import RUN_KINDS, RUN_VERBS, KindError, RunFolder, apply_overrides, kind_verb, load_config, run_kind
+from .config import RUN_KINDS, RUN_VERBS, RunFolder, apply_overrides, kind_verb, load_config, run_kind
 
 # %% auto #0
 __all__ = ['ABOVE_RUNS', 'load_kinds', 'capabilities', 'train', 'evaluate', 'diagnose', 'predict', 'export', 'predictor']
