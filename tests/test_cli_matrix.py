@@ -119,3 +119,12 @@ def test_serve(run, capabilities):
 def test_kinds_table_lists_every_kind_and_verb():
     out = cli('kinds').stdout
     for word in ('fused', 'anomaly', 'detection', 'train', 'evaluate', 'diagnose', 'predict', 'export'): assert word in out
+
+
+def test_every_verb_refuses_a_kind_nothing_registered(tmp_path):
+    "A run folder of an unknown kind: every verb exits non-zero naming the kind and the kinds that exist (nothing runs)"
+    folder = tmp_path/'seg'
+    folder.mkdir(); (folder/'config.yaml').write_text('kind: segmentation\n')
+    for verb, extra in [('evaluate', []), ('diagnose', []), ('predict', ['--input', 'image=x.png']), ('export', []), ('serve', ['--port', '1'])]:
+        r = cli(verb, folder, *extra, ok=False)
+        assert r.returncode != 0 and "unknown kind of run 'segmentation'" in r.stderr and "'fused'" in r.stderr, (verb, r.stderr[-1500:])
