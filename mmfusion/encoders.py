@@ -334,7 +334,7 @@ class ImageSetEncoder(Encoder):
             pooled = (self.view_weights.unsqueeze(-1) * views).sum(1)
         return EncoderOutput(views, pooled, mask)
 
-# %% ../nbs/01_encoders.ipynb #75a9ee9f
+# %% ../nbs/01_encoders.ipynb #b2b16da0
 COMMON_PREFIXES = ('module.', 'backbone.', 'model.', 'encoder.', 'net.')  # wrapper prefixes ignored when matching keys
 _CHECKPOINT_KEYS = ('state_dict', 'model_state_dict', 'model', 'ema', 'net', 'weights')  # where checkpoints nest the state dict
 
@@ -387,6 +387,8 @@ def _match_keys(module_keys:Sequence[str], sd_keys:Sequence[str], prefixes:Seque
         if len(ks) == 1 and len(free_sd.get(norm, ())) == 1: pairs[ks[0]] = free_sd[norm][0]
     return pairs
 
+
+# %% ../nbs/01_encoders.ipynb #fc7872da
 def load_state_dict_matching(module:nn.Module, # the module to load into
                              state_dict:Mapping|str|Path, # a state dict, a module, or a checkpoint file
                              prefixes:Sequence[str]=COMMON_PREFIXES, # leading key parts ignored when matching
@@ -491,7 +493,7 @@ class TorchvisionCNN(Encoder):
         tokens = self.feature_map(x).flatten(2).transpose(1, 2)
         return EncoderOutput(tokens, tokens.mean(1))
 
-# %% ../nbs/01_encoders.ipynb #534c4640
+# %% ../nbs/01_encoders.ipynb #f6d5de60
 def load_yolo_model(model:str|Path='yolo11n.yaml', # a yaml ultralytics knows ('yolo11n.yaml' .. 'yolo11x.yaml') or a local .pt
                     in_channels:int=3, # input channels (1 for thermal)
                     nc:int|None=None, # classes of the Detect head (default: the yaml's or the checkpoint's)
@@ -517,6 +519,8 @@ def load_yolo_model(model:str|Path='yolo11n.yaml', # a yaml ultralytics knows ('
     if nc: cfg['nc'] = nc
     return DetectionModel(cfg, ch=in_channels, verbose=False)
 
+
+# %% ../nbs/01_encoders.ipynb #e104a0b3
 def _yolo_feature_indices(yaml:dict, cut:int) -> tuple:
     "Backbone layers the head reads (absolute `from` indices below `cut`), plus the last backbone layer"
     used = {j for f, *_ in yaml['head'] for j in ([f] if isinstance(f, int) else f) if 0 <= j < cut}
