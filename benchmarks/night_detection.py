@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch, torch.nn as nn, yaml
 
-from mmfusion.detection import _ultralytics_offline, run_detection, validate_detection, yolo_dataset_view
+from mmfusion.detection import ultralytics_offline, run_detection, validate_detection, yolo_dataset_view
 from mmfusion.core import write_json
 
 COLUMNS = ('precision', 'recall', 'mAP50', 'mAP50-95')
@@ -43,7 +43,7 @@ def ultralytics_replay_check(pt:Path, data_yaml:Path, imgsz:int) -> dict:
 
     yolo = YOLO(str(pt))
     yolo.model.model[-1].register_forward_hook(lambda m, i, o: outs.append(o))
-    with _ultralytics_offline():
+    with ultralytics_offline():
         res = yolo.val(validator=Recording, data=str(data_yaml), split='test', imgsz=imgsz, batch=8, device='cpu', plots=False, workers=0,
                        project=str(Path(data_yaml).parent.resolve()), name='yolo_val', exist_ok=True)
     replayed = iter(outs[len(outs) - len(seen):])  # the last forward passes are the validation batches (earlier ones: warm-up)

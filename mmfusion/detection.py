@@ -39,8 +39,8 @@ from .training import OPTIMIZERS, Callback, Checkpoint, Learner, training_callba
 __all__ = ['DETECTION_TRAINING', 'DETECTION_CONFIG', 'GATE_METRICS', 'DETECTION_REMEDIES', 'DETECTOR_FORMATS', 'MultiModalYOLO',
            'fit_size', 'detection_splits', 'DetectionLoss', 'postprocess_detections', 'validate_detection',
            'DetectionValidation', 'DetectionConfigError', 'detection_training', 'detection_callbacks', 'fit_detector',
-           'yolo_dataset_view', 'train_baseline', 'ablation_table', 'draw_detections', 'load_detector',
-           'predict_detections', 'detection_frames', 'detection_data_root', 'detection_gate',
+           'yolo_dataset_view', 'ultralytics_offline', 'train_baseline', 'ablation_table', 'draw_detections',
+           'load_detector', 'predict_detections', 'detection_frames', 'detection_data_root', 'detection_gate',
            'resolve_detection_config', 'detection_config', 'train_single_detector', 'load_single_detector', 'GateError',
            'phase1_gate', 'baseline_gate', 'train_detection_baselines', 'build_fused_detector', 'score_detection_run',
            'DetectionRun', 'run_detection', 'run_detection_splits', 'detector_cams', 'plot_detector_cams',
@@ -425,7 +425,7 @@ def yolo_dataset_view(root, # a paired-folder dataset root (`root/{split}/{modal
     return out/'data.yaml'
 
 @contextmanager
-def _ultralytics_offline(verbose:bool=False):
+def ultralytics_offline(verbose:bool=False):
     "ultralytics' dataset check without its font download (the font is only for plots), and its logging quiet unless `verbose`"
     check_font, level = ultralytics_data_utils.check_font, ULTRALYTICS_LOGGER.level
     ultralytics_data_utils.check_font = lambda font='Arial.ttf': None
@@ -457,7 +457,7 @@ def train_baseline(root, # a paired-folder dataset root
     args = dict(data=str(data), imgsz=imgsz, epochs=epochs, batch=batch, device=device or ('0' if cuda else 'cpu'),
                 workers=4 if cuda else 0, amp=cuda and (WEIGHTS_DIR/'yolo26n.pt').is_file(), plots=False, project=str(run_dir),
                 name=modality, exist_ok=True, seed=seed, deterministic=True, verbose=verbose)
-    with _ultralytics_offline(verbose): YOLO(str(model)).train(**{**args, **overrides})
+    with ultralytics_offline(verbose): YOLO(str(model)).train(**{**args, **overrides})
     best = run_dir/modality/'weights'/'best.pt'
     if not best.is_file(): raise RuntimeError(f"ultralytics finished without writing {best}")
     return best
