@@ -14,7 +14,7 @@ QUICK = ['training.progress=false', 'training.tensorboard=false']
 CONFIGS = {  # kind -> (config, overrides for a short run)
     'fused': ('configs/inspection.yaml', ['data.root=data', 'training.epochs=1', 'training.stages=null', *QUICK]),
     'anomaly': ('configs/inspection_anomaly.yaml', ['data.root=data', 'training.epochs=1', *QUICK]),
-    'detection': ('configs/night_person.yaml', ['data.root=data/night', 'gate=null', 'data.imgsz=64', 'baseline.epochs=1', 'baseline.modalities=[thermal]',
+    'detection': ('configs/night_person.yaml', ['data.root=data', 'gate=null', 'data.imgsz=64', 'baseline.epochs=1', 'baseline.modalities=[thermal]',
                                                 'training.epochs=1', 'training.stages=null', *QUICK]),
 }
 INPUTS = {'fused': ['--input', 'image=data/inspection/images'], 'anomaly': ['--input', 'image=data/inspection/anomaly/test/defect'],
