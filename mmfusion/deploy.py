@@ -27,7 +27,7 @@ __all__ = ['FILE_READERS', 'IMAGE_READERS', 'EXPORT_FORMATS', 'TTA_VIEWS', 'Moda
            'preprocessing_to_json', 'preprocessing_from_json', 'Prediction', 'output_kinds', 'run_preprocessing',
            'sample_prediction', 'Predictor', 'AnomalyPredictor', 'Box', 'Detections', 'DetectionPredictor',
            'load_predictor', 'fused_predictor', 'detection_predictor', 'predictor_outputs', 'score', 'input_samples',
-           'write_predictions', 'predict_fused_run', 'predict_anomaly_run', 'ExportModule', 'example_inputs',
+           'predict_and_write', 'predict_fused_run', 'predict_anomaly_run', 'ExportModule', 'example_inputs',
            'export_model', 'ExportedModel', 'check_export', 'flat_inputs', 'export_run', 'export_fused_run',
            'anomaly_predictor', 'ScoreModule', 'export_anomaly_run', 'zoom', 'average_outputs', 'TTAPredictor',
            'Ensemble', 'box_iou', 'weighted_box_fusion', 'distillation_loss', 'Distill', 'distill']
@@ -397,29 +397,27 @@ def input_samples(inputs, # {modality: file or folder}, a list of such dicts, or
     if not samples: raise DataError(str(inputs), "no sample found")
     return samples, ids
 
-def write_predictions(records:list, # JSON-able prediction records
-                      run:RunFolder, out=None, # the folder to write into (default: RUN_DIR/predictions)
-                     ) -> Path:
-    "Write `predictions.json` atomically; returns its path"
-    return write_json(records, Path(out if out is not None else run.path/'predictions')/'predictions.json')
+def predict_and_write(predictor, # anything with `predict(samples, ids)` returning records with `to_dict`
+                      run:RunFolder, inputs, # see `input_samples`
+                      out=None, # the folder to write into (default: RUN_DIR/predictions)
+                      batch_size:int=32) -> list:
+    "Every sample of `inputs` through `predictor` in batches, written atomically to `predictions.json`; the records"
+    samples, ids = input_samples(inputs)
+    records = [r.to_dict() for s in range(0, len(samples), batch_size) for r in predictor.predict(samples[s:s + batch_size], ids[s:s + batch_size])]
+    write_json(records, Path(out if out is not None else run.path/'predictions')/'predictions.json')
+    return records
 
 @register_verb('fused', 'predict')
 def predict_fused_run(run:RunFolder, inputs, # see `input_samples`
                       out=None, checkpoint:str='best', data_root=None, batch_size:int=32) -> list:
     "The `predict` verb of fused runs: one record per sample (id, the modalities it lacked, each output)"
-    p, (samples, ids) = Predictor.from_run(run.path, checkpoint, data_root), input_samples(inputs)
-    records = [r.to_dict() for s in range(0, len(samples), batch_size) for r in p.predict(samples[s:s + batch_size], ids[s:s + batch_size])]
-    write_predictions(records, run, out)
-    return records
+    return predict_and_write(Predictor.from_run(run.path, checkpoint, data_root), run, inputs, out, batch_size)
 
 @register_verb('anomaly', 'predict')
 def predict_anomaly_run(run:RunFolder, inputs, # see `input_samples`; each sample gives the scorer's input modality
                         out=None, checkpoint:str='best', data_root=None, batch_size:int=32) -> list:
     "The `predict` verb of anomaly scorers: each sample's label ('anomalous' when its score reaches the checkpoint's threshold) and score"
-    p, (samples, ids) = AnomalyPredictor.from_run(run.path, checkpoint, data_root), input_samples(inputs)
-    records = [r.to_dict() for s in range(0, len(samples), batch_size) for r in p.predict(samples[s:s + batch_size], ids[s:s + batch_size])]
-    write_predictions(records, run, out)
-    return records
+    return predict_and_write(AnomalyPredictor.from_run(run.path, checkpoint, data_root), run, inputs, out, batch_size)
 
 # %% ../nbs/08_deploy.ipynb #9a5dd782
 class ExportModule(nn.Module):
