@@ -199,8 +199,8 @@ class Predictor:
 
     def write_preprocessing(self, run_dir) -> Path:
         "Write `RUN_DIR/preprocessing.json`, so the run predicts without its training data"
-        text = json.dumps({'class_names': self.class_names, 'task': self.task, 'modalities': json.loads(preprocessing_to_json(self.specs))}, indent=1)
-        return atomic_write(Path(run_dir)/'preprocessing.json', lambda tmp: Path(tmp).write_text(text))
+        return write_json({'class_names': self.class_names, 'task': self.task, 'modalities': json.loads(preprocessing_to_json(self.specs))},
+                          Path(run_dir)/'preprocessing.json', indent=1)
 
     @property
     def modalities(self) -> list: return self.model.modalities
@@ -479,7 +479,7 @@ def export_model(predictor:Predictor, # the model and preprocessing to export
                       + [{'name': 'present', 'shape': ['batch', len(mods)], 'dtype': 'bool'}],
             'outputs': [{'name': k, 'kind': predictor.kinds[k]} for k in names], 'class_names': predictor.class_names, 'task': predictor.task,
             'preprocessing': json.loads(preprocessing_to_json(predictor.specs))}
-    write_card = lambda: atomic_write(path.with_suffix('.json'), lambda tmp: Path(tmp).write_text(json.dumps(card, indent=1)))
+    write_card = lambda: write_json(card, path.with_suffix('.json'), indent=1)
     _write_graph(module, ex, path, format, [*mods, 'present'], names, opset, dynamic_batch=True)
     write_card()
     if format == 'onnx':

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt, numpy as np, pandas as pd, torch, torch.nn as n
 from captum.attr import LayerGradCam
 from .data import (MultiModalDataset, StratifiedBatchSampler, batch_to, check_splits, from_arrays, read_image_sequence,
                            read_image_set, read_series, read_video)
-from .core import NonFiniteError, Registry, atomic_write, check_finite, to_jsonable, write_json
+from .core import NonFiniteError, Registry, atomic_write, check_finite, to_jsonable, write_json, write_text_atomic
 from .encoders import ConvLSTM, ImageSetEncoder, PrecomputedEmbedding, Standardized
 from .evaluation import (TASKS, anomaly_scores, bootstrap_ci, check_prediction_spread, knn_predict, load_scorer, mask_modalities,
                                  normal_class_index, rebuild_splits)
@@ -1207,8 +1207,7 @@ def write_diagnosis(diag:Diagnosis, out_dir) -> dict:
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(diag.title)}</title></head><body style='font-family:sans-serif;max-width:60em'>"
             f"<h1>{html.escape(diag.title)}</h1><p>{html.escape(md[2])}</p>" + '\n'.join(h) + '</body></html>\n')
     md_text = '\n'.join(md) + '\n'
-    paths['markdown'] = atomic_write(out/'report.md', lambda tmp: Path(tmp).write_text(md_text))
-    paths['html'] = atomic_write(out/'report.html', lambda tmp: Path(tmp).write_text(page))
+    paths['markdown'], paths['html'] = write_text_atomic(out/'report.md', md_text), write_text_atomic(out/'report.html', page)
     return paths
 
 def _json_text(obj) -> str:

@@ -18,7 +18,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from sklearn.neighbors import KNeighborsClassifier
 from tqdm import tqdm
 from .data import batch_to
-from .core import NonFiniteError, Registry, atomic_write, check_finite, model_device, to_jsonable, write_json
+from .core import NonFiniteError, Registry, atomic_write, check_finite, model_device, to_jsonable, write_json, write_text_atomic
 from .model import CheckpointError, EmbeddingHead, MultiTaskHead, load_model
 from .config import RunFolder, build_splits, kind_verb, register_verb
 
@@ -792,7 +792,7 @@ def write_report(out_dir, # the folder to write into (created if needed)
     for name, t in tables.items(): lines += ['', f'## {name}', '', _md_table(t)]
     for name in figures: lines += ['', f'![{name}]({name}.png)']
     text = '\n'.join(lines) + '\n'
-    paths['summary'] = atomic_write(out_dir/'summary.md', lambda tmp: Path(tmp).write_text(text))
+    paths['summary'] = write_text_atomic(out_dir/'summary.md', text)
     return paths
 
 # %% ../nbs/05_evaluation.ipynb #512f8f70
