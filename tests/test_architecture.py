@@ -244,3 +244,13 @@ def test_export_cells_are_short():
     bad = long_export_cells()
     assert not bad, (f"{len(bad)} exported cell(s) longer than {MAX_EXPORT_LINES} lines (split each into steps, each followed by a lesson):\n"
                      + '\n'.join(f"{nb} cell {i} ({name}): {n} lines" for n, nb, i, name in bad))
+
+
+def test_lower_floors_do_not_pull_in_heavy_libraries():
+    "Importing a floor below encoders (core, data, fusion) must not load transformers or ultralytics (it used to: Registry lived in encoders)"
+    import subprocess, sys
+    code = ("import sys, mmfusion.core, mmfusion.data, mmfusion.fusion; "
+            "print(sorted(m for m in ('transformers', 'ultralytics') if m in sys.modules))")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == '[]', f"importing core/data/fusion loaded {r.stdout.strip()}"
