@@ -18,19 +18,20 @@ from .evaluation import load_scorer
 from .model import (ClassificationHead, EmbeddingHead, IdentityHead, MultiModalModel, MultiTaskHead, RegressionHead,
                             load_checkpoint, load_model, run_checkpoint)
 from .training import Callback, logits_of
-from .config import KindError, RunFolder, build_splits, kind_verb, load_config, register_verb, refuse_verb
+from .config import KindError, RunFolder, build_splits, kind_verb, register_verb
 from .kinds import Run, train
-from .detection import MultiModalYOLO, load_detector, predict_detections
+from .detection import ExportMismatchError, MultiModalYOLO, load_detector, predict_detections
 
 # %% auto #0
-__all__ = ['FILE_READERS', 'IMAGE_READERS', 'EXPORT_FORMATS', 'TTA_VIEWS', 'ModalitySpec', 'preprocessing_from_splits',
-           'preprocessing_to_json', 'preprocessing_from_json', 'Prediction', 'output_kinds', 'run_preprocessing',
-           'sample_prediction', 'Predictor', 'AnomalyPredictor', 'Box', 'Detections', 'DetectionPredictor',
-           'load_predictor', 'fused_predictor', 'detection_predictor', 'predictor_outputs', 'score', 'input_samples',
-           'predict_and_write', 'predict_fused_run', 'predict_anomaly_run', 'ExportModule', 'example_inputs',
-           'export_model', 'ExportedModel', 'check_export', 'flat_inputs', 'export_run', 'export_fused_run',
-           'anomaly_predictor', 'ScoreModule', 'export_anomaly_run', 'zoom', 'average_outputs', 'TTAPredictor',
-           'Ensemble', 'box_iou', 'weighted_box_fusion', 'distillation_loss', 'Distill', 'distill']
+__all__ = ['FILE_READERS', 'IMAGE_READERS', 'EXPORT_FORMATS', 'EXPORT_ATOL', 'TTA_VIEWS', 'ModalitySpec',
+           'preprocessing_from_splits', 'preprocessing_to_json', 'preprocessing_from_json', 'Prediction',
+           'output_kinds', 'run_preprocessing', 'sample_prediction', 'Predictor', 'AnomalyPredictor', 'Box',
+           'Detections', 'DetectionPredictor', 'load_predictor', 'fused_predictor', 'detection_predictor',
+           'predictor_outputs', 'score', 'input_samples', 'predict_and_write', 'predict_fused_run',
+           'predict_anomaly_run', 'ExportModule', 'example_inputs', 'export_card_path', 'export_model', 'ExportedModel',
+           'check_export', 'flat_inputs', 'export_run', 'export_fused_run', 'refuse_mismatch', 'anomaly_predictor',
+           'ScoreModule', 'export_anomaly_run', 'zoom', 'average_outputs', 'TTAPredictor', 'Ensemble', 'box_iou',
+           'weighted_box_fusion', 'distillation_loss', 'Distill', 'distill']
 
 # %% ../nbs/08_deploy.ipynb #c9163e64
 FILE_READERS = {f.__name__: f for f in (read_image, read_image_set, read_video, read_audio, read_series, read_image_sequence)}  # readers a spec may name
@@ -177,6 +178,7 @@ def sample_prediction(outs:Mapping, # output name -> (B, K) tensor
 # %% ../nbs/08_deploy.ipynb #4c91c234
 class Predictor:
     "A trained fused model plus its training preprocessing: raw inputs (any subset of modalities) -> `Prediction`s"
+    record = Prediction  # what `predict` returns per sample (the server picks its response model by it)
     def __init__(self, model:MultiModalModel, # the trained model
                  specs:Mapping[str, ModalitySpec], # modality -> how its input is read (see `preprocessing_from_splits`)
                  class_names:Sequence[str]|None=None, # class names of a classification head
@@ -248,6 +250,7 @@ class Predictor:
 # %% ../nbs/08_deploy.ipynb #5980d7e2
 class AnomalyPredictor:
     "An anomaly scorer plus its input's training preprocessing: raw inputs -> `Prediction`s (label, and the score in `values`)"
+    record = Prediction  # what `predict` returns per sample
     def __init__(self, scorer:nn.Module, # a trained `ReconstructionScorer` carrying its threshold
                  modality:str, # the input it reconstructs
                  spec:ModalitySpec, # how that input is read
@@ -302,6 +305,7 @@ class Detections:
 
 class DetectionPredictor:
     "A trained `MultiModalYOLO`: an image file or (C, H, W) array per modality (any subset) -> `Detections`"
+    record = Detections  # what `predict` returns per frame
     def __init__(self, model:MultiModalYOLO, # the detector
                  conf:float=0.25, iou:float=0.7): # NMS confidence and IoU thresholds
         self.model, self.conf, self.iou = model.eval(), conf, iou
@@ -338,7 +342,7 @@ def load_predictor(run_dir, # a run folder of any kind
                    checkpoint:str='best', # 'best' or 'last'
                    data_root=None, # the training data, for a fused run without preprocessing.json (other kinds ignore it)
                    **kwargs): # what that kind's predictor takes besides (e.g. `device`, `conf`)
-    "The predictor a run's kind registered: a `Predictor` for a fused run, a `DetectionPredictor` for a detection run"
+    "The predictor a run's kind registered: `Predictor` (fused), `AnomalyPredictor` (anomaly), `DetectionPredictor` (detection)"
     run = RunFolder(run_dir)
     return kind_verb(run.kind, 'predictor')(run, checkpoint=checkpoint, data_root=data_root, **kwargs)
 
@@ -446,6 +450,12 @@ def example_inputs(specs:Mapping[str, ModalitySpec], # modality -> spec
 
 # %% ../nbs/08_deploy.ipynb #b7390802
 EXPORT_FORMATS = {'onnx': '.onnx', 'torchscript': '.pt'}  # format -> file suffix
+EXPORT_ATOL = 1e-4  # largest |exported - PyTorch| an export may differ by on the same inputs before it is refused
+
+def export_card_path(path) -> Path:
+    "Where an exported graph's JSON card goes: next to it, named after the whole file (model.onnx -> model.onnx.json), so formats never share a card"
+    path = Path(path)
+    return path.with_name(path.name + '.json')
 
 def _write_graph(module, example:tuple, path:Path, format:str, input_names:list, output_names:list, opset:int, dynamic_batch:bool):
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -463,7 +473,7 @@ def _write_graph(module, example:tuple, path:Path, format:str, input_names:list,
     finally: torch.backends.mha.set_fastpath_enabled(fastpath)
 
 def export_model(predictor:Predictor, # the model and preprocessing to export
-                 path, # the file to write (its `.json` card goes next to it)
+                 path, # the file to write (its JSON card goes next to it, see `export_card_path`)
                  format:str='onnx', # 'onnx' or 'torchscript'
                  opset:int=17, # ONNX opset
                 ) -> Path:
@@ -479,7 +489,7 @@ def export_model(predictor:Predictor, # the model and preprocessing to export
                       + [{'name': 'present', 'shape': ['batch', len(mods)], 'dtype': 'bool'}],
             'outputs': [{'name': k, 'kind': predictor.kinds[k]} for k in names], 'class_names': predictor.class_names, 'task': predictor.task,
             'preprocessing': json.loads(preprocessing_to_json(predictor.specs))}
-    write_card = lambda: write_json(card, path.with_suffix('.json'), indent=1)
+    write_card = lambda: write_json(card, export_card_path(path), indent=1)
     _write_graph(module, ex, path, format, [*mods, 'present'], names, opset, dynamic_batch=True)
     write_card()
     if format == 'onnx':
@@ -497,7 +507,7 @@ class ExportedModel:
     "An exported graph (ONNX via onnxruntime on CPU, or TorchScript) called like `ExportModule`: tensors in modality order, then `present`"
     def __init__(self, path):
         self.path = Path(path)
-        self.card = json.loads(self.path.with_suffix('.json').read_text())
+        self.card = json.loads(export_card_path(self.path).read_text())
         self.output_names, self.batch_size = [o['name'] for o in self.card['outputs']], self.card.get('batch_size')
         if self.card['format'] == 'onnx': self.session = ort.InferenceSession(str(self.path), providers=['CPUExecutionProvider'])
         else:
@@ -562,8 +572,16 @@ def export_fused_run(run:RunFolder, # a fused run
     res = {}
     for f in formats or ('onnx',):
         path, diffs = export_run(run.path, f, out/f'model{EXPORT_FORMATS.get(f, "")}', checkpoint, data_root)
-        res[f] = {'path': str(path), 'max_abs_diff': diffs}
+        res[f] = {'path': str(path), 'max_abs_diff': refuse_mismatch(diffs, path)}
     return res
+
+def refuse_mismatch(diffs:Mapping, # output name -> max |exported - PyTorch|
+                    path, # the exported file, for the message
+                    atol:float=EXPORT_ATOL) -> dict:
+    "`diffs` when every output is within `atol` of PyTorch, else an `ExportMismatchError` naming the outputs and the file"
+    bad = {k: v for k, v in diffs.items() if not v <= atol}
+    if bad: raise ExportMismatchError(f"{path}: the exported graph differs from PyTorch by {bad} (more than {atol}); do not deploy it")
+    return dict(diffs)
 
 @register_verb('anomaly', 'predictor')
 def anomaly_predictor(run:RunFolder, checkpoint:str='best', data_root=None, device:str='cpu', **kwargs) -> AnomalyPredictor:
@@ -590,10 +608,10 @@ def export_anomaly_run(run:RunFolder, out=None, formats:Sequence[str]|None=None,
         if f not in EXPORT_FORMATS: raise ValueError(f"format must be one of {list(EXPORT_FORMATS)}, got {f!r}")
         path = out/f'model{EXPORT_FORMATS[f]}'
         _write_graph(module, (x,), path, f, [p.modality], ['score'], 17, dynamic_batch=True)
-        write_json({**card, 'format': f}, path.with_suffix('.json'))
+        write_json({**card, 'format': f}, export_card_path(path))
         x2 = torch.rand(5, *spec.shape, generator=torch.Generator().manual_seed(1))
         with torch.no_grad(): ref = module(x2)[0]
-        res[f] = {'path': str(path), 'max_abs_diff': {'score': float((ExportedModel(path)(x2)[0] - ref).abs().max())}}
+        res[f] = {'path': str(path), 'max_abs_diff': refuse_mismatch({'score': float((ExportedModel(path)(x2)[0] - ref).abs().max())}, path)}
     return res
 
 # %% ../nbs/08_deploy.ipynb #16bbeb08

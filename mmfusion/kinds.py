@@ -17,7 +17,7 @@ from .model import EmbeddingHead, MultiTaskHead, build_model, load_checkpoint
 from .training import (LOSSES, OPTIMIZERS, Callback, Learner, ModelLoss, accuracy, init_output_bias, is_distributed, logits_of,
                                macro_f1, mae, make_train_loader, monitor_mode, r2, rmse, training_callbacks, values_of)
 from .config import (ANOMALY_MODEL, RunFolder, apply_overrides, build_splits, fit_config_to_data, load_config, merge_section,
-                             plain_data, register_verb, resolve_config, resolve_sections, run_kind)
+                             plain_data, register_verb, resolve_config, resolve_sections)
 from .evaluation import (anomaly_metrics, anomaly_scores, build_scorer, classification_metrics,
                                  knn_evaluate, normal_class_index, regression_metrics, select_threshold, threshold_settings, write_figure)
 

@@ -4,14 +4,15 @@
 
 # %% ../nbs/11_runs.ipynb #f8d901f7
 from __future__ import annotations
-import importlib, pkgutil
+import importlib, inspect, pkgutil
 from typing import Mapping, Sequence
 import pandas as pd
 import mmfusion
-from .config import RUN_KINDS, RUN_VERBS, RunFolder, apply_overrides, kind_verb, load_config, run_kind
+from .config import RUN_KINDS, RUN_VERBS, KindError, RunFolder, apply_overrides, kind_verb, load_config, run_kind
 
 # %% auto #0
-__all__ = ['ABOVE_RUNS', 'load_kinds', 'capabilities', 'train', 'evaluate', 'diagnose', 'predict', 'export', 'predictor']
+__all__ = ['ABOVE_RUNS', 'load_kinds', 'capabilities', 'train', 'call_verb', 'evaluate', 'diagnose', 'predict', 'export',
+           'predictor']
 
 # %% ../nbs/11_runs.ipynb #9daa9eb8
 ABOVE_RUNS = ('runs', 'cli')  # modules that import this one, so it must not import them
@@ -38,11 +39,20 @@ def train(config_or_path=None, # a YAML file or a config mapping (not needed wit
     if resume is not None: kind = RunFolder(resume).kind
     elif config_or_path is None: raise ValueError("give a config (path or mapping), or resume=RUN_DIR")
     else: kind = run_kind(apply_overrides(load_config(config_or_path), overrides), str(config_or_path) if not isinstance(config_or_path, Mapping) else 'the config')
-    return kind_verb(kind, 'train')(config_or_path, overrides, resume=resume, **kwargs)
+    return call_verb(kind, 'train', config_or_path, overrides, resume=resume, **kwargs)
+
+def call_verb(kind:str, verb:str, *args, **kwargs):
+    "Call what `kind` registered for `verb`; an option that kind's function does not take is a `KindError` naming it (not a TypeError)"
+    fn = kind_verb(kind, verb)
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(k for k in kwargs if k not in params)
+        if unknown: raise KindError(f"{kind} runs do not take {unknown} for {verb} (it takes {[p for p in params if p not in ('run', 'self')]})")
+    return fn(*args, **kwargs)
 
 def _verb(verb:str, run, *args, **kwargs):
     run = RunFolder(run)
-    return kind_verb(run.kind, verb)(run, *args, **kwargs)
+    return call_verb(run.kind, verb, run, *args, **kwargs)
 
 def evaluate(run, # a run folder
              split:str|None=None, out=None, checkpoint:str='best', **kwargs):
@@ -62,7 +72,7 @@ def predict(run, # a run folder
 
 def export(run, # a run folder
            out=None, formats:Sequence[str]|None=None, checkpoint:str='best', **kwargs) -> dict:
-    "Export a run of any kind (ONNX / TorchScript), checked against PyTorch; format -> file"
+    "Export a run of any kind (ONNX / TorchScript), refused when it differs from PyTorch; format -> {path, max_abs_diff}"
     return _verb('export', run, out=out, formats=formats, checkpoint=checkpoint, **kwargs)
 
 def predictor(run, # a run folder

@@ -14,11 +14,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 import uvicorn
 from .data import DataError
-from .deploy import DetectionPredictor, Predictor, load_predictor
+from .deploy import Detections, AnomalyPredictor, DetectionPredictor, Prediction, Predictor, load_predictor
 
 # %% auto #0
-__all__ = ['BodyLimit', 'InferenceSlots', 'PredictRequest', 'PredictionResponse', 'BoxResponse', 'DetectionsResponse',
-           'model_card', 'create_app', 'free_port', 'running_server', 'serve']
+__all__ = ['RESPONSES', 'BodyLimit', 'InferenceSlots', 'PredictRequest', 'PredictionResponse', 'BoxResponse',
+           'DetectionsResponse', 'model_card', 'create_app', 'free_port', 'running_server', 'serve']
 
 # %% ../nbs/10_serve.ipynb #ec707197
 class BodyLimit:
@@ -89,6 +89,9 @@ class DetectionsResponse(BaseModel):
     size: list[int]
     boxes: list[BoxResponse]
 
+RESPONSES = {Prediction: PredictionResponse, Detections: DetectionsResponse}  # a predictor's record type -> the response model the API declares
+
+
 # %% ../nbs/10_serve.ipynb #1f33293e
 _SUFFIX = re.compile(r'^\.[A-Za-z0-9]{1,5}$')
 
@@ -124,7 +127,7 @@ def _refuse_paths(inputs:dict) -> dict:
     return inputs
 
 # %% ../nbs/10_serve.ipynb #891e3e2d
-def model_card(predictor:Predictor|DetectionPredictor) -> dict:
+def model_card(predictor:Predictor|AnomalyPredictor|DetectionPredictor) -> dict:
     "What a predictor takes (modalities: shape, reader, tabular columns) and returns, as `/health` reports it"
     specs = predictor.specs
     return {'outputs': predictor.kinds, 'class_names': predictor.class_names,
@@ -133,7 +136,7 @@ def model_card(predictor:Predictor|DetectionPredictor) -> dict:
                            for m in predictor.modalities}}
 
 # %% ../nbs/10_serve.ipynb #f07268ed
-def create_app(predictor:Predictor|DetectionPredictor, # the model to serve (see `mmfusion.deploy.load_predictor`)
+def create_app(predictor:Predictor|AnomalyPredictor|DetectionPredictor, # the model to serve (see `mmfusion.deploy.load_predictor`)
                max_bytes:int=16 << 20, # largest request body accepted; also the WebSocket message limit `running_server`/`serve` give uvicorn
                max_concurrency:int=2, # predictions running at once
                max_queue:int=16, # requests allowed to wait for a slot before 503
@@ -141,7 +144,7 @@ def create_app(predictor:Predictor|DetectionPredictor, # the model to serve (see
               ) -> FastAPI:
     "A FastAPI app serving `predictor` over HTTP (JSON and multipart) and WebSocket"
     app = FastAPI(title=title, description=f"Model taking {predictor.modalities}; outputs {predictor.kinds}")
-    answer = DetectionsResponse if isinstance(predictor, DetectionPredictor) else PredictionResponse
+    answer = RESPONSES[predictor.record]  # the response model of what the predictor returns
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
     app.state.predictor, app.state.slots, app.state.max_bytes = predictor, InferenceSlots(max_concurrency, max_queue), max_bytes  # the WebSocket limit for uvicorn
 

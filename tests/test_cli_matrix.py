@@ -33,6 +33,20 @@ def capabilities():
     return capabilities()
 
 
+def test_the_three_kinds_do_every_verb(capabilities):
+    "Issue 14: every command works on every kind that exists today; a refusal registered later would fail here, not pass quietly"
+    verbs = ['resolve', 'splits', 'train', 'evaluate', 'diagnose', 'predict', 'export', 'predictor']
+    table = capabilities.loc[['fused', 'anomaly', 'detection'], verbs]
+    assert (table == 'yes').all().all(), table.to_string()
+
+
+def test_an_option_a_kind_does_not_take_is_a_clear_error(tmp_path):
+    "--force is the detector's Phase-1 gate override: on a fused config it is refused by name, before anything trains"
+    r = cli('train', 'configs/smoke.yaml', '--set', f'runs_dir={tmp_path}', '--force', ok=False)
+    assert r.returncode != 0 and "fused runs do not take ['force'] for train" in r.stderr, r.stderr[-1500:]
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.fixture(scope='module', params=list(CONFIGS))
 def run(request, tmp_path_factory):
     "A short run of each kind, trained through `mmfusion train`"
@@ -85,11 +99,11 @@ def test_predict(run, capabilities):
 
 def test_export(run, capabilities):
     kind, folder = run
-    r = cli('export', folder, '--out', folder/'export_cli', '--data-root', 'data', ok=False)
+    r = cli('export', folder, '--out', folder/'export_cli', '--format', 'onnx', '--format', 'torchscript', '--data-root', 'data', ok=False)
     def check():
-        files = [p for p in (folder/'export_cli').iterdir() if p.suffix in ('.onnx', '.pt')]
-        assert files, list((folder/'export_cli').iterdir())
-        assert 'max abs difference from PyTorch' in r.stdout
+        files = sorted(p.suffix for p in (folder/'export_cli').iterdir() if p.suffix in ('.onnx', '.pt'))
+        assert files == ['.onnx', '.pt'], list((folder/'export_cli').iterdir())  # both formats, neither overwriting the other's card
+        assert r.stdout.count('max abs difference from PyTorch') == 2, r.stdout
     expect(capabilities, kind, 'export', r, check)
 
 
@@ -117,8 +131,10 @@ def test_serve(run, capabilities):
 
 
 def test_kinds_table_lists_every_kind_and_verb():
-    out = cli('kinds').stdout
-    for word in ('fused', 'anomaly', 'detection', 'train', 'evaluate', 'diagnose', 'predict', 'export'): assert word in out
+    "`mmfusion kinds` prints the registry: a row per kind, a column per verb, 'yes' in every cell of today's kinds"
+    header, *rows = cli('kinds').stdout.strip().splitlines()
+    assert header.split() == ['resolve', 'splits', 'train', 'evaluate', 'diagnose', 'predict', 'export', 'predictor'], header
+    assert {r.split()[0]: r.split()[1:] for r in rows} == {k: ['yes'] * 8 for k in ('anomaly', 'detection', 'fused')}, rows
 
 
 def test_every_verb_refuses_a_kind_nothing_registered(tmp_path):
