@@ -188,7 +188,7 @@ def test_the_threshold_rule_is_chosen_in_the_config(runs, tmp_path):
 def test_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
     (tmp_path/'checkpoints').mkdir()
     with pytest.raises(SystemExit) as e: main(['evaluate', str(tmp_path)])
-    assert 'is not a run folder (no config.yaml)' in str(e.value.code) and str(tmp_path) in str(e.value.code)
+    assert 'is not a run folder: it has no config.yaml' in str(e.value.code) and str(tmp_path) in str(e.value.code)
 
 
 def test_a_nan_threshold_saved_with_an_anomaly_run_is_refused(runs, tmp_path):
