@@ -242,7 +242,7 @@ def augmentation(spec:Sequence[Mapping]|Mapping, # [{'name': 'HorizontalFlip', '
 # %% ../nbs/04a_config.ipynb #57fde1e2
 def _held_out(ds:MultiModalDataset, fraction:float, seed:int) -> set:
     "Indices to hold out: a seeded share of each class (all samples for other tasks); whole groups when samples carry one"
-    classes = ds.targets if ds.task == 'classification' else [0] * len(ds)
+    classes = ds.strata or [0] * len(ds)
     if all(g is None for g in ds.groups):
         rng, held = np.random.default_rng(seed), set()
         for c in sorted(set(classes)):
@@ -252,7 +252,7 @@ def _held_out(ds:MultiModalDataset, fraction:float, seed:int) -> set:
     groups = [r.id if r.group is None else r.group for r in ds.records]  # a sample without a group is a group of its own
     n_splits = max(2, round(1 / fraction))
     if len(set(groups)) < n_splits: raise ValueError(f"holding out {fraction} of {ds.name} by group needs at least {n_splits} groups, it has {len(set(groups))}")
-    splitter = (StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed) if ds.task == 'classification' else
+    splitter = (StratifiedGroupKFold(n_splits, shuffle=True, random_state=seed) if ds.strata else
                 GroupShuffleSplit(1, test_size=fraction, random_state=seed))
     return set(next(splitter.split(np.zeros(len(ds)), classes, groups))[1].tolist())
 

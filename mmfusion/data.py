@@ -18,8 +18,8 @@ from matplotlib.patches import Rectangle
 from torch.utils.data import Dataset, Sampler
 
 # %% auto #0
-__all__ = ['TINY_TABULAR', 'IMAGE_EXTS', 'NIGHT_MODALITIES', 'WELD_CLASSES', 'SOLAR_CHANNELS', 'TARGET_SUMMARIES', 'Sample',
-           'DataError', 'SkippedSample', 'Modality', 'Record', 'ArrayRow', 'read_record', 'MultiModalDataset',
+__all__ = ['TINY_TABULAR', 'IMAGE_EXTS', 'NIGHT_MODALITIES', 'WELD_CLASSES', 'SOLAR_CHANNELS', 'TARGET_SUMMARIES', 'STRATA',
+           'Sample', 'DataError', 'SkippedSample', 'Modality', 'Record', 'ArrayRow', 'read_record', 'MultiModalDataset',
            'collate_samples', 'batch_to', 'from_arrays', 'tiny_dataset', 'read_image', 'read_image_set', 'read_video',
            'read_audio', 'read_text', 'read_csv_text', 'numeric_columns', 'text_columns', 'read_csv_numeric',
            'read_series', 'TabularPreprocessor', 'read_image_sequence', 'read_yolo_labels', 'read_voc_labels',
@@ -1068,6 +1068,13 @@ def _box_counts(t:list, class_names) -> str:
     return f"{sum(len(v['boxes']) for v in t)} boxes, {sum(len(v['boxes']) == 0 for v in t)} empty frames"
 
 TARGET_SUMMARIES = {'classification': _class_counts, 'regression': _target_moments, 'detection': _box_counts}  # task -> f(targets, class_names) -> text; a new task adds its own
+
+STRATA = {'classification': lambda ds: list(ds.targets)}  # task -> the labels its splits and batches are stratified by; other tasks are not
+
+@patch(as_prop=True)
+def strata(self:MultiModalDataset) -> list|None:
+    "The labels to stratify this dataset's splits and batches by (`STRATA` of its task), or None when its task has none"
+    return STRATA[self.task](self) if self.task in STRATA else None
 
 # %% ../nbs/00_data.ipynb #c3f74db4
 def summarize_splits(splits:Mapping[str, MultiModalDataset], # split name -> dataset

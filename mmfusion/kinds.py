@@ -22,9 +22,9 @@ from .evaluation import (anomaly_metrics, anomaly_scores, build_scorer, classifi
                                  knn_evaluate, normal_class_index, regression_metrics, select_threshold, threshold_settings, write_figure)
 
 # %% auto #0
-__all__ = ['RECIPES', 'resolve_anomaly_config', 'normal_samples', 'ReconstructionTraining', 'with_primary', 'evaluate_learner',
-           'evaluate_scorer', 'Run', 'plot_history', 'start_run', 'Recipe', 'fused_parts', 'anomaly_parts',
-           'finish_run', 'train']
+__all__ = ['FUSED_TASKS', 'RECIPES', 'resolve_anomaly_config', 'normal_samples', 'ReconstructionTraining', 'with_primary',
+           'FusedTask', 'evaluate_learner', 'evaluate_scorer', 'Run', 'plot_history', 'start_run', 'Recipe',
+           'fused_parts', 'anomaly_parts', 'finish_run', 'train']
 
 # %% ../nbs/07a_kinds.ipynb #c01663a8
 @register_verb('anomaly', 'resolve')
@@ -90,7 +90,7 @@ def _classification_report(learn:Learner, outs, targets, train_ds:MultiModalData
     res['default_primary'] = 'knn_accuracy' if emb is not None else 'accuracy'
     return res
 
-def _regression_report(outs, targets, train_ds:MultiModalDataset, test_ds:MultiModalDataset) -> dict:
+def _regression_report(learn:Learner, outs, targets, train_ds:MultiModalDataset, test_ds:MultiModalDataset, ev:Mapping, batch_size:int) -> dict:
     "Held-out regression metrics (with the collapsed-prediction check) next to the training mean"
     targets = targets.view(len(targets), -1)
     preds = values_of(outs).view_as(targets)
@@ -110,6 +110,16 @@ def with_primary(res:dict, # held-out results with 'test' and 'baseline' metrics
                       'higher_is_better': monitor_mode(primary) == 'max'}
     return res
 
+@dataclass
+class FusedTask:
+    "What a fused run of one task reports each epoch, reports on its held-out split, and whether its heads start at the target mean"
+    epoch_metrics:dict # name -> metric(out, target) for the Learner's history (dropped for an embedding head)
+    report:Callable # (learner, outputs, targets, train split, test split, evaluation section, batch size) -> held-out results
+    init_bias:bool=False # start regression heads at the training mean (`training.init_output_bias`)
+
+FUSED_TASKS = {'classification': FusedTask({'accuracy': accuracy, 'macro_f1': macro_f1}, _classification_report),
+               'regression': FusedTask({'mae': mae, 'rmse': rmse}, _regression_report, init_bias=True)}  # data task -> FusedTask
+
 # %% ../nbs/07a_kinds.ipynb #c723cd89
 def evaluate_learner(learn:Learner, # a trained learner (its model is scored as it is)
                      splits:Mapping[str, MultiModalDataset], # the datasets
@@ -119,8 +129,7 @@ def evaluate_learner(learn:Learner, # a trained learner (its model is scored as 
     data, ev = cfg['data'], cfg['evaluation']
     train_ds, test_ds = splits[data['train']], splits[ev['split']]
     outs, targets, loss = learn.get_preds(test_ds.loader(batch_size=batch_size))
-    part = (_classification_report(learn, outs, targets, train_ds, test_ds, ev, batch_size) if test_ds.task == 'classification' else
-            _regression_report(outs, targets, train_ds, test_ds))
+    part = FUSED_TASKS[test_ds.task].report(learn, outs, targets, train_ds, test_ds, ev, batch_size)
     primary = ev['primary'] or part.pop('default_primary')
     part.pop('default_primary', None)
     res = {'split': ev['split'], 'n': len(test_ds), 'task': test_ds.task, **part, 'test': {'loss': loss, **part['test']}}
@@ -211,11 +220,11 @@ class Recipe:
 
 def fused_parts(cfg:Mapping, splits:Mapping) -> tuple:
     "A fused model from the config, its loss, the epoch metrics its head supports, and no extra callbacks"
-    model, task = build_model(cfg['model']), splits[cfg['data']['train']].task
-    if cfg['training']['init_output_bias'] and task == 'regression': init_output_bias(model, splits[cfg['data']['train']].targets)
-    metrics = ({'accuracy': accuracy, 'macro_f1': macro_f1} if task == 'classification' and not isinstance(model.head, EmbeddingHead) else
-               {'mae': mae, 'rmse': rmse} if task == 'regression' else {})
-    if isinstance(model.head, MultiTaskHead) and 'logits' not in model.head.heads: metrics = {}
+    model, train_ds = build_model(cfg['model']), splits[cfg['data']['train']]
+    task = FUSED_TASKS[train_ds.task]
+    if cfg['training']['init_output_bias'] and task.init_bias: init_output_bias(model, train_ds.targets)
+    metrics = dict(task.epoch_metrics)
+    if isinstance(model.head, EmbeddingHead) or (isinstance(model.head, MultiTaskHead) and 'logits' not in model.head.heads): metrics = {}
     return model, ModelLoss(cfg['loss'], model.aux_weight), metrics, []
 
 def anomaly_parts(cfg:Mapping, splits:Mapping) -> tuple:

@@ -935,7 +935,7 @@ def make_train_loader(ds:MultiModalDataset, # the training split
                       rank:int=0, world:int=1, # this process's rank and the world size under DDP
                      ) -> DataLoader:
     "The training loader: seeded stratified (or plain shuffled, `k`=1) batches, split across ranks, resumable mid-epoch"
-    labels = ds.targets if ds.task == 'classification' else [0] * len(ds)
+    labels = ds.strata or [0] * len(ds)
     k = data['k'] if data['sampler'] == 'stratified' else 1
     if data['sampler'] not in ('stratified', 'random'): raise ValueError(f"data.sampler must be 'stratified' or 'random', got {data['sampler']!r}")
     sampler = StratifiedBatchSampler(labels, data['batch_size'], k=k, seed=seed, num_replicas=world, rank=rank, drop_last=data['drop_last'])
