@@ -16,7 +16,7 @@ from .data import (DataError, Sample, TabularPreprocessor, collate_samples, read
                            read_image_set, read_series, read_video)
 from .evaluation import load_scorer
 from .model import (ClassificationHead, EmbeddingHead, IdentityHead, MultiModalModel, MultiTaskHead, RegressionHead,
-                            load_checkpoint, load_model, run_checkpoint)
+                            load_model, run_checkpoint)
 from .training import Callback, logits_of
 from .config import KindError, RunFolder, build_splits, kind_verb, register_verb
 from .kinds import Run, train
@@ -264,6 +264,7 @@ class AnomalyPredictor:
     def from_run(cls, run_dir, checkpoint:str='best', data_root=None, device:str='cpu'):
         "Load an anomaly run's scorer (as data only) and its input's preprocessing"
         run = RunFolder(run_dir)
+        if run.kind != 'anomaly': raise KindError(f"{run.path} is a {run.kind} run: an `AnomalyPredictor` serves anomaly scorers; `mmfusion.runs.predictor` picks the right one")
         m = run.config['model']['input']
         return cls(load_scorer(run.checkpoint(checkpoint)), m, run_preprocessing(run, data_root)[0][m], device)
 
