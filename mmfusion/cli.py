@@ -4,11 +4,12 @@
 
 # %% ../nbs/09_cli.ipynb #3c8dc8b4
 from __future__ import annotations
-import argparse, sys, time
+import argparse, importlib, pkgutil, sys, time
 from typing import Sequence
 from pathlib import Path
 import matplotlib
-from .config import KindError, RunFolder
+import mmfusion
+from .config import COMMANDS, KindError, RunFolder, register_command
 from .data import show_sample, summarize_splits
 from .sample_data import SAMPLE_SETS, make_sample_data, sample_splits
 from .evaluation import write_figure
@@ -18,7 +19,7 @@ from .runs import capabilities, diagnose, evaluate, export, predict, train
 
 # %% auto #0
 __all__ = ['SCENARIOS', 'data_summary', 'headline_line', 'run_scenario', 'demo', 'add_train_arguments', 'add_predict_arguments',
-           'predict_inputs', 'main']
+           'predict_inputs', 'load_commands', 'parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #88df9607
 def data_summary(root='data', # folder holding the sample datasets (night, weld, inspection, solar)
@@ -121,66 +122,99 @@ def predict_inputs(a:argparse.Namespace):
     if not files: raise ValueError("give --input MODALITY=PATH (or --thermal/--nvg/--visual), or --manifest CSV")
     return files
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='mmfusion', description='Build, train, evaluate and diagnose multi-modal fusion models.')
-    sub = p.add_subparsers(dest='command', required=True)
-    d = sub.add_parser('data', help='sample data: generate or summarise').add_subparsers(dest='action', required=True)
-    g = d.add_parser('generate', help='(re)create the four sample datasets')
-    g.add_argument('--root', default='data'); g.add_argument('--seed', type=int, default=0)
-    s = d.add_parser('summary', help='print a summary and save a picture per dataset')
-    s.add_argument('--root', default='data'); s.add_argument('--out', default='runs/data')
-    add_train_arguments(sub.add_parser('train', help='train a run of any kind from a YAML config (or resume a run)'))
-    _run_arguments(sub.add_parser('evaluate', help='evaluate a run folder: RUN_DIR/eval/'), 'default: RUN_DIR/eval').add_argument('--split', default=None)
-    g = _run_arguments(sub.add_parser('diagnose', help='diagnose a run folder: RUN_DIR/diagnosis/{findings.json, report.html}'), 'default: RUN_DIR/diagnosis')
-    g.add_argument('--split', default=None, help='default: the validation split when the run has one, else test')
-    g.add_argument('--head', default=None, help="a multi-task model's head to score (default: the one its evaluation uses)")
-    add_predict_arguments(sub.add_parser('predict', help='predict with a run of any kind: predictions.json'))
-    v = sub.add_parser('serve', help='serve a run folder: HTTP (JSON + multipart) and WebSocket API, OpenAPI docs at /docs')
-    v.add_argument('run_dir'); v.add_argument('--host', default='127.0.0.1', help='interface to bind (default: loopback only)')
-    v.add_argument('--port', type=int, default=8000); v.add_argument('--checkpoint', default='best', choices=['best', 'last'])
-    v.add_argument('--data-root', default=None, help="the training data, when the run has no preprocessing.json (default: the config's data.root)")
-    v.add_argument('--max-bytes', type=int, default=16 << 20, help='largest request accepted'); v.add_argument('--max-concurrency', type=int, default=2)
-    x = _run_arguments(sub.add_parser('export', help='export a run as ONNX and/or TorchScript, checked against PyTorch'), 'default: RUN_DIR/export')
-    x.add_argument('--format', action='append', choices=list(EXPORT_FORMATS), help='repeat for several (default: the kind\'s own)')
-    x.add_argument('--data-root', default=None)
-    sub.add_parser('kinds', help='what each kind of run can do')
-    m = sub.add_parser('demo', help='the main job on the sample data')
-    m.add_argument('--root', default='data'); m.add_argument('--out', default='runs/demo')
-    m.add_argument('--scenario', default='weld', choices=[*SCENARIOS, 'all'])
-    return p
 
 # %% ../nbs/09_cli.ipynb #6fa3c494
 def _optional(**kw) -> dict: return {k: v for k, v in kw.items() if v not in (None, False)}
 
-def _command(a:argparse.Namespace):
-    if a.command == 'data' and a.action == 'generate':
+def _data_arguments(p):
+    d = p.add_subparsers(dest='action', required=True)
+    g = d.add_parser('generate', help='(re)create the sample datasets')
+    g.add_argument('--root', default='data'); g.add_argument('--seed', type=int, default=0)
+    s = d.add_parser('summary', help='print a summary and save a picture per dataset')
+    s.add_argument('--root', default='data'); s.add_argument('--out', default='runs/data')
+
+@register_command('data', 'sample data: generate or summarise', _data_arguments)
+def _data(a):
+    if a.action == 'generate':
         for name, path in make_sample_data(a.root, a.seed).items(): print(f"{name}: {path}")
-    elif a.command == 'data': data_summary(a.root, a.out)
-    elif a.command == 'train':
-        if bool(a.config) == bool(a.resume): sys.exit("mmfusion train: give a CONFIG or --resume RUN_DIR (one of them)")
-        run = train(a.config, a.overrides, a.resume, verbose=not a.quiet, **_optional(force=a.force))
-        if not a.quiet: print(f"run folder: {run.dir}")
-    elif a.command == 'evaluate':
-        ev = evaluate(a.run_dir, a.split, a.out, a.checkpoint)
-        print(f"{headline_line(ev)}; report in {a.out or Path(a.run_dir)/'eval'}")
-    elif a.command == 'diagnose':
-        d = diagnose(a.run_dir, a.split, a.out, a.checkpoint, **_optional(head=a.head))
-        print(d); print(f"report in {a.out or Path(a.run_dir)/'diagnosis'}")
-    elif a.command == 'predict':
-        records = predict(a.run_dir, predict_inputs(a), a.out, a.checkpoint, **_optional(data_root=a.data_root, conf=a.conf))
-        print(f"{len(records)} prediction(s): {Path(a.out or Path(a.run_dir)/'predictions')/'predictions.json'}")
-    elif a.command == 'serve': serve(a.run_dir, a.host, a.port, a.checkpoint, a.data_root, a.max_bytes, a.max_concurrency)
-    elif a.command == 'export':
-        for f, r in export(a.run_dir, a.out, a.format, a.checkpoint, **_optional(data_root=a.data_root)).items():
-            print(f"{f}: {r['path']}; max abs difference from PyTorch: " + ', '.join(f"{k} {v:.2e}" for k, v in r['max_abs_diff'].items()))
-    elif a.command == 'kinds': print(capabilities().to_string())
-    elif a.command == 'demo': demo(a.root, a.out, a.scenario)
+    else: data_summary(a.root, a.out)
+
+@register_command('train', 'train a run of any kind from a YAML config (or resume a run)', add_train_arguments)
+def _train(a):
+    if bool(a.config) == bool(a.resume): sys.exit("mmfusion train: give a CONFIG or --resume RUN_DIR (one of them)")
+    run = train(a.config, a.overrides, a.resume, verbose=not a.quiet, **_optional(force=a.force))
+    if not a.quiet: print(f"run folder: {run.dir}")
+
+@register_command('evaluate', 'evaluate a run folder: RUN_DIR/eval/',
+                  lambda p: _run_arguments(p, 'default: RUN_DIR/eval').add_argument('--split', default=None))
+def _evaluate(a):
+    ev = evaluate(a.run_dir, a.split, a.out, a.checkpoint)
+    print(f"{headline_line(ev)}; report in {a.out or Path(a.run_dir)/'eval'}")
+
+def _diagnose_arguments(p):
+    _run_arguments(p, 'default: RUN_DIR/diagnosis')
+    p.add_argument('--split', default=None, help='default: the validation split when the run has one, else test')
+    p.add_argument('--head', default=None, help="a multi-task model's head to score (default: the one its evaluation uses)")
+
+@register_command('diagnose', 'diagnose a run folder: RUN_DIR/diagnosis/{findings.json, report.html}', _diagnose_arguments)
+def _diagnose(a):
+    d = diagnose(a.run_dir, a.split, a.out, a.checkpoint, **_optional(head=a.head))
+    print(d); print(f"report in {a.out or Path(a.run_dir)/'diagnosis'}")
+
+@register_command('predict', 'predict with a run of any kind: predictions.json', add_predict_arguments)
+def _predict(a):
+    records = predict(a.run_dir, predict_inputs(a), a.out, a.checkpoint, **_optional(data_root=a.data_root, conf=a.conf))
+    print(f"{len(records)} prediction(s): {Path(a.out or Path(a.run_dir)/'predictions')/'predictions.json'}")
+
+# %% ../nbs/09_cli.ipynb #565ccd3b
+def _serve_arguments(v):
+    v.add_argument('run_dir'); v.add_argument('--host', default='127.0.0.1', help='interface to bind (default: loopback only)')
+    v.add_argument('--port', type=int, default=8000); v.add_argument('--checkpoint', default='best', choices=['best', 'last'])
+    v.add_argument('--data-root', default=None, help="the training data, when the run has no preprocessing.json (default: the config's data.root)")
+    v.add_argument('--max-bytes', type=int, default=16 << 20, help='largest request accepted'); v.add_argument('--max-concurrency', type=int, default=2)
+
+@register_command('serve', 'serve a run folder: HTTP (JSON + multipart) and WebSocket API, OpenAPI docs at /docs', _serve_arguments)
+def _serve(a): serve(a.run_dir, a.host, a.port, a.checkpoint, a.data_root, a.max_bytes, a.max_concurrency)
+
+def _export_arguments(x):
+    _run_arguments(x, 'default: RUN_DIR/export')
+    x.add_argument('--format', action='append', choices=list(EXPORT_FORMATS), help='repeat for several (default: the kind\'s own)')
+    x.add_argument('--data-root', default=None)
+
+@register_command('export', 'export a run as ONNX and/or TorchScript, checked against PyTorch', _export_arguments)
+def _export(a):
+    for f, r in export(a.run_dir, a.out, a.format, a.checkpoint, **_optional(data_root=a.data_root)).items():
+        print(f"{f}: {r['path']}; max abs difference from PyTorch: " + ', '.join(f"{k} {v:.2e}" for k, v in r['max_abs_diff'].items()))
+
+@register_command('kinds', 'what each kind of run can do')
+def _kinds(a): print(capabilities().to_string())
+
+def _demo_arguments(m):
+    m.add_argument('--root', default='data'); m.add_argument('--out', default='runs/demo')
+    m.add_argument('--scenario', default='weld', choices=[*SCENARIOS, 'all'])
+
+@register_command('demo', 'the main job on the sample data', _demo_arguments)
+def _demo(a): demo(a.root, a.out, a.scenario)
+
+# %% ../nbs/09_cli.ipynb #80f727c8
+def load_commands() -> list:
+    "Import every mmfusion module, so every subcommand has registered itself; the subcommand names"
+    for m in pkgutil.iter_modules(mmfusion.__path__):
+        if m.name != 'cli' and not m.name.startswith('_'): importlib.import_module(f'mmfusion.{m.name}')
+    return COMMANDS.names
+
+def parser() -> argparse.ArgumentParser:
+    "The `mmfusion` argument parser: one subcommand per entry of `COMMANDS`"
+    p = argparse.ArgumentParser(prog='mmfusion', description='Build, train, evaluate and diagnose multi-modal fusion models.')
+    sub = p.add_subparsers(dest='command', required=True)
+    for name in load_commands(): COMMANDS[name].arguments(sub.add_parser(name, help=COMMANDS[name].help))
+    return p
 
 def main(argv:list|None=None, # arguments (default: sys.argv[1:])
         ):
     "Entry point of the `mmfusion` command"
     if 'ipykernel' not in sys.modules: matplotlib.use('Agg')  # a terminal has no display; a notebook keeps its inline plots
-    a = _parser().parse_args(argv)
-    try: _command(a)
+    a = parser().parse_args(argv)
+    try: COMMANDS[a.command].run(a)
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:  # KindError and DataError are ValueErrors
         sys.exit(f"mmfusion {a.command}: {type(e).__name__}: {e}")

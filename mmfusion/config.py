@@ -19,10 +19,11 @@ from .model import run_checkpoint
 from .training import OPTIMIZERS, balanced_class_weights
 
 # %% auto #0
-__all__ = ['RUN_VERBS', 'VERB_PHRASES', 'RUN_KINDS', 'DEFAULT_CONFIG', 'ANOMALY_MODEL', 'KindError', 'RunKind', 'register_verb',
-           'refuse_verb', 'kind_verb', 'run_kind', 'plain_data', 'load_config', 'apply_overrides', 'merge_section',
-           'resolve_sections', 'resolve_fused_config', 'resolve_config', 'fit_standardizer', 'build_splits',
-           'augmentation', 'hold_out', 'fit_config_to_data', 'new_run_dir', 'RunFolder', 'config_splits']
+__all__ = ['RUN_VERBS', 'VERB_PHRASES', 'RUN_KINDS', 'COMMANDS', 'DEFAULT_CONFIG', 'ANOMALY_MODEL', 'KindError', 'RunKind',
+           'register_verb', 'refuse_verb', 'kind_verb', 'Command', 'register_command', 'run_kind', 'plain_data',
+           'load_config', 'apply_overrides', 'merge_section', 'resolve_sections', 'resolve_fused_config',
+           'resolve_config', 'fit_standardizer', 'build_splits', 'augmentation', 'hold_out', 'fit_config_to_data',
+           'new_run_dir', 'RunFolder', 'config_splits']
 
 # %% ../nbs/04a_config.ipynb #ee3ab2bc
 RUN_VERBS = ('resolve', 'splits', 'train', 'evaluate', 'diagnose', 'predict', 'export', 'predictor')  # what a kind of run is asked to do
@@ -68,6 +69,27 @@ def kind_verb(kind:str, verb:str) -> Callable:
     if how is None: raise KindError(f"{kind} runs cannot {doing}: nothing is registered for it (`import mmfusion.runs` loads every kind's verbs)")
     if isinstance(how, str): raise KindError(f"{kind} runs cannot {doing}: {how}")
     return how
+
+# %% ../nbs/04a_config.ipynb #329cb9d0
+@dataclass
+class Command:
+    "A `mmfusion NAME` subcommand: its help line, the arguments it adds to its parser, and what it runs"
+    help:str # one line, shown by `mmfusion --help`
+    arguments:Callable # `arguments(parser)` adds the subcommand's arguments to its `argparse` parser
+    run:Callable # `run(args)` does the work from the parsed `argparse.Namespace`
+
+COMMANDS = Registry('command')  # subcommand name -> `Command`; filled by the modules that offer one
+
+def register_command(name:str, # the subcommand, as typed after `mmfusion`
+                     help:str, # one line for `mmfusion --help`
+                     arguments:Callable|None=None, # `arguments(parser)` adds its arguments (default: none)
+                    ) -> Callable:
+    "Decorator: `fn(args)` is what `mmfusion NAME` runs"
+    def _add(fn):
+        if name in COMMANDS: raise KindError(f"the subcommand {name!r} is registered twice (already by {COMMANDS[name].run.__module__})")
+        COMMANDS.register(name)(Command(help, arguments or (lambda p: p), fn))
+        return fn
+    return _add
 
 # %% ../nbs/04a_config.ipynb #fc56ad44
 def run_kind(cfg:Mapping, # a config (as loaded, or resolved)

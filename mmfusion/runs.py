@@ -15,7 +15,7 @@ __all__ = ['ABOVE_RUNS', 'load_kinds', 'capabilities', 'train', 'call_verb', 'ev
            'predictor']
 
 # %% ../nbs/11_runs.ipynb #9daa9eb8
-ABOVE_RUNS = ('runs', 'cli')  # modules that import this one, so it must not import them
+ABOVE_RUNS = ('runs', 'tune', 'cli')  # modules that import this one, so it must not import them
 
 def load_kinds() -> list:
     "Import every mmfusion module below this one, so every kind has registered its verbs; the kinds known"

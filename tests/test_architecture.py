@@ -15,7 +15,8 @@ LIB, NBS = ROOT/'mmfusion', ROOT/'nbs'
 # lower floors may not import higher ones (RULES.md / issue 14):
 # core → data → encoders → fusion → model → training/config → evaluation → diagnosis → detection/kinds/planted → deploy → serve → runs → cli
 FLOORS = {'core':0, 'data':1, 'sample_data':1, 'encoders':2, 'fusion':3, 'model':4, 'training':5, 'config':5, 'evaluation':6,
-          'diagnosis':7, 'detection':8, 'kinds':8, 'planted':8, 'deploy':9, 'serve':10, 'runs':11, 'cli':12}
+          'diagnosis':7, 'detection':8, 'kinds':8, 'planted':8, 'deploy':9, 'serve':10, 'runs':11, 'cli':13,
+          'segmentation':8, 'embed':8, 'stream':10, 'tune':12}  # new this session: segmentation (07b), embed (07c), stream (10a), tune (12)
 DYNAMIC_OK = FLOORS['runs']  # from this floor up a module may import by computed names (runs discovers every module)
 MAX_EXPORT_LINES = 80
 
