@@ -28,6 +28,7 @@ from ultralytics.utils.ops import xywh2xyxy
 
 from .config import DEFAULT_CONFIG, KindError, RunFolder, apply_overrides, load_config, plain_data, register_verb
 from .data import IMAGE_EXTS, NIGHT_MODALITIES, AlignedAugment, batch_to, detection_augment, paired_folders, read_image
+from .evaluation import bootstrap_ci
 from .diagnosis import CHECKS, DETECTION_CHECKS, REMEDIES, Diagnosis, Finding, diagnose, remedies
 from .encoders import YOLOBackbone, adapt_in_channels
 from .fusion import FUSIONS
@@ -36,16 +37,18 @@ from .model import MultiModalModel, load_checkpoint, run_checkpoint, save_checkp
 from .training import OPTIMIZERS, Callback, Checkpoint, Learner, training_callbacks
 
 # %% auto #0
-__all__ = ['DETECTION_TRAINING', 'DETECTION_CONFIG', 'GATE_METRICS', 'DETECTION_REMEDIES', 'DETECTOR_FORMATS', 'MultiModalYOLO',
-           'fit_size', 'detection_splits', 'DetectionLoss', 'postprocess_detections', 'validate_detection',
-           'DetectionValidation', 'DetectionConfigError', 'detection_training', 'detection_callbacks', 'fit_detector',
-           'yolo_dataset_view', 'ultralytics_offline', 'train_baseline', 'ablation_table', 'draw_detections',
-           'load_detector', 'predict_detections', 'detection_frames', 'detection_data_root', 'detection_gate',
+__all__ = ['DETECTION_TRAINING', 'DETECTION_CONFIG', 'GATE_METRICS', 'DETECTION_REMEDIES', 'ABLATION_FINDINGS',
+           'ABLATION_REMEDIES', 'DETECTOR_FORMATS', 'MultiModalYOLO', 'fit_size', 'detection_splits', 'DetectionLoss',
+           'postprocess_detections', 'detection_metrics', 'validate_detection', 'DetectionValidation',
+           'DetectionConfigError', 'detection_training', 'detection_callbacks', 'fit_detector', 'yolo_dataset_view',
+           'ultralytics_offline', 'train_baseline', 'ablation_table', 'draw_detections', 'load_detector',
+           'predict_detections', 'detection_frames', 'detection_data_root', 'detection_gate',
            'resolve_detection_config', 'detection_config', 'train_single_detector', 'load_single_detector', 'GateError',
            'phase1_gate', 'baseline_gate', 'train_detection_baselines', 'build_fused_detector', 'score_detection_run',
            'DetectionRun', 'run_detection', 'run_detection_splits', 'detector_cams', 'plot_detector_cams',
-           'detection_contribution', 'diagnose_detection_run', 'evaluate_detection_run', 'predict_detection_run',
-           'DetectorGraph', 'ExportMismatchError', 'detector_inputs', 'export_detector', 'export_detection_run']
+           'metric_difference', 'ablation_verdict', 'detection_contribution', 'diagnose_detection_run',
+           'evaluate_detection_run', 'predict_detection_run', 'DetectorGraph', 'ExportMismatchError', 'detector_inputs',
+           'export_detector', 'export_detection_run']
 
 # %% ../nbs/07_detection.ipynb #9a19d80b
 def _read_yolo_checkpoint(path) -> DetectionModel:
@@ -270,6 +273,16 @@ def _without(batch:Mapping, drop:Sequence[str]) -> dict:
         inputs[m], present[:, batch['modalities'].index(m)] = torch.zeros_like(inputs[m]), False
     return {**batch, 'inputs': inputs, 'present': present}
 
+def detection_metrics(records:Sequence[Mapping], # per-image matching records (`validate_detection(..., per_image=True)['per_image']`)
+                      names:Mapping[int, str], # class id -> name
+                     ) -> dict:
+    "Precision, recall, mAP50 and mAP50-95 of per-image records, through ultralytics' `DetMetrics` (`ap_per_class`)"
+    metrics = DetMetrics(names=dict(names))
+    for r in records: metrics.update_stats(r)
+    metrics.process()
+    p, r, map50, map50_95 = (float(v) for v in metrics.mean_results())
+    return {'precision': p, 'recall': r, 'mAP50': map50, 'mAP50-95': map50_95}
+
 @torch.no_grad()
 def validate_detection(model:nn.Module, # a `MultiModalYOLO`
                        loader, # batches from `collate_samples` with detection targets
@@ -277,11 +290,12 @@ def validate_detection(model:nn.Module, # a `MultiModalYOLO`
                        drop:Sequence[str]=(), # modalities removed at test time (zero input, `present` False)
                        loss_func:Callable|None=None, # also report the mean loss (e.g. a `DetectionLoss`)
                        autocast:Callable=nullcontext, # context for the forward pass (e.g. the learner's mixed precision)
+                       per_image:bool=False, # also return the per-image matching records ('per_image'), for bootstrap intervals over images
                       ) -> dict:
     "Precision, recall, mAP50 and mAP50-95 (ultralytics' NMS, matching and `DetMetrics`), image count, and the loss if asked"
     device, was_training = next(model.parameters()).device, model.training
     matcher = DetectionValidator(save_dir=Path(tempfile.gettempdir()), args={'plots': False, 'conf': conf, 'iou': iou})  # for its `match_predictions`
-    metrics, losses, n = DetMetrics(names=dict(model.names)), [], 0
+    records, losses = [], []
     model.eval()
     try:
         for batch in loader:
@@ -294,18 +308,17 @@ def validate_detection(model:nn.Module, # a `MultiModalYOLO`
             for i, d in enumerate(postprocess_detections(raw, conf, iou, max_det, multi_label=True)):
                 d, keep = d.float(), t['batch_idx'] == i
                 cls, boxes = t['cls'][keep].view(-1), xywh2xyxy(t['bboxes'][keep]) * scale
-                tp = matcher.match_predictions(d[:, 5], cls, box_iou(boxes, d[:, :4])).numpy() if len(cls) and len(d) else \
+                tp = matcher.match_predictions(d[:, 5], cls, box_iou(boxes, d[:, :4])).cpu().numpy() if len(cls) and len(d) else \
                      np.zeros((len(d), matcher.niou), dtype=bool)
                 c = cls.cpu().numpy()
-                metrics.update_stats({'tp': tp, 'conf': d[:, 4].cpu().numpy(), 'pred_cls': d[:, 5].cpu().numpy(), 'target_cls': c,
-                                      'target_img': np.unique(c), 'im_name': batch['ids'][i]})
-                n += 1
+                records.append({'tp': tp, 'conf': d[:, 4].cpu().numpy(), 'pred_cls': d[:, 5].cpu().numpy(), 'target_cls': c,
+                                'target_img': np.unique(c), 'im_name': batch['ids'][i]})
     finally: model.train(was_training)
-    metrics.process()
-    p, r, map50, map50_95 = (float(v) for v in metrics.mean_results())
-    out = {'precision': p, 'recall': r, 'mAP50': map50, 'mAP50-95': map50_95, 'images': n}
+    out = {**detection_metrics(records, model.names), 'images': len(records)}
     if loss_func is not None: out['loss'] = float(np.mean(losses))
+    if per_image: out['per_image'] = records
     return out
+
 
 # %% ../nbs/07_detection.ipynb #22aace58
 class DetectionValidation(Callback):
@@ -933,14 +946,39 @@ DETECTION_REMEDIES = {  # detection's remedies, in a detection config's own opti
 REMEDIES.update(DETECTION_REMEDIES)  # registered with the library's others: `remedies('detection_lr_mult', m='nvg')`
 
 
+# %% ../nbs/07_detection.ipynb #6d1f1f99
+def metric_difference(a:Sequence[Mapping], # per-image records of one model (`validate_detection(..., per_image=True)['per_image']`)
+                      b:Sequence[Mapping], # the same images' records of the other (or of the same model with a modality removed)
+                      names:Mapping[int, str], # class id -> name
+                      metric:str='mAP50-95', # a `detection_metrics` key
+                      n_boot:int=300, # bootstrap resamples
+                      level:float=0.95, # confidence level
+                      seed:int=0, # the same seed draws the same resamples, so several differences on one split agree
+                     ) -> dict:
+    "metric(a) - metric(b) on the same images, with its paired percentile bootstrap interval over images (`bootstrap_ci`): value, low, high, ..."
+    if [r['im_name'] for r in a] != [r['im_name'] for r in b]: raise ValueError("the two record lists must cover the same images in the same order")
+    diff = lambda idx: detection_metrics([a[i] for i in idx], names)[metric] - detection_metrics([b[i] for i in idx], names)[metric]
+    return bootstrap_ci(diff, np.arange(len(a)), n_boot=n_boot, level=level, seed=seed)
+
+def ablation_verdict(low:float, high:float, # the interval of the metric's drop when a modality is removed
+                     min_gain:float=0.0, # the drop must surely exceed this to count as a contribution
+                     negligible:float=0.01, # an interval within +-this is 'ignored'
+                    ) -> str:
+    "'contributes' only when the drop's interval lies above `min_gain` (it excludes 0), 'hurts' when below 0, 'ignored' when within +-`negligible`, else 'inconclusive'"
+    if low > min_gain: return 'contributes'
+    if high < 0: return 'hurts'
+    if -negligible <= low and high <= negligible: return 'ignored'
+    return 'inconclusive'
+
 # %% ../nbs/07_detection.ipynb #99a34169
 def _single_modality(model:nn.Module) -> str|None:
     "The one modality a detector sees (None when it sees several or does not say)"
     mods = list(getattr(model, 'modalities', None) or [])
     return mods[0] if len(mods) == 1 else None
 
-def _versus_baselines(model:nn.Module, full:Mapping, trained:Mapping[str, Mapping], covers:Mapping[str, str|None], metric:str, min_gain:float, ev:Mapping) -> Finding|None:
-    "The fused detector against its trained single-modality detectors (never against its own ablation); None for a one-modality model without baselines"
+def _versus_baselines(model:nn.Module, full:Mapping, trained:Mapping[str, Mapping], covers:Mapping[str, str|None], metric:str, min_gain:float, negligible:float,
+                      ev:Mapping, ci:Callable) -> Finding|None:
+    "The fused detector against its trained single-modality detectors (never against its own ablation), the margin with its paired interval; None for a one-modality model without baselines"
     if not trained:
         if len(model.modalities) < 2: return None
         return Finding('detection', 'warning', "whether the fused detector beats its best single modality is unknown: the run has no trained "
@@ -948,52 +986,71 @@ def _versus_baselines(model:nn.Module, full:Mapping, trained:Mapping[str, Mappin
                        {**ev, 'compared': False}, remedies('detection_baselines', m=str(list(model.modalities))))
     best = max(trained, key=lambda k: trained[k][metric])
     missing = [m for m in model.modalities if m not in covers.values()]
+    m_ci = ci(full, trained[best])
     e = {**ev, 'compared': True, 'fused': full[metric], 'best_single': best, 'best_single_value': trained[best][metric],
-         'margin': full[metric] - trained[best][metric], 'missing_baselines': missing}
+         'margin': full[metric] - trained[best][metric], 'margin_ci': [m_ci['low'], m_ci['high']], 'missing_baselines': missing}
+    within = f"95% CI {m_ci['low']:.2g} to {m_ci['high']:.2g} over {ev['images']} images"
     base, start = getattr(model, 'base', None), None
     if base is not None and (start := next((n for n, m in covers.items() if m == base), None)):  # the baseline it started from
         e['start'] = {'baseline': start, 'value': trained[start][metric], 'margin': full[metric] - trained[start][metric]}
-    if e['margin'] <= min_gain:
+    if m_ci['high'] <= negligible:  # surely no better than its best single modality (by more than `negligible`)
         bm = covers.get(best)
         first = remedies('detection_start_best', m=bm) if bm and bm != base else remedies('detection_zero_init')
         return Finding('detection', 'problem', f"the fused detector ({metric} {full[metric]:.3g}) is not better than its best trained single-modality "
-                       f"detector, {best} ({trained[best][metric]:.3g})", e,
+                       f"detector, {best} ({trained[best][metric]:.3g}; margin {e['margin']:+.3g}, {within})", e,
                        first + remedies('detection_freeze_base', 'detection_leave_out'))
+    if m_ci['low'] <= min_gain:
+        return Finding('detection', 'warning', f"cannot tell whether the fused detector beats its best trained single-modality detector, {best}: "
+                       f"margin {e['margin']:+.3g} {metric} ({within})", e, remedies('more_samples'))
     if missing:
         return Finding('detection', 'warning', f"the fused detector beats {', '.join(trained)} by at least {e['margin']:.3g} {metric}, but no single-modality "
                        f"detector was trained for {', '.join(missing)}: whether it beats its best single modality is unknown", e,
                        remedies('detection_baselines', m=str(list(model.modalities))))
     return Finding('detection', 'ok', f"the fused detector beats its best single modality, the trained {best} ({trained[best][metric]:.3g}), "
-                   f"by {e['margin']:.3g} {metric}", e)
+                   f"by {e['margin']:.3g} {metric} ({within})", e)
 
 # %% ../nbs/07_detection.ipynb #7cc2d5af
+ABLATION_FINDINGS = {  # verdict -> (severity, summary); fields: m, metric, change (metric without m minus with), within (the interval)
+    'contributes': ('ok', "{m} contributes: removing it costs {cost:.3g} {metric} ({within})"),
+    'hurts': ('problem', "the fused detector is better without {m}: removing it raises {metric} by {change:.3g} ({within})"),
+    'ignored': ('problem', "the fused detector gains nothing from {m}: removing it changes {metric} by {change:+.3g} ({within})"),
+    'inconclusive': ('warning', "cannot tell whether {m} contributes: removing it changes {metric} by {change:+.3g}, but the interval of the cost includes 0 ({within})"),
+}
+ABLATION_REMEDIES = {'contributes': (), 'hurts': ('detection_leave_out', 'detection_lr_mult'), 'ignored': ('detection_lr_mult', 'detection_fusion_lr'),
+                     'inconclusive': ('more_samples',)}
+
 def detection_contribution(model:MultiModalYOLO, # the fused detector
                            loader, # the evaluation split's batches
                            baselines:Mapping[str, nn.Module]|None=None, # name -> trained single-modality detector on the same data (`train_single_detector`)
                            metric:str='mAP50-95', # the metric compared
-                           min_gain:float=0.0, # a modality (or the fusion) must add more than this to count
+                           min_gain:float=0.0, # a modality (or the fusion) must surely add more than this to count
+                           negligible:float=0.01, # an interval within +-this is no effect (`ablation_verdict`)
+                           n_boot:int=300, # bootstrap resamples of the paired intervals (`metric_difference`)
                            **kwargs, # `validate_detection` settings
                           ) -> list:
-    "Each modality's ablation (removed at test time), and the fused model against its trained single-modality detectors; `Finding`s"
+    "Each modality's ablation (removed at test time), and the fused model against its trained single-modality detectors, each with a paired bootstrap interval over images; `Finding`s"
     mods, scored = model.modalities, {}  # frozenset of dropped modalities -> metrics: with two modalities, "a alone" is "without b"
     def score(drop):
-        if frozenset(drop) not in scored: scored[frozenset(drop)] = validate_detection(model, loader, **({'drop': list(drop)} if drop else {}), **kwargs)
+        if frozenset(drop) not in scored: scored[frozenset(drop)] = validate_detection(model, loader, **({'drop': list(drop)} if drop else {}), per_image=True, **kwargs)
         return scored[frozenset(drop)]
+    ci = lambda a, b: metric_difference(a['per_image'], b['per_image'], model.names, metric, n_boot)
     full = score([])
     without = {m: score([m]) for m in mods} if len(mods) > 1 else {}
     alone = {f'fused model, {m} alone': score([o for o in mods if o != m]) for m in without}  # ablation evidence, not a baseline
-    trained = {name: validate_detection(b, loader, **kwargs) for name, b in (baselines or {}).items()}
+    trained = {name: validate_detection(b, loader, per_image=True, **kwargs) for name, b in (baselines or {}).items()}
     rows = {'fused: all modalities': full, **{f'fused without {m}': r for m, r in without.items()}, **alone, **trained}
-    ev = {'metric': metric, 'table': {k: {c: v[c] for c in _COLUMNS} for k, v in rows.items()}, 'images': full['images'],
+    ev = {'metric': metric, 'table': {k: {c: v[c] for c in _COLUMNS} for k, v in rows.items()}, 'images': full['images'], 'n_boot': n_boot,
           'baselines': {n: _single_modality(b) for n, b in (baselines or {}).items()}, 'ablation_rows': [*(f'fused without {m}' for m in without), *alone]}
     findings = []
     for m, r in without.items():
-        gain = full[metric] - r[metric]
-        e = {**ev, 'contribution': gain, f'{metric}_all': full[metric], f'{metric}_without': r[metric]}
-        if gain > min_gain: findings.append(Finding('detection', 'ok', f"{m} contributes: removing it costs {gain:.3g} {metric}", e, subject=m))
-        else: findings.append(Finding('detection', 'problem', f"the fused detector gains nothing from {m}: removing it changes {metric} by {r[metric] - full[metric]:+.3g}", e,
-                                      remedies('detection_lr_mult', 'detection_fusion_lr', m=m), m))
-    versus = _versus_baselines(model, full, trained, ev['baselines'], metric, min_gain, ev)
+        d = ci(full, r)  # the drop: with m minus without m
+        verdict = ablation_verdict(d['low'], d['high'], min_gain, negligible)
+        e = {**ev, 'contribution': d['value'], 'contribution_ci': [d['low'], d['high']], 'verdict': verdict, f'{metric}_all': full[metric], f'{metric}_without': r[metric]}
+        severity, text = ABLATION_FINDINGS[verdict]
+        within = f"95% CI of the cost {d['low']:.2g} to {d['high']:.2g} over {ev['images']} images"
+        findings.append(Finding('detection', severity, text.format(m=m, metric=metric, cost=d['value'], change=-d['value'], within=within), e,
+                                remedies(*ABLATION_REMEDIES[verdict], m=m), m))
+    versus = _versus_baselines(model, full, trained, ev['baselines'], metric, min_gain, negligible, ev, ci)
     if versus is not None: findings.append(versus)
     if not findings: return [Finding('detection', 'ok', "skipped: one modality and no single-modality baseline to compare it with", {**ev, 'skipped': True})]
     df = pd.DataFrame(ev['table']).T

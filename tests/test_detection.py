@@ -1,9 +1,9 @@
 "Tests of mmfusion.detection on the shipped night sample set (YOLO11n, tiny image sizes, CPU; 24 tests in about 90 s on one core)"
-import json, math, socket
+import json, math, socket, zlib
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest, torch
+import numpy as np, pytest, torch
 from torch.utils.data import DataLoader, Subset
 
 from mmfusion.data import NIGHT_MODALITIES
@@ -270,6 +270,33 @@ def test_fusion_verdict_compares_with_trained_baselines_not_the_ablation(splits)
     assert 'start' not in g[None].evidence  # stand-ins have no base modality to have started from
     h = {x.subject: x for x in detection_contribution(lazy, batches, {'thermal only (baseline)': weak['thermal only (baseline)']})}[None]
     assert h.severity == 'warning' and h.evidence['missing_baselines'] == ['nvg']  # a win over some baselines is not a win over all
+
+
+class NoiseUser(Oracle):
+    "Finds every box through `thermal` alone; `noise` only re-draws a small jitter of those boxes (present and absent draws are alike): pure noise"
+    def __init__(self, seed): super().__init__(['thermal', 'noise'], needs=['thermal']); self.seed = seed
+    def forward(self, batch):
+        dec, raw = super().forward(batch)
+        t = batch['target']
+        for j in range(len(t['batch_idx'])):
+            i = int(t['batch_idx'][j])
+            key, on = [self.seed, zlib.crc32(batch['ids'][i].encode()), j], bool(batch['present'][i, batch['modalities'].index('noise')])
+            dec[i, :4, j] += 1.5 * torch.as_tensor(np.random.default_rng(key + [on]).uniform(-1, 1, 4), dtype=dec.dtype)
+            if dec[i, 4, j] == 0.9: dec[i, 4, j] = 0.5 + 0.4 * np.random.default_rng(key).random()  # distinct confidences: no ties in the ranking
+        return dec, raw
+
+
+def test_ablation_verdict_needs_an_interval_that_excludes_zero(splits):
+    """Planted truth: thermal carries every box, `noise` is pure noise. For these seeds the noise's point drop is > 0 (the old
+    'removing it costs > 0' rule called it a contributor); its paired bootstrap interval includes 0, so it is not. Thermal's excludes 0"""
+    batches = [dict(b, modalities=['thermal', 'noise'], inputs={'thermal': b['inputs']['thermal'], 'noise': b['inputs']['nvg']}, present=b['present'][:, :2])
+               for b in detection_splits(ROOT, imgsz=64, splits=('test',))['test'].loader(4)]
+    for seed in (6, 8):
+        f = {x.subject: x for x in detection_contribution(NoiseUser(seed), batches)}
+        assert f['noise'].evidence['contribution'] > 0  # the point value alone would say "contributes"
+        lo, hi = f['noise'].evidence['contribution_ci']
+        assert lo < 0 < hi and f['noise'].evidence['verdict'] == 'inconclusive' and f['noise'].severity == 'warning', f['noise'].summary
+        assert f['thermal'].evidence['verdict'] == 'contributes' and f['thermal'].evidence['contribution_ci'][0] > 0 and f['thermal'].severity == 'ok'
 
 
 @pytest.fixture(scope='module')
