@@ -12,7 +12,8 @@ from .core import Registry
 __all__ = ['FUSIONS', 'FusionOutput', 'pool_tokens', 'masked_softmax', 'attend', 'drop_modalities', 'MaskedAttention',
            'AttentionBlock', 'CrossAttentionBlock', 'Fusion', 'ConcatFusion', 'LateFusion', 'WeightedFusion',
            'GatedFusion', 'CrossModalTransformer', 'FusionTokenAttention', 'TensorFusion', 'LowRankTensorFusion',
-           'MapFusionOutput', 'MapFusion', 'SpatialModalityAttention', 'MapWeightedFusion', 'MapConcatFusion']
+           'MapFusionOutput', 'MapFusion', 'SpatialModalityAttention', 'MapWeightedFusion', 'MapConcatFusion',
+           'LeanSpatialAttention']
 
 # %% ../nbs/02_fusion.ipynb #367c8f40
 class FusionOutput(NamedTuple):
@@ -376,7 +377,7 @@ class LowRankTensorFusion(Fusion):
 class MapFusionOutput(NamedTuple):
     "What every map fusion returns"
     fused: torch.Tensor  # (B, dim, H, W) fused feature map
-    attention: torch.Tensor|None = None  # modality weights (B, M) or per-location attention (B, H, W, M, M) when asked
+    attention: torch.Tensor|None = None  # modality weights (B, M), per-location weights (B, H, W, M) or per-location attention (B, H, W, M, M) when asked
 
 class MapFusion(Fusion):
     "Base of feature-map fusions: `forward(maps, present) -> MapFusionOutput`; subclasses write `mix`"
@@ -477,3 +478,37 @@ class MapConcatFusion(MapFusion):
         self.conv = nn.Conv2d(len(self.modalities) * dim, dim, 1)
 
     def mix(self, xs, present): return self.conv(torch.cat(xs, 1)), None
+
+# %% ../nbs/02_fusion.ipynb #fb387499
+@FUSIONS.register('map_lean')
+class LeanSpatialAttention(MapFusion):
+    "At every location, softmax weights over the present modalities from low-dimensional keys at reduced resolution (upsampled); the fused map is their weighted sum"
+    permutation_invariant = True
+    def __init__(self, modalities, dims, dim:int=64,
+                 key_dim:int=16, # channels of each modality's key and of the query
+                 stride:int=2, # logits are computed on maps average-pooled by this factor, then upsampled (bilinear)
+                 **kwargs): # plus `base` and the `Fusion` options
+        super().__init__(modalities, dims, dim, **kwargs)
+        self.stride, self.key_dim = stride, key_dim
+        self.keys = nn.ModuleDict({m: nn.Conv2d(dim, key_dim, 1) for m in self.modalities})
+        self.query = nn.Conv2d(key_dim, key_dim, 1)  # from the mean of the present keys: what the location shows overall
+        nn.init.zeros_(self.query.weight); nn.init.zeros_(self.query.bias)  # start from equal weights
+        self.bias = nn.ParameterDict({m: nn.Parameter(torch.zeros(())) for m in self.modalities})
+
+    def logits(self, xs:list, present:torch.Tensor) -> torch.Tensor:
+        "(B, M, h, w) attention logits at the reduced resolution: each modality's key against the query of the present keys' mean"
+        s = self.stride
+        k = torch.stack([self.keys[m](x) for m, x in zip(self.modalities, xs)], 1)  # (B, M, k, H, W): a 1x1 conv commutes with average pooling,
+        if s > 1: k = F.avg_pool2d(k.flatten(1, 2), s, ceil_mode=True).unflatten(1, k.shape[1:3])  # so keys are pooled after it, on k channels
+        p = present[:, :, None, None, None].to(k.dtype)
+        q = self.query((k * p).sum(1) / p.sum(1).clamp(min=1))
+        return (k * q[:, None]).sum(2) * self.key_dim ** -0.5 + torch.stack([self.bias[m] for m in self.modalities])[:, None, None]
+
+    def mix(self, xs, present):
+        H, W = xs[0].shape[-2:]
+        logits = self.logits(xs, present)
+        if logits.shape[-2:] != (H, W): logits = F.interpolate(logits, size=(H, W), mode='bilinear', align_corners=False)
+        w = masked_softmax(logits, present[:, :, None, None], dim=1)  # (B, M, H, W); 0 where absent
+        fused = w[:, 0, None] * xs[0]
+        for i in range(1, len(xs)): fused = torch.addcmul(fused, w[:, i, None], xs[i])
+        return fused, (w.permute(0, 2, 3, 1) if self.return_attention else None)

@@ -40,7 +40,7 @@ def run(fusion, encoders, raw, present, drop=()):
 
 def test_registry_has_every_method():
     expected = {'concat', 'late', 'weighted', 'gated', 'transformer', 'fusion_tokens', 'tensor', 'low_rank_tensor',
-                'map_attention', 'map_weighted', 'map_concat'}
+                'map_attention', 'map_weighted', 'map_concat', 'map_lean'}
     assert expected <= set(NAMES)
 
 
@@ -266,6 +266,34 @@ def test_map_attention_is_local():
         maps['b'][0, :, 2, 3] += 5
         changed = (f(maps, torch.ones(1, 3)).fused - a).abs().sum(1)[0] > 1e-6
     assert changed[2, 3] and changed.sum() == 1
+
+
+def test_map_lean_weights_follow_content_per_location():
+    "Planted truth: a query that reads channel 0 of the keys; the modality whose map is marked at a location gets nearly all of that location's weight"
+    mods = ['thermal', 'nvg', 'visual']
+    f = FUSIONS.build({'name': 'map_lean', 'dim': 4, 'key_dim': 2, 'stride': 1, 'return_attention': True}, modalities=mods, dims={m: 4 for m in mods}).eval()
+    with torch.no_grad():
+        for m in mods: f.keys[m].weight.zero_(); f.keys[m].bias.zero_(); f.keys[m].weight[0, 0] = 1.  # key = the map's channel 0
+        f.query.bias[0] = 20.  # a constant query along key channel 0: logit = 20 x channel 0 / sqrt(2)
+        marked = torch.randint(0, 3, (2, 1, 5, 5))
+        maps = {m: torch.cat([(marked == i).float(), torch.randn(2, 3, 5, 5)], 1) for i, m in enumerate(mods)}
+        w = f(maps, torch.ones(2, 3)).attention  # (B, H, W, M)
+        assert (w.argmax(-1) == marked[:, 0]).all() and (w.max(-1).values > 0.99).all()
+        absent = f(maps, torch.tensor([[1, 0, 1], [1, 1, 1]]).bool()).attention
+        assert (absent[0, ..., 1] == 0).all()  # an absent modality gets no weight anywhere
+
+
+def test_map_lean_is_much_cheaper_than_map_attention():
+    "Multiply-adds of one forward pass at a P4-like size (counted by torch's flop counter, not timed): the lean fusion is > 20x cheaper"
+    from torch.utils.flop_counter import FlopCounterMode
+    mods = ['thermal', 'nvg', 'visual']
+    maps = {m: torch.randn(1, 64, 20, 20) for m in mods}
+    flops = {}
+    for name in ('map_lean', 'map_attention'):
+        f = FUSIONS.build({'name': name, 'dim': 64}, modalities=mods, dims={m: 64 for m in mods})
+        with FlopCounterMode(display=False) as counter: f(maps, torch.ones(1, 3))
+        flops[name] = counter.get_total_flops()
+    assert flops['map_attention'] > 20 * flops['map_lean'], flops
 
 
 @pytest.mark.parametrize('norm', [False, True])
