@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
-.PHONY: install install-dev browser demo test data readme
+.PHONY: install install-dev browser demo test test-slow lab data readme
 
 # settings.ini declares compatible ranges; constraints.txt holds the exact versions make installs (and the tests ran with)
 $(VENV)/.installed: setup.py settings.ini constraints.txt
@@ -20,8 +20,27 @@ $(VENV)/.installed-dev: $(VENV)/.installed constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
+# JupyterLab, the venv registered as the Jupyter kernel `mmfusion` (the notebooks' kernelspec: .ci/set_kernelspec.py),
+# pytest-xdist, and nbdev's git hooks (notebook merge driver, trust after merge) pointed at this venv's commands
+$(VENV)/.installed-lab: $(VENV)/.installed-dev
+	$(PY) -m pip install -q -c constraints.txt jupyterlab pytest-xdist
+	$(PY) -m ipykernel install --sys-prefix --name mmfusion --display-name mmfusion >/dev/null
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+	  $(VENV)/bin/nbdev_install_hooks && \
+	  git config --local merge.nbdev-merge.driver "$(abspath $(VENV))/bin/nbdev_merge %O %A %B %P" && \
+	  printf '#!/bin/bash\n"%s"/bin/nbdev_trust\n' "$(abspath $(VENV))" > "$$(git rev-parse --git-path hooks)/post-merge"; fi
+	touch $@
+
 install: $(VENV)/.installed
-install-dev: $(VENV)/.installed-dev
+install-dev: $(VENV)/.installed-dev $(VENV)/.installed-lab
+
+# JupyterLab on loopback with a token; kernels start in their notebook's folder, so the notebooks' relative paths work
+LAB_PORT ?= 8888
+lab: install-dev
+	@token=$$($(PY) -c 'import secrets; print(secrets.token_hex(24))'); \
+	echo "JupyterLab: http://127.0.0.1:$(LAB_PORT)/lab/tree/nbs/index.ipynb?token=$$token   (Ctrl-C stops it)"; \
+	exec $(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) --ServerApp.port_retries=0 \
+	  --IdentityProvider.token=$$token --ServerApp.root_dir="$(CURDIR)" $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # headless Chromium for the report/docs screenshot tests (Debian's package; needs root or an existing install)
 browser:

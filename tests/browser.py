@@ -42,6 +42,9 @@ class Browser:
         text = page.inner_text('body')
         page.close()
         return text, errors
+    def new_page(self, **kw):
+        "A new page (Playwright's) in this browser, for tests that drive a page themselves"
+        return self._browser.new_page(**kw)
     def close(self): self._browser.close(); self._pw.stop()
 
 def image_status(browser:Browser, url:str) -> list:
