@@ -4,7 +4,8 @@
 
 # %% ../nbs/10_serve.ipynb #5bbda35a
 from __future__ import annotations
-import asyncio, contextlib, ipaddress, json, re, socket, tempfile, threading, time, warnings
+import asyncio, collections, contextlib, ipaddress, json, re, socket, tempfile, threading, time, warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
@@ -17,7 +18,7 @@ from .data import DataError
 from .deploy import Detections, AnomalyPredictor, DetectionPredictor, Prediction, Predictor, load_predictor
 
 # %% auto #0
-__all__ = ['RESPONSES', 'BodyLimit', 'InferenceSlots', 'PredictRequest', 'PredictionResponse', 'BoxResponse',
+__all__ = ['RESPONSES', 'BodyLimit', 'MicroBatcher', 'predict_batch', 'PredictRequest', 'PredictionResponse', 'BoxResponse',
            'DetectionsResponse', 'model_card', 'create_app', 'free_port', 'running_server', 'serve']
 
 # %% ../nbs/10_serve.ipynb #ec707197
@@ -46,18 +47,70 @@ class BodyLimit:
             if not exceeded: raise
         if exceeded: await too_big(f"more than {self.max_bytes}")(scope, receive, send)
 
-class InferenceSlots:
-    "At most `max_concurrency` predictions at once and `max_queue` waiting; beyond that, `acquire` refuses"
-    def __init__(self, max_concurrency:int=2, max_queue:int=16):
-        self.max_concurrency, self.max_queue, self.waiting = max_concurrency, max_queue, 0
-        self.semaphore = asyncio.Semaphore(max_concurrency)
-    @contextlib.asynccontextmanager
-    async def acquire(self):
-        if self.waiting >= self.max_queue + self.max_concurrency: raise OverflowError(f"server busy: {self.waiting} requests in progress or waiting; retry later")
-        self.waiting += 1
+
+# %% ../nbs/10_serve.ipynb #0af937e1
+class MicroBatcher:
+    "Gathers concurrent requests into one `run_batch` call (up to `max_batch`, waiting at most `max_wait_ms` for more); at most `max_concurrency` batches at once and `max_queue` more requests waiting, beyond that `submit` refuses"
+    def __init__(self, run_batch, # `run_batch(inputs, ids)` -> one answer (or exception) per request, in order
+                 max_batch:int=8, max_wait_ms:float=2., max_concurrency:int=2, max_queue:int=16):
+        if max_batch < 1 or max_concurrency < 1 or max_queue < 0 or max_wait_ms < 0: raise ValueError("max_batch and max_concurrency must be >= 1, max_queue and max_wait_ms >= 0")
+        self.run_batch, self.max_batch, self.max_wait = run_batch, max_batch, max_wait_ms / 1000
+        self.max_concurrency, self.max_queue, self.pending, self.loop = max_concurrency, max_queue, 0, None
+        self.sizes = collections.Counter()  # batch size -> how many batches of that size ran
+
+    @property
+    def capacity(self) -> int: return self.max_concurrency * self.max_batch + self.max_queue  # requests in progress or waiting before 503
+
+    async def submit(self, inputs, sid:str):
+        "The answer to one request, once its batch has run; `OverflowError` when the server is full"
+        if self.pending >= self.capacity: raise OverflowError(f"server busy: {self.pending} requests in progress or waiting; retry later")
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:  # first request on this event loop (a server runs one): start its queue and workers
+            self.loop, self.queue = loop, asyncio.Queue()
+            self.workers = [loop.create_task(self._work()) for _ in range(self.max_concurrency)]
+        fut = loop.create_future()
+        self.pending += 1
         try:
-            async with self.semaphore: yield
-        finally: self.waiting -= 1
+            self.queue.put_nowait((inputs, sid, fut))
+            return await fut
+        finally: self.pending -= 1
+
+    async def _work(self):
+        while True:
+            batch = [await self.queue.get()]
+            deadline = self.loop.time() + self.max_wait
+            while len(batch) < self.max_batch:
+                if not self.queue.empty(): batch.append(self.queue.get_nowait()); continue
+                left = deadline - self.loop.time()
+                if left <= 0: break
+                try: batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except TimeoutError: break
+            batch = [b for b in batch if not b[2].done()]  # a client that went away is not predicted
+            if not batch: continue
+            self.sizes[len(batch)] += 1
+            try: answers = await run_in_threadpool(self.run_batch, [b[0] for b in batch], [b[1] for b in batch])
+            except Exception as e: answers = [e] * len(batch)
+            for (_, _, fut), a in zip(batch, answers):
+                if fut.done(): continue
+                if isinstance(a, BaseException): fut.set_exception(a)
+                else: fut.set_result(a)
+
+
+# %% ../nbs/10_serve.ipynb #981d8e7d
+def predict_batch(predictor, # a predictor (`Predictor`, `AnomalyPredictor`, `DetectionPredictor`, ...)
+                  inputs:list, # one inputs dict per request
+                  ids:list, # one id per request
+                 ) -> list:
+    "Each request's answer dict from one `predict` call, or, when an input is bad, each request alone so that only it gets its `DataError`"
+    try: return [p.to_dict() for p in predictor.predict(inputs, ids)]
+    except DataError as e:
+        if len(inputs) == 1: return [e]
+    answers = []
+    for x, sid in zip(inputs, ids):
+        try: answers.append(predictor.predict(x, [sid]).to_dict())
+        except DataError as e: answers.append(e)
+    return answers
+
 
 # %% ../nbs/10_serve.ipynb #c7f20e90
 class PredictRequest(BaseModel):
@@ -139,19 +192,18 @@ def model_card(predictor:Predictor|AnomalyPredictor|DetectionPredictor) -> dict:
 def create_app(predictor:Predictor|AnomalyPredictor|DetectionPredictor, # the model to serve (see `mmfusion.deploy.load_predictor`)
                max_bytes:int=16 << 20, # largest request body accepted; also the WebSocket message limit `running_server`/`serve` give uvicorn
                max_concurrency:int=2, # predictions running at once
-               max_queue:int=16, # requests allowed to wait for a slot before 503
+               max_queue:int=16, # requests allowed to wait before 503 (besides the `max_concurrency` x `max_batch` in progress)
                title:str='mmfusion', # API title
+               max_batch:int=8, # concurrent requests gathered into one forward (1: each request alone)
+               max_wait_ms:float=2., # how long a batch waits for more requests once its first one arrived
               ) -> FastAPI:
     "A FastAPI app serving `predictor` over HTTP (JSON and multipart) and WebSocket"
     app = FastAPI(title=title, description=f"Model taking {predictor.modalities}; outputs {predictor.kinds}")
     answer = RESPONSES[predictor.record]  # the response model of what the predictor returns
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
-    app.state.predictor, app.state.slots, app.state.max_bytes = predictor, InferenceSlots(max_concurrency, max_queue), max_bytes  # the WebSocket limit for uvicorn
-
-    async def run(inputs:dict, sid:str) -> dict:
-        async with app.state.slots.acquire():
-            p = await run_in_threadpool(predictor.predict, inputs, [sid])
-        return p.to_dict()
+    batcher = MicroBatcher(partial(predict_batch, predictor), max_batch, max_wait_ms, max_concurrency, max_queue)
+    app.state.predictor, app.state.batcher, app.state.max_bytes = predictor, batcher, max_bytes  # max_bytes: the WebSocket limit for uvicorn
+    run = batcher.submit  # (inputs, id) -> the answer dict
 
     status = lambda e: 503 if isinstance(e, OverflowError) else 422  # server busy / bad input
     error = lambda e: JSONResponse({'detail': str(e)}, status_code=status(e))
@@ -159,7 +211,8 @@ def create_app(predictor:Predictor|AnomalyPredictor|DetectionPredictor, # the mo
     @app.get('/health')
     def health() -> dict:
         "Liveness and what the model takes and returns"
-        return {'status': 'ok', **model_card(predictor), 'limits': {'max_bytes': max_bytes, 'max_concurrency': max_concurrency, 'max_queue': max_queue}}
+        limits = {'max_bytes': max_bytes, 'max_concurrency': max_concurrency, 'max_queue': max_queue, 'max_batch': max_batch, 'max_wait_ms': max_wait_ms}
+        return {'status': 'ok', **model_card(predictor), 'limits': limits, 'batches': dict(sorted(batcher.sizes.items()))}
 
     @app.post('/predict', response_model=answer, responses={413: {}, 422: {}, 503: {}})
     async def predict(req:PredictRequest):
@@ -231,10 +284,11 @@ def serve(run_dir, # a run folder
           checkpoint:str='best', # 'best' or 'last'
           data_root=None, # the training data, when the run has no preprocessing.json
           max_bytes:int=16 << 20, max_concurrency:int=2, max_queue:int=16, # see `create_app`
-          log_level:str='info'):
+          log_level:str='info',
+          max_batch:int=8, max_wait_ms:float=2.): # see `create_app`
     "Serve a run folder over HTTP/WebSocket until interrupted (what `mmfusion serve` runs)"
     if not ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
         warnings.warn(f"serving on {host}: reachable from other machines; there is no authentication")
-    app = create_app(load_predictor(run_dir, checkpoint, data_root), max_bytes, max_concurrency, max_queue)
+    app = create_app(load_predictor(run_dir, checkpoint, data_root), max_bytes, max_concurrency, max_queue, max_batch=max_batch, max_wait_ms=max_wait_ms)
     print(f"serving {run_dir} on http://{host}:{port} (docs: http://{host}:{port}/docs)", flush=True)
     uvicorn.Server(_config(app, host, port, max_bytes, log_level)).run()

@@ -1,5 +1,5 @@
 """The HTTP/WebSocket server on loopback: valid requests answer what the Predictor answers, bad ones get a 4xx naming the problem, and it keeps serving."""
-import asyncio, json, os, tempfile
+import asyncio, json, os, tempfile, threading
 from pathlib import Path
 
 import httpx, numpy as np, pandas as pd, pytest, torch
@@ -10,7 +10,7 @@ from mmfusion.deploy import DetectionPredictor, Predictor, load_predictor
 from mmfusion.detection import MultiModalYOLO
 from mmfusion.model import save_checkpoint
 import mmfusion.serve
-from mmfusion.serve import InferenceSlots, create_app, free_port, running_server, serve
+from mmfusion.serve import MicroBatcher, create_app, free_port, running_server, serve
 from mmfusion.runs import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,13 +207,68 @@ def test_serve_reads_the_configs_data_root_by_default(servers, tmp_path, monkeyp
     assert given == original, (given, original)
 
 
-def test_concurrency_is_bounded():
+def test_batcher_refuses_beyond_its_capacity_and_answers_the_rest():
+    "capacity = max_concurrency x max_batch in progress + max_queue waiting; the next one is refused, the accepted ones answered"
     async def scenario():
-        slots = InferenceSlots(max_concurrency=1, max_queue=1)
-        async with slots.acquire():
-            waiter = asyncio.ensure_future(slots.acquire().__aenter__())
-            await asyncio.sleep(0)
-            with pytest.raises(OverflowError, match='server busy'):
-                async with slots.acquire(): pass
-            waiter.cancel()
-    asyncio.run(scenario())
+        gate = threading.Event()
+        b = MicroBatcher(lambda xs, ids: (gate.wait(10), [x * 10 for x in xs])[1], max_batch=2, max_wait_ms=0, max_concurrency=1, max_queue=1)
+        held = [asyncio.ensure_future(b.submit(x, str(x))) for x in range(3)]
+        await asyncio.sleep(0.05)  # a batch of 2 is running, one request waits
+        with pytest.raises(OverflowError, match='server busy: 3 requests'): await b.submit(9, '9')
+        gate.set()
+        return await asyncio.gather(*held), dict(b.sizes)
+    answers, sizes = asyncio.run(scenario())
+    assert answers == [0, 10, 20] and sizes == {2: 1, 1: 1}, (answers, sizes)
+
+
+def inspection_requests(p, n):
+    "n JSON requests, each another test cell (image array + metadata row)"
+    cells = [l.split('\t')[0].split('/')[-1].rsplit('.', 1)[0] for l in (DATA/'inspection'/'test.txt').read_text().splitlines()][:n]
+    rows = pd.read_csv(DATA/'inspection'/'metadata.csv', dtype=str).set_index('sample_id')
+    return [{'inputs': {'image': p.specs['image'].decode(str(DATA/'inspection'/'images'/f'{c}.png')).tolist(), 'metadata': rows.loc[c].to_dict()}, 'id': c}
+            for c in cells]
+
+
+def test_concurrent_requests_are_batched_and_answer_as_one_at_a_time(servers):
+    "Real concurrent HTTP requests to a real uvicorn server: gathered into batches, each answer what the Predictor gives that request alone; a bad one fails alone"
+    _, p, _ = servers['inspection']
+    reqs = inspection_requests(p, 12)
+    reqs[5] = {'inputs': {'image': reqs[5]['inputs']['image'], 'metadata': {'voltage': 3.6}}, 'id': 'bad'}  # a missing column, in the middle of a batch
+    reqs[7] = {'inputs': {'metadata': reqs[7]['inputs']['metadata']}, 'id': reqs[7]['id']}  # an absent modality next to present ones
+    async def at_once(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*[client.post('/predict', json=r) for r in reqs])
+    with running_server(create_app(p, max_batch=8, max_wait_ms=100)) as url:
+        replies = asyncio.run(at_once(url))
+        batches = {int(k): v for k, v in httpx.get(f'{url}/health').json()['batches'].items()}
+    assert max(batches) > 1 and sum(k * v for k, v in batches.items()) >= len(reqs), batches
+    for r, rep in zip(reqs, replies):
+        if r['id'] == 'bad':
+            assert rep.status_code == 422 and "lacks column(s) ['capacity_mah'" in rep.json()['detail'], rep.text
+            continue
+        assert rep.status_code == 200, rep.text
+        close(rep.json(), p.predict(r['inputs'], [r['id']]).to_dict())
+    assert replies[7].json()['missing'] == ['image']
+
+
+def test_backpressure_answers_503_when_full(servers):
+    "A server whose model is busy: the requests within capacity are answered once it frees, the one beyond gets 503"
+    _, p, _ = servers['inspection']
+    gate = threading.Event()
+    class Busy:  # the inspection predictor, held until the gate opens
+        record, specs, modalities, kinds, class_names = p.record, p.specs, p.modalities, p.kinds, p.class_names
+        def predict(self, inputs, ids=None): gate.wait(30); return p.predict(inputs, ids)
+    reqs = inspection_requests(p, 3)
+    async def scenario(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            held = [asyncio.ensure_future(client.post('/predict', json=r)) for r in reqs[:2]]
+            await asyncio.sleep(0.5)  # one running, one waiting
+            refused = await client.post('/predict', json=reqs[2])
+            gate.set()
+            return await asyncio.gather(*held), refused
+    with running_server(create_app(Busy(), max_batch=1, max_concurrency=1, max_queue=1)) as url:
+        held, refused = asyncio.run(scenario(url))
+    assert refused.status_code == 503 and 'server busy' in refused.json()['detail'], refused.text
+    for r, rep in zip(reqs, held):
+        assert rep.status_code == 200, rep.text
+        close(rep.json(), p.predict(r['inputs'], [r['id']]).to_dict())
