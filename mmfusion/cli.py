@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_cli.ipynb #3c8dc8b4
 from __future__ import annotations
-import argparse, importlib, pkgutil, sys, time
+import argparse, importlib, pkgutil, subprocess, sys, time
 from typing import Sequence
 from pathlib import Path
 import matplotlib
@@ -19,7 +19,7 @@ from .runs import capabilities, diagnose, evaluate, export, predict, train
 
 # %% auto #0
 __all__ = ['SCENARIOS', 'data_summary', 'headline_line', 'run_scenario', 'demo', 'add_train_arguments', 'add_predict_arguments',
-           'predict_inputs', 'load_commands', 'parser', 'main']
+           'predict_inputs', 'train_argv', 'torchrun_command', 'load_commands', 'parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #88df9607
 def data_summary(root='data', # folder holding the sample datasets (night, weld, inspection, solar)
@@ -94,12 +94,13 @@ def _run_arguments(p:argparse.ArgumentParser, out_help:str) -> argparse.Argument
     return p
 
 def add_train_arguments(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Add `train`'s arguments (CONFIG, --set KEY=VALUE ..., --resume RUN_DIR, --quiet, --force) to a parser"
+    "Add `train`'s arguments (CONFIG, --set KEY=VALUE ..., --resume RUN_DIR, --quiet, --force, --nproc N) to a parser"
     p.add_argument('config', nargs='?', help='YAML config of any kind (see configs/)')
     p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE', help='override a config value, e.g. training.lr=0.001')
     p.add_argument('--resume', metavar='RUN_DIR', help='continue an interrupted run from RUN_DIR/checkpoints/last.pt')
     p.add_argument('--quiet', action='store_true', help='print nothing but errors')
     p.add_argument('--force', action='store_true', help="detection: start the fused phase even when the baseline is below the config's gate")
+    p.add_argument('--nproc', type=int, default=1, metavar='N', help='train in N processes on this machine with torchrun (DDP: gloo on CPU, nccl on GPUs)')
     return p
 
 def add_predict_arguments(p:argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -123,6 +124,19 @@ def predict_inputs(a:argparse.Namespace):
     return files
 
 
+# %% ../nbs/09_cli.ipynb #32befea8
+def train_argv(a:argparse.Namespace) -> list:
+    "The `mmfusion train` arguments each process gets (all but --nproc)"
+    return ['train', *([a.config] if a.config else []), *(f'--set={o}' for o in a.overrides), *(['--resume', a.resume] if a.resume else []),
+            *(['--quiet'] if a.quiet else []), *(['--force'] if a.force else [])]
+
+def torchrun_command(argv:Sequence[str], # `mmfusion` arguments, e.g. ['train', 'configs/weld.yaml']
+                     nproc:int, # processes on this machine
+                    ) -> list:
+    "The command that runs `mmfusion ARGV` in `nproc` DDP processes on this machine with torchrun (`--standalone` rendezvous)"
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={nproc}', '--no-python',
+            sys.executable, '-c', 'import sys; from mmfusion.cli import main; main(sys.argv[1:])', *argv]
+
 # %% ../nbs/09_cli.ipynb #6fa3c494
 def _optional(**kw) -> dict: return {k: v for k, v in kw.items() if v not in (None, False)}
 
@@ -142,6 +156,10 @@ def _data(a):
 @register_command('train', 'train a run of any kind from a YAML config (or resume a run)', add_train_arguments)
 def _train(a):
     if bool(a.config) == bool(a.resume): sys.exit("mmfusion train: give a CONFIG or --resume RUN_DIR (one of them)")
+    if a.nproc > 1:
+        rc = subprocess.run(torchrun_command(train_argv(a), a.nproc)).returncode
+        if rc: sys.exit(f"mmfusion train: torchrun exited with code {rc}")
+        return
     run = train(a.config, a.overrides, a.resume, verbose=not a.quiet, **_optional(force=a.force))
     if not a.quiet: print(f"run folder: {run.dir}")
 
@@ -172,9 +190,12 @@ def _serve_arguments(v):
     v.add_argument('--port', type=int, default=8000); v.add_argument('--checkpoint', default='best', choices=['best', 'last'])
     v.add_argument('--data-root', default=None, help="the training data, when the run has no preprocessing.json (default: the config's data.root)")
     v.add_argument('--max-bytes', type=int, default=16 << 20, help='largest request accepted'); v.add_argument('--max-concurrency', type=int, default=2)
+    v.add_argument('--max-batch', type=int, default=None, help='concurrent requests gathered into one forward (1: none; default 8)')
+    v.add_argument('--max-wait-ms', type=float, default=None, help='how long a batch waits for more requests (default 2)')
 
 @register_command('serve', 'serve a run folder: HTTP (JSON + multipart) and WebSocket API, OpenAPI docs at /docs', _serve_arguments)
-def _serve(a): serve(a.run_dir, a.host, a.port, a.checkpoint, a.data_root, a.max_bytes, a.max_concurrency)
+def _serve(a): serve(a.run_dir, a.host, a.port, a.checkpoint, a.data_root, a.max_bytes, a.max_concurrency,
+                     **_optional(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms))
 
 def _export_arguments(x):
     _run_arguments(x, 'default: RUN_DIR/export')

@@ -131,16 +131,20 @@ def test_serve(run, capabilities):
 
 
 def test_kinds_table_lists_every_kind_and_verb():
-    "`mmfusion kinds` prints the registry: a row per kind, a column per verb, 'yes' in every cell of today's kinds"
+    "`mmfusion kinds` prints the registry: a row per registered kind, a column per verb, 'yes' in every cell of the shipped kinds"
+    from mmfusion.config import RUN_KINDS
+    from mmfusion.runs import load_kinds
     header, *rows = cli('kinds').stdout.strip().splitlines()
     assert header.split() == ['resolve', 'splits', 'train', 'evaluate', 'diagnose', 'predict', 'export', 'predictor'], header
-    assert {r.split()[0]: r.split()[1:] for r in rows} == {k: ['yes'] * 8 for k in ('anomaly', 'detection', 'fused')}, rows
+    table = {r.split()[0]: r.split()[1:] for r in rows}
+    assert set(table) == set(load_kinds()) and {'anomaly', 'detection', 'fused'} <= set(table), rows
+    assert all(table[k] == ['yes'] * 8 for k in RUN_KINDS.names), rows
 
 
 def test_every_verb_refuses_a_kind_nothing_registered(tmp_path):
     "A run folder of an unknown kind: every verb exits non-zero naming the kind and the kinds that exist (nothing runs)"
-    folder = tmp_path/'seg'
-    folder.mkdir(); (folder/'config.yaml').write_text('kind: segmentation\n')
+    folder = tmp_path/'odd'
+    folder.mkdir(); (folder/'config.yaml').write_text('kind: no_such_kind\n')
     for verb, extra in [('evaluate', []), ('diagnose', []), ('predict', ['--input', 'image=x.png']), ('export', []), ('serve', ['--port', '1'])]:
         r = cli(verb, folder, *extra, ok=False)
-        assert r.returncode != 0 and "unknown kind of run 'segmentation'" in r.stderr and "'fused'" in r.stderr, (verb, r.stderr[-1500:])
+        assert r.returncode != 0 and "unknown kind of run 'no_such_kind'" in r.stderr and "'fused'" in r.stderr, (verb, r.stderr[-1500:])
