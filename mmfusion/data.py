@@ -18,14 +18,15 @@ from matplotlib.patches import Rectangle
 from torch.utils.data import Dataset, Sampler
 
 # %% auto #0
-__all__ = ['TINY_TABULAR', 'IMAGE_EXTS', 'NIGHT_MODALITIES', 'WELD_CLASSES', 'SOLAR_CHANNELS', 'TARGET_SUMMARIES', 'STRATA',
-           'Sample', 'DataError', 'SkippedSample', 'Modality', 'Record', 'ArrayRow', 'read_record', 'MultiModalDataset',
-           'collate_samples', 'batch_to', 'from_arrays', 'tiny_dataset', 'read_image', 'read_image_set', 'read_video',
-           'read_audio', 'read_text', 'read_csv_text', 'numeric_columns', 'text_columns', 'read_csv_numeric',
-           'read_series', 'TabularPreprocessor', 'read_image_sequence', 'read_yolo_labels', 'read_voc_labels',
-           'paired_folders', 'normalise_label', 'weld_modalities', 'manifest_dataset', 'split_file_datasets',
-           'class_folders', 'sequence_dataset', 'AlignedAugment', 'detection_augment', 'show_sample',
-           'StratifiedBatchSampler', 'SplitReport', 'check_splits', 'summarize_splits']
+__all__ = ['TINY_TABULAR', 'IMAGE_EXTS', 'AUDIO_FEATURES', 'READERS', 'NIGHT_MODALITIES', 'WELD_CLASSES', 'SOLAR_CHANNELS',
+           'TARGET_SUMMARIES', 'STRATA', 'Sample', 'DataError', 'SkippedSample', 'Modality', 'Record', 'ArrayRow',
+           'read_record', 'MultiModalDataset', 'collate_samples', 'batch_to', 'from_arrays', 'tiny_dataset',
+           'resize_crop', 'read_image', 'read_image_set', 'read_video', 'read_audio', 'read_text', 'read_csv_text',
+           'numeric_columns', 'text_columns', 'read_csv_numeric', 'read_series', 'TabularPreprocessor',
+           'read_image_sequence', 'read_yolo_labels', 'read_voc_labels', 'paired_folders', 'normalise_label',
+           'weld_modalities', 'manifest_dataset', 'split_file_datasets', 'class_folders', 'sequence_dataset',
+           'AlignedAugment', 'detection_augment', 'show_sample', 'StratifiedBatchSampler', 'content_hash',
+           'SplitReport', 'check_splits', 'summarize_splits']
 
 # %% ../nbs/00_data.ipynb #0ac9018b
 @dataclass
@@ -360,10 +361,29 @@ def tiny_dataset(n:int=48, # number of samples (classes cycle 0, 1, 2)
                        name=f'tiny(seed={seed})')
 
 # %% ../nbs/00_data.ipynb #347e415f
+def resize_crop(x:torch.Tensor, # (..., C, H, W) pixels: uint8 as decoded (what processors resize), or float
+                resize:int|None=None, # shortest edge after resizing, aspect kept (the long edge truncated, as transformers does); None: no resize
+                crop:Sequence[int]|None=None, # (H, W) of a center crop; None: no crop
+                interpolation:str='bilinear', # 'nearest', 'bilinear' or 'bicubic' (antialiased)
+               ) -> torch.Tensor:
+    "Resize by the shortest edge, then center-crop: the geometry of Hugging Face image and video processors, on the same pixels"
+    import torchvision.transforms.v2.functional as TF
+    if resize:
+        h, w = x.shape[-2:]
+        short, long = (resize, int(resize * max(h, w) / min(h, w)))
+        x = TF.resize(x, [short, long] if h <= w else [long, short], interpolation=TF.InterpolationMode[interpolation.upper()], antialias=True)
+    if not crop: return x
+    (h, w), (ch, cw) = x.shape[-2:], crop
+    if ch > h or cw > w: return TF.center_crop(x, list(crop))  # padded with zeros
+    return TF.crop(x, (h - ch) // 2, (w - cw) // 2, ch, cw)  # offsets rounded down, as transformers' processors do
+
 def read_image(path, # image file (PNG, TIFF, JPEG; 8- or 16-bit, 1 or 3 channels)
                channels:int|None=None, # 1 or 3 to convert; None keeps the file's channels
+               resize:int|None=None, # shortest edge to resize to (8-bit images are resized as uint8, like a processor does)
+               crop:Sequence[int]|None=None, # (H, W) center crop after resizing
+               interpolation:str='bilinear', # resize interpolation: 'nearest', 'bilinear' or 'bicubic'
               ) -> torch.Tensor:
-    "Read an image as a float (C, H, W) tensor in [0, 1]; 16-bit images keep their full range"
+    "Read an image as a float (C, H, W) tensor in [0, 1], optionally resized and center-cropped; 16-bit images keep their full range"
     path = Path(path)
     if not path.is_file(): raise DataError(path, "file not found")
     a = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
@@ -371,8 +391,9 @@ def read_image(path, # image file (PNG, TIFF, JPEG; 8- or 16-bit, 1 or 3 channel
     if a.ndim == 3 and a.shape[2] == 4: a = a[..., :3]
     if a.ndim == 3: a = cv2.cvtColor(a, cv2.COLOR_BGR2RGB)
     scale = {np.dtype('uint8'): 255., np.dtype('uint16'): 65535.}.get(a.dtype, 1.)
-    x = torch.from_numpy(np.ascontiguousarray(a).astype('f4') / scale)
-    x = x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+    x = resize_crop(t if t.dtype == torch.uint8 else t.float(), resize, crop, interpolation).float() / scale
     if channels == 1 and x.shape[0] == 3: x = (x * torch.tensor([.299, .587, .114])[:, None, None]).sum(0, keepdim=True)
     elif channels == 3 and x.shape[0] == 1: x = x.expand(3, -1, -1).clone()
     return x
@@ -380,9 +401,12 @@ def read_image(path, # image file (PNG, TIFF, JPEG; 8- or 16-bit, 1 or 3 channel
 # %% ../nbs/00_data.ipynb #f84bfc5b
 def read_image_set(paths:Sequence, # image files of one sample (e.g. 5 angles), in a fixed order
                    channels:int|None=None, # channels to convert to
+                   resize:int|None=None, # shortest edge to resize every view to (see `read_image`)
+                   crop:Sequence[int]|None=None, # (H, W) center crop of every view
+                   interpolation:str='bilinear', # resize interpolation
                   ) -> torch.Tensor:
     "Read several views of one sample into a (V, C, H, W) tensor; views must share a size"
-    xs = [read_image(p, channels) for p in paths]
+    xs = [read_image(p, channels, resize, crop, interpolation) for p in paths]
     if not xs: raise DataError('image set', "no image files")
     if len({tuple(x.shape) for x in xs}) > 1:
         raise DataError(paths[0], "views differ in shape: " + ', '.join(f"{Path(p).name} {tuple(x.shape)}" for p, x in zip(paths, xs)))
@@ -397,37 +421,49 @@ def _frame_indices(n:int, num_frames:int) -> np.ndarray:
 def read_video(path, # a video file (.mp4, .avi, ...) or a folder of frame images
                num_frames:int=8, # frames sampled uniformly over the clip
                size:tuple|None=None, # (H, W) to resize frames to; None keeps the size
+               resize:int|None=None, # instead: shortest edge to resize to, as a video processor does (uint8 pixels)
+               crop:Sequence[int]|None=None, # (H, W) center crop after `resize`
+               interpolation:str='bilinear', # interpolation of `resize`
               ) -> torch.Tensor:
     "Read a video as a float (T, 3, H, W) tensor in [0, 1] with `num_frames` uniformly sampled frames"
     path = Path(path)
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_EXTS)
         if not files: raise DataError(path, "video folder holds no frame images")
-        frames = [read_image(files[i], 3) for i in _frame_indices(len(files), num_frames)]
+        x = torch.stack([read_image(files[i], 3, resize, crop, interpolation) for i in _frame_indices(len(files), num_frames)])
     else:
         if not path.is_file(): raise DataError(path, "file not found")
         try:
             with av.open(str(path)) as c: arrays = [f.to_ndarray(format='rgb24') for f in c.decode(video=0)]
         except (av.FFmpegError, ValueError, IndexError) as e: raise DataError(path, f"cannot be decoded as a video ({e})") from None
         if not arrays: raise DataError(path, "video has no frames")
-        frames = [torch.from_numpy(arrays[i]).permute(2, 0, 1).float() / 255. for i in _frame_indices(len(arrays), num_frames)]
-    x = torch.stack(frames)
+        frames = torch.from_numpy(np.stack([arrays[i] for i in _frame_indices(len(arrays), num_frames)])).permute(0, 3, 1, 2)
+        x = resize_crop(frames, resize, crop, interpolation).float() / 255.
     return torch.nn.functional.interpolate(x, size=tuple(size), mode='bilinear', align_corners=False) if size else x
 
 # %% ../nbs/00_data.ipynb #693c8379
 @torch.no_grad()
 def _log_mel(wave:torch.Tensor, sample_rate:int, n_mels:int) -> torch.Tensor:
     import torchaudio
-    n_fft = 2 ** math.ceil(math.log2(0.025 * sample_rate))  # 25 ms windows, 10 ms hop: the usual speech/AST framing
+    n_fft = 2 ** math.ceil(math.log2(0.025 * sample_rate))  # 25 ms windows, 10 ms hop
     mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=n_fft, hop_length=max(1, sample_rate // 100), n_mels=n_mels)
     return torch.log(mel(wave) + 1e-6)
 
+@torch.no_grad()
+def _kaldi_fbank(wave:torch.Tensor, sample_rate:int, n_mels:int) -> torch.Tensor:
+    import torchaudio
+    return torchaudio.compliance.kaldi.fbank(wave[None], sample_frequency=sample_rate, window_type='hanning', num_mel_bins=n_mels).T
+
+AUDIO_FEATURES = {'log_mel': (_log_mel, math.log(1e-6)), 'fbank': (_kaldi_fbank, 0.)}  # name -> (features(wave, rate, n_mels) -> (n_mels, frames), padding value)
+
 def read_audio(path, # a WAV/FLAC/OGG file
                n_mels:int=64, # mel bins
-               n_frames:int=64, # time frames (10 ms each); cropped or padded with silence
+               n_frames:int=64, # time frames (10 ms each); cropped or padded
                sample_rate:int|None=None, # resample to this rate first; None keeps the file's rate
+               features:str='log_mel', # 'log_mel' (torchaudio) or 'fbank' (Kaldi filterbanks, what AST checkpoints take; padded with 0 like its extractor)
               ) -> torch.Tensor:
-    "Read audio as a (1, n_mels, n_frames) log-mel spectrogram"
+    "Read audio as a (1, n_mels, n_frames) spectrogram: torchaudio log-mel, or Kaldi filterbanks"
+    if features not in AUDIO_FEATURES: raise ValueError(f"features must be one of {list(AUDIO_FEATURES)}, got {features!r}")
     path = Path(path)
     if not path.is_file(): raise DataError(path, "file not found")
     try: wave, sr = sf.read(str(path), dtype='float32', always_2d=True)
@@ -438,9 +474,13 @@ def read_audio(path, # a WAV/FLAC/OGG file
     if sample_rate and sample_rate != sr:
         import torchaudio
         w, sr = torchaudio.functional.resample(w, sr, sample_rate), sample_rate
-    m = _log_mel(w, sr, n_mels)[:, :n_frames]
-    if m.shape[1] < n_frames: m = torch.nn.functional.pad(m, (0, n_frames - m.shape[1]), value=math.log(1e-6))
+    make, pad = AUDIO_FEATURES[features]
+    m = make(w, sr, n_mels)[:, :n_frames]
+    if m.shape[1] < n_frames: m = torch.nn.functional.pad(m, (0, n_frames - m.shape[1]), value=pad)
     return m[None]
+
+# %% ../nbs/00_data.ipynb #6c76b8cf
+READERS = {'image': read_image, 'image_set': read_image_set, 'video': read_video, 'audio': read_audio}  # name -> reader a config may choose for a modality
 
 # %% ../nbs/00_data.ipynb #22885334
 def read_text(path) -> str:
@@ -1017,6 +1057,10 @@ def _content_hashes(src) -> list:
     paths = src if isinstance(src, (list, tuple)) else [src]
     files = [f for p in map(Path, paths) for f in (sorted(p.rglob('*')) if p.is_dir() else [p]) if f.is_file()]
     return [(hashlib.sha1(f.read_bytes()).hexdigest(), str(f)) for f in files]
+
+def content_hash(src) -> str:
+    "One hash of everything behind a modality's source (a file, the files of a list or folder, an array row): changes when any byte does"
+    return hashlib.sha1(''.join(h for h, _ in _content_hashes(src)).encode()).hexdigest()
 
 @dataclass
 class SplitReport:

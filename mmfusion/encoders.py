@@ -5,22 +5,26 @@
 # %% ../nbs/01_encoders.ipynb #8271039d
 from __future__ import annotations
 from .core import Registry  # first: it sets YOLO_OFFLINE before ultralytics is imported
-import math, pickle, warnings
+import inspect, math, pickle, warnings
+from functools import partial
 from collections import defaultdict
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import torch, torch.nn as nn, torch.nn.functional as F
 import torchvision, transformers, huggingface_hub
+from .data import READERS
 from ultralytics.nn.tasks import DetectionModel, torch_safe_load, yaml_model_load
 
 # %% auto #0
-__all__ = ['ENCODERS', 'COMMON_PREFIXES', 'TINY_DINOV2', 'TINY_AST', 'TINY_VJEPA2', 'TINY_CONFIGS', 'EncoderOutput', 'Encoder',
+__all__ = ['ENCODERS', 'COMMON_PREFIXES', 'CHECKPOINTS', 'DEFAULT_PROCESSORS', 'TINY_DINOV2', 'TINY_AST', 'TINY_VJEPA2',
+           'REAL_DINOV2', 'REAL_AST', 'REAL_VJEPA2', 'REAL_CONFIGS', 'TINY_CONFIGS', 'EncoderOutput', 'Encoder',
            'check_encoder', 'SmallCNN', 'SeriesTransformer', 'SeriesCNN', 'TabularMLP', 'ConvLSTM',
            'PrecomputedEmbedding', 'Standardized', 'ImageSetEncoder', 'StateDictReport', 'load_state_dict_matching',
            'adapt_in_channels', 'TorchvisionCNN', 'load_yolo_model', 'YOLOBackbone', 'PretrainedUnavailableError',
-           'load_hf_model', 'HFEncoder', 'Dinov2Encoder', 'ASTEncoder', 'VJEPA2Encoder']
+           'load_hf_model', 'default_processor', 'load_processor', 'reader_preprocessing', 'processor_normalization',
+           'HFEncoder', 'Dinov2Encoder', 'ASTEncoder', 'VJEPA2Encoder', 'check_preprocessing']
 
 # %% ../nbs/01_encoders.ipynb #3d059afc
 class EncoderOutput(NamedTuple):
@@ -34,6 +38,7 @@ class Encoder(nn.Module):
     "Base class of all encoders: `forward(x, mask=None) -> EncoderOutput`, `out_dim`, `freeze()`/`unfreeze()`"
     out_dim: int
     frozen: bool = False
+    preprocessing: dict|None = None  # the reader (a `READERS` name and its arguments) that reproduces a checkpoint's processor; None: any reader fits
 
     def freeze(self):
         "Stop gradients to every parameter and keep the module (and every encoder inside it) in eval mode"
@@ -317,6 +322,8 @@ class ImageSetEncoder(Encoder):
         if aggregation == 'concat': self.concat_proj = nn.Linear(n_views * D, D)
         if aggregation == 'attention': self.view_query, self.view_key = nn.Parameter(torch.zeros(D)), nn.Linear(D, D)
         self.view_weights = None  # (B, V) attention over views of the last forward
+        inner = self.encoder.preprocessing
+        self.preprocessing = {**inner, 'reader': 'image_set'} if inner else None  # every view read as the inner encoder's checkpoint wants
 
     def forward(self, x, mask=None):
         B, V = x.shape[:2]
@@ -579,7 +586,8 @@ def load_hf_model(pretrained:str|Path|None=None, # local directory or hub id of 
         if isinstance(config, Mapping):
             config = dict(config)
             config = transformers.AutoConfig.for_model(config.pop('model_type', model_type), **config)
-        return transformers.AutoModel.from_config(config)
+        with torch.random.fork_rng(devices=[]):  # the draws stay inside: modules built after it start from the same random state with or without it
+            return transformers.AutoModel.from_config(config)
     if Path(pretrained).expanduser().is_dir(): return transformers.AutoModel.from_pretrained(Path(pretrained).expanduser())
     offline = huggingface_hub.constants.HF_HUB_OFFLINE if offline is None else offline
     try: return transformers.AutoModel.from_pretrained(str(pretrained), local_files_only=offline)
@@ -591,9 +599,67 @@ def load_hf_model(pretrained:str|Path|None=None, # local directory or hub id of 
             f"network run `huggingface-cli download {pretrained} --local-dir DIR`, copy DIR here and pass pretrained='DIR'; or set HF_HOME "
             f"to a Hugging Face cache that has them. (transformers said: {str(e).splitlines()[0]})") from None
 
+# %% ../nbs/01_encoders.ipynb #bc716871
+CHECKPOINTS = {'dinov2': 'facebook/dinov2-base', 'audio-spectrogram-transformer': 'MIT/ast-finetuned-audioset-10-10-0.4593',
+               'vjepa2': 'facebook/vjepa2-vitl-fpc64-256'}  # family -> the checkpoint the weld plan uses (what a missing `weights:` asks for)
+_INTERPOLATIONS = {0: 'nearest', 2: 'bilinear', 3: 'bicubic'}  # PIL resample codes of processor configs
+_PROCESSOR_FILES = ('preprocessor_config.json', 'video_preprocessor_config.json')
+
+def _image_processor(config) -> transformers.BitImageProcessor:
+    s = getattr(config, 'image_size', 224)  # dinov2-base: shortest edge 256, bicubic, center crop 224, ImageNet statistics
+    return transformers.BitImageProcessor(size={'shortest_edge': round(s * 256 / 224)}, crop_size={'height': s, 'width': s}, resample=3,
+                                          image_mean=list(_IMAGENET_MEAN), image_std=list(_IMAGENET_STD))
+
+DEFAULT_PROCESSORS = {  # family -> config -> the reference checkpoint's processor, sized to the config
+    'dinov2': _image_processor,
+    'audio-spectrogram-transformer': lambda c: transformers.ASTFeatureExtractor(num_mel_bins=c.num_mel_bins, max_length=c.max_length),  # 16 kHz Kaldi fbank, AudioSet statistics
+    'vjepa2': lambda c: transformers.VJEPA2VideoProcessor(size={'shortest_edge': int(c.crop_size * 292 / 256)}, crop_size={'height': c.crop_size, 'width': c.crop_size}),
+}
+
+def default_processor(config) -> Any:
+    "The processor of the family's reference checkpoint, built locally with its documented parameters and the config's sizes"
+    if config.model_type not in DEFAULT_PROCESSORS: raise KeyError(f"no default processor for {config.model_type!r}; known: {list(DEFAULT_PROCESSORS)}")
+    return DEFAULT_PROCESSORS[config.model_type](config)
+
+def load_processor(weights:str|Path|None, # the checkpoint's local directory, or None for a model built from a config
+                   config) -> Any: # the model's config (its family and sizes)
+    "The processor saved with the weights, else the family's default (with a warning when a weights directory lacks one)"
+    d = Path(weights).expanduser() if weights is not None else None
+    if d is not None and any((d/f).is_file() for f in _PROCESSOR_FILES):
+        return transformers.AutoProcessor.from_pretrained(d) if config.model_type != 'vjepa2' else transformers.AutoVideoProcessor.from_pretrained(d)
+    if d is not None: warnings.warn(f"{d} has no processor config ({' or '.join(_PROCESSOR_FILES)}): using the default processor of {CHECKPOINTS.get(config.model_type)}")
+    return default_processor(config)
+
+# %% ../nbs/01_encoders.ipynb #8bd2ab3b
+def reader_preprocessing(processor, config) -> dict:
+    "The `READERS` reader and arguments that make, from a file, the processor's output before normalisation"
+    if isinstance(processor, transformers.SequenceFeatureExtractor):  # AST: Kaldi filterbanks
+        return {'reader': 'audio', 'features': 'fbank', 'sample_rate': processor.sampling_rate, 'n_mels': processor.num_mel_bins,
+                'n_frames': processor.max_length}
+    size, crop = dict(processor.size or {}), dict(processor.crop_size or {})
+    spec = {'resize': size.get('shortest_edge') if processor.do_resize else None,
+            'crop': [crop['height'], crop['width']] if processor.do_center_crop else None,
+            'interpolation': _INTERPOLATIONS.get(int(processor.resample), 'bilinear')}
+    if getattr(config, 'frames_per_clip', None): return {'reader': 'video', 'num_frames': config.frames_per_clip, **spec}
+    return {'reader': 'image', 'channels': 3, **spec}
+
+def processor_normalization(processor) -> tuple|None:
+    "(mean, std) the encoder applies after the reader, as the processor normalises (AST: its fbank statistics, std doubled)"
+    if isinstance(processor, transformers.SequenceFeatureExtractor):
+        return ((processor.mean,), (2 * processor.std,)) if processor.do_normalize else None
+    return (tuple(processor.image_mean), tuple(processor.image_std)) if processor.do_normalize else None
+
 # %% ../nbs/01_encoders.ipynb #3f6291ba
-_HF_NORMALIZATION = {'image': (_IMAGENET_MEAN, _IMAGENET_STD), 'video': (_IMAGENET_MEAN, _IMAGENET_STD),
-                     'audio-spectrogram-transformer': ((-4.2677393,), (2 * 4.5689974,))}  # AST: (fbank - mean) / (2 std)
+_HF_NORMALIZATION = {'image': (_IMAGENET_MEAN, _IMAGENET_STD), 'video': (_IMAGENET_MEAN, _IMAGENET_STD)}  # families without a known processor
+
+def _weights_dir(weights, model_type:str|None) -> Path:
+    "The local checkpoint directory `weights`, or a FileNotFoundError saying which checkpoint to fetch and where to put it"
+    d = Path(weights).expanduser()
+    if d.is_dir(): return d
+    ck = CHECKPOINTS.get(model_type, 'the checkpoint')
+    raise FileNotFoundError(f"weights directory {str(weights)!r} not found (resolved to {d.resolve()}). mmfusion never downloads weights: on a "
+                            f"machine with network run `huggingface-cli download {ck} --local-dir {d.name}` and copy that folder to "
+                            f"{d.resolve()} (weights, config.json and the processor's config together)")
 
 @ENCODERS.register('hf_auto')
 class HFEncoder(Encoder):
@@ -604,19 +670,26 @@ class HFEncoder(Encoder):
                  pretrained:str|Path|None=None, # local directory or hub id
                  config:Mapping|Any|None=None, # instead: config parameters of a randomly initialised model (must include 'model_type' here)
                  modality:str='image', # 'image' (B, C, H, W), 'audio' (B, 1, n_mels, n_frames) or 'video' (B, T, C, H, W)
-                 freeze:bool|None=None, # default: frozen when `pretrained` is given
-                 normalize:bool=True): # apply the family's input normalisation (ImageNet for images/video, AST's for AST)
+                 freeze:bool|None=None, # default: frozen when `pretrained` or `weights` is given
+                 normalize:bool=True, # apply the input normalisation of the checkpoint's processor (ImageNet for other image/video families)
+                 weights:str|Path|None=None, # instead of `pretrained`: a local checkpoint directory only (a missing one says what to fetch)
+                 tokens:str='all'): # 'all': the model's tokens; 'pooled': one token, the pooled vector (what an embedding cache stores)
         super().__init__()
         if modality not in self.modalities: raise ValueError(f"modality must be one of {self.modalities}, got {modality!r}")
+        if tokens not in ('all', 'pooled'): raise ValueError(f"tokens must be 'all' or 'pooled', got {tokens!r}")
+        if weights is not None: pretrained = _weights_dir(weights, self.model_type)
         model = load_hf_model(pretrained, config, self.model_type)
         if self.model_type and model.config.model_type != self.model_type:
             raise ValueError(f"{pretrained or 'config'} is a {model.config.model_type!r} model, not {self.model_type!r}; use {{'name': 'hf_auto'}} for other families")
-        self.config, self.modality, self.input_name = model.config, modality, model.main_input_name
+        self.config, self.modality, self.input_name, self.tokens = model.config, modality, model.main_input_name, tokens
         self.model = model.encoder if self.config.model_type == 'vjepa2' else model  # V-JEPA 2: the encoder, not the predictor
         self.out_dim = getattr(self.config, 'hidden_size', None) or self.config.hidden_sizes[-1]
         self.n_channels = getattr(self.config, 'num_channels', 3)
-        stats = _HF_NORMALIZATION.get(modality if modality != 'audio' else self.config.model_type) if normalize else None
-        self.norm = _ImageNorm(*stats, len(stats[0]) if modality == 'audio' else self.n_channels) if stats else nn.Identity()
+        local = Path(pretrained).expanduser() if pretrained is not None and Path(pretrained).expanduser().is_dir() else None
+        self.processor = load_processor(local, self.config) if self.config.model_type in DEFAULT_PROCESSORS else None
+        self.preprocessing = reader_preprocessing(self.processor, self.config) if self.processor is not None else None
+        stats = processor_normalization(self.processor) if self.processor is not None else _HF_NORMALIZATION.get(modality)
+        self.norm = _ImageNorm(*stats, len(stats[0]) if modality == 'audio' else self.n_channels) if stats and normalize else nn.Identity()
         if freeze if freeze is not None else pretrained is not None: self.freeze()
 
     def _model_input(self, x:torch.Tensor) -> torch.Tensor:
@@ -632,7 +705,7 @@ class HFEncoder(Encoder):
         if h.ndim == 4: h = h.flatten(2).transpose(1, 2)  # a conv backbone's map (B, C, H, W) -> (B, HW, C)
         p = getattr(out, 'pooler_output', None)
         pooled = p.flatten(1) if p is not None and p.flatten(1).shape == (h.shape[0], h.shape[2]) else h.mean(1)
-        return EncoderOutput(h, pooled)
+        return EncoderOutput(pooled.unsqueeze(1) if self.tokens == 'pooled' else h, pooled)
 
 # %% ../nbs/01_encoders.ipynb #be2b3cdb
 @ENCODERS.register('dinov2')
@@ -642,28 +715,32 @@ class Dinov2Encoder(HFEncoder):
     def __init__(self,
                  pretrained:str|Path|None=None, # local directory or hub id (e.g. 'facebook/dinov2-small')
                  config:Mapping|None=None, # instead: `Dinov2Config` parameters of a randomly initialised model
-                 freeze:bool|None=None, # default: frozen when `pretrained` is given
-                 normalize:bool=True): # apply ImageNet mean/std
-        super().__init__(pretrained, config, 'image', freeze, normalize)
+                 freeze:bool|None=None, # default: frozen when `pretrained` or `weights` is given
+                 normalize:bool=True, # apply ImageNet mean/std
+                 weights:str|Path|None=None, # a local checkpoint directory (never downloaded; a missing one says what to fetch)
+                 tokens:str='all'): # 'all' tokens, or 'pooled' (one token; what an embedding cache stores)
+        super().__init__(pretrained, config, 'image', freeze, normalize, weights, tokens)
 
 TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=56, patch_size=14)
 
 # %% ../nbs/01_encoders.ipynb #631ac995
 @ENCODERS.register('ast')
 class ASTEncoder(HFEncoder):
-    "Audio Spectrogram Transformer for log-mel audio (B, 1, n_mels, n_frames), padded or cropped in time to the model's `max_length`"
+    "Audio Spectrogram Transformer for filterbank audio (B, 1, n_mels, n_frames) (`read_audio(features='fbank')`), padded or cropped in time to `max_length`"
     model_type = 'audio-spectrogram-transformer'
     def __init__(self,
                  pretrained:str|Path|None=None, # local directory or hub id (e.g. 'MIT/ast-finetuned-audioset-10-10-0.4593')
                  config:Mapping|None=None, # instead: `ASTConfig` parameters of a randomly initialised model
-                 freeze:bool|None=None, # default: frozen when `pretrained` is given
-                 normalize:bool=True): # apply AST's fbank mean/std
-        super().__init__(pretrained, config, 'audio', freeze, normalize)
+                 freeze:bool|None=None, # default: frozen when `pretrained` or `weights` is given
+                 normalize:bool=True, # apply the processor's fbank mean/std
+                 weights:str|Path|None=None, # a local checkpoint directory (never downloaded; a missing one says what to fetch)
+                 tokens:str='all'): # 'all' tokens, or 'pooled' (one token; what an embedding cache stores)
+        super().__init__(pretrained, config, 'audio', freeze, normalize, weights, tokens)
 
     def _model_input(self, x):
         n_mels, T = self.config.num_mel_bins, self.config.max_length
         if x.ndim != 4 or x.shape[1] != 1 or x.shape[2] != n_mels:
-            raise ValueError(f"AST expects log-mel audio (B, 1, n_mels={n_mels}, n_frames), got {tuple(x.shape)}")
+            raise ValueError(f"AST expects filterbank audio (B, 1, n_mels={n_mels}, n_frames), got {tuple(x.shape)}")
         x = F.pad(x, (0, T - x.shape[-1])) if x.shape[-1] < T else x[..., :T]
         return super()._model_input(x)
 
@@ -678,12 +755,38 @@ class VJEPA2Encoder(HFEncoder):
     def __init__(self,
                  pretrained:str|Path|None=None, # local directory or hub id (e.g. 'facebook/vjepa2-vitl-fpc64-256')
                  config:Mapping|None=None, # instead: `VJEPA2Config` parameters of a randomly initialised model
-                 freeze:bool|None=None, # default: frozen when `pretrained` is given
-                 normalize:bool=True): # apply ImageNet mean/std
-        super().__init__(pretrained, config, 'video', freeze, normalize)
+                 freeze:bool|None=None, # default: frozen when `pretrained` or `weights` is given
+                 normalize:bool=True, # apply ImageNet mean/std
+                 weights:str|Path|None=None, # a local checkpoint directory (never downloaded; a missing one says what to fetch)
+                 tokens:str='all'): # 'all' tokens, or 'pooled' (one token; what an embedding cache stores)
+        super().__init__(pretrained, config, 'video', freeze, normalize, weights, tokens)
 
 TINY_VJEPA2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, crop_size=32, frames_per_clip=4,
                    patch_size=16, tubelet_size=2, pred_hidden_size=32, pred_num_hidden_layers=1, pred_num_attention_heads=2)
+
+# %% ../nbs/01_encoders.ipynb #dff0f5c2
+REAL_DINOV2 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, image_size=224, patch_size=14)  # facebook/dinov2-base
+REAL_AST = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, num_mel_bins=128, max_length=1024,
+                patch_size=16, frequency_stride=10, time_stride=10)  # MIT/ast-finetuned-audioset-10-10-0.4593
+REAL_VJEPA2 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4., crop_size=256, frames_per_clip=64,
+                   patch_size=16, tubelet_size=2)  # facebook/vjepa2-vitl-fpc64-256 (its encoder; the predictor keeps its defaults)
+REAL_CONFIGS = {'dinov2': REAL_DINOV2, 'ast': REAL_AST, 'vjepa2': REAL_VJEPA2}  # encoder name -> config of its reference checkpoint's architecture
+
+# %% ../nbs/01_encoders.ipynb #0be0197a
+def check_preprocessing(encoder:Encoder, # an encoder whose `preprocessing` comes from its checkpoint's processor
+                        reader:Callable, # the modality's reader (a `READERS` function or a `functools.partial` of one)
+                        modality:str='input', # its name, for the message
+                       ) -> None:
+    "Refuse a reader that does not reproduce the encoder's checkpoint preprocessing (e.g. log-mel into AST, which takes filterbanks)"
+    want = encoder.preprocessing
+    if not want: return
+    fn, kw = (reader.func, reader.keywords) if isinstance(reader, partial) else (reader, {})
+    got = {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
+    got.update(kw, reader=next((k for k, f in READERS.items() if f is fn), getattr(fn, '__name__', str(fn))))
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+    bad = [f"{k}={plain(got.get(k))!r} where the processor makes {plain(v)!r}" for k, v in want.items() if plain(got.get(k)) != plain(v)]
+    if bad: raise ValueError(f"modality {modality!r}: its reader does not make what the {type(encoder).__name__} checkpoint was trained on: "
+                             f"{'; '.join(bad)}. Read it as `preprocessing` says: {want} (a config's data.readers does so by default)")
 
 # %% ../nbs/01_encoders.ipynb #2bfdafab
 TINY_CONFIGS = {
