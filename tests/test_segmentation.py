@@ -1,0 +1,260 @@
+"""The segmentation kind (nbs/07b_segmentation.ipynb) on planted truth and oracles, at tiny sizes.
+
+- masks: every bad mask is a DataError naming the file (wrong size, ids out of range, non-integer values, colour);
+- augmentation: a mask planted as a copy of the image's bright pixels still marks them after every draw;
+- sliding windows: equal to the whole-image prediction when the image fits one window, and, for a per-pixel model, at
+  any window size and overlap (a check of the blending arithmetic);
+- metrics against scikit-learn's confusion matrix on flattened pixels; the bootstrap interval over images;
+- losses against their definitions, with class weights;
+- training through the Learner: the two-stage schedule (frozen backbones do not move) and per-module learning rates;
+- the kind's verbs on one short run (train, evaluate, diagnose, predict, export, predictor).
+The end-to-end CLI run of configs/inspection_segmentation.yaml takes minutes: it is marked slow."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+import albumentations as A, cv2, numpy as np, pytest, torch, torch.nn as nn, torch.nn.functional as F
+from PIL import Image
+from sklearn.metrics import confusion_matrix
+
+from mmfusion.config import RunFolder
+from mmfusion.data import DataError, Sample, read_image
+from mmfusion.sample_data import make_battery_seg_data
+from mmfusion.training import Callback
+from mmfusion.segmentation import (SEG_EXPORT_ATOL, SEG_LOSSES, DiceLoss, MaskAugment, MultiModalDeepLab, PixelFocal, bootstrap_ci, confusion,
+                                   fit_segmenter, mask_class_weights, read_mask, rle_mask, segmentation_folders, segmentation_scores,
+                                   segmentation_splits, sliding_window)
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'MPLBACKEND': 'Agg', 'PYTHONHASHSEED': '0', 'HF_HUB_OFFLINE': '1'}
+
+
+@pytest.fixture(scope='module')
+def seg(tmp_path_factory):
+    return make_battery_seg_data(tmp_path_factory.mktemp('data')/'battery_seg', n_cells=(3, 1, 1), n_scans=1, seed=5)
+
+
+@pytest.fixture(scope='module')
+def splits(seg): return segmentation_splits(seg)
+
+
+# ---------------------------------------------------------------- masks
+def write_mask(path:Path, a:np.ndarray) -> Path:
+    Image.fromarray(a).save(path)
+    return path
+
+
+@pytest.mark.parametrize('name,array,message', [
+    ('rgb.png', np.zeros((8, 8, 3), np.uint8), 'is a RGB (colour) image'),
+    ('rgba.png', np.zeros((8, 8, 4), np.uint8), 'is a RGBA (colour) image'),
+    ('range.png', np.full((8, 8), 4, np.uint8), 'holds class id(s) [4] outside 0..3'),
+    ('binary.png', np.where(np.eye(8) > 0, 255, 0).astype(np.uint8), 'holds class id(s) [255] outside 0..3'),
+    ('soft.tif', np.full((8, 8), 2.5, np.float32), 'holds non-integer values (e.g. [2.5'),
+    ('nan.tif', np.full((8, 8), np.nan, np.float32), 'holds non-integer values'),
+    ('negative.tif', np.full((8, 8), -1, np.int32), 'holds class id(s) [-1] outside 0..3'),
+])
+def test_every_bad_mask_is_a_data_error_naming_the_file(tmp_path, name, array, message):
+    path = write_mask(tmp_path/name, array)
+    with pytest.raises(DataError) as e: read_mask(path, 4)
+    assert str(path) in str(e.value) and message in str(e.value), str(e.value)
+
+
+def test_a_mask_of_another_size_than_its_images_names_the_mask(tmp_path, seg):
+    root = tmp_path/'odd'
+    for m in ('ct', 'density', 'masks'): (root/'train'/m).mkdir(parents=True)
+    for m in ('ct', 'density'): cv2.imwrite(str(root/'train'/m/'a.png'), np.zeros((16, 16), np.uint8))
+    write_mask(root/'train/masks/a.png', np.zeros((16, 12), np.uint8))
+    ds = segmentation_folders(root, 'train', metadata=None)
+    with pytest.raises(DataError, match=r'masks/a\.png: is 16x12 but its images are 16x16') as e: ds[0]
+    assert e.value.sample_id == 'a'
+    (root/'train/masks/a.png').unlink()
+    with pytest.raises(DataError, match=r"masks/a\.png: sample 'a' has no mask"): segmentation_folders(root, 'train', metadata=None)
+
+
+def test_good_masks_read_as_class_ids(tmp_path):
+    a = np.array([[0, 1], [2, 3]], np.uint8)
+    for name, arr in [('grey.png', a), ('wide.png', a.astype(np.uint16)), ('whole.tif', a.astype(np.float32))]:
+        assert read_mask(write_mask(tmp_path/name, arr), 4, (2, 2)).tolist() == a.tolist(), name
+    pal = Image.fromarray(a, mode='P'); pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 756)
+    pal.save(tmp_path/'palette.png')  # a palette PNG keeps its indices (not the colours)
+    assert read_mask(tmp_path/'palette.png', 4).tolist() == a.tolist()
+
+
+# ---------------------------------------------------------------- augmentation
+def test_the_mask_moves_with_the_images():
+    "Planted: the mask is the image's bright pixels; after each geometric draw it still is, and both images got the same draw"
+    img = torch.zeros(1, 48, 48); img[0, 5:15, 3:30] = 1.; img[0, 30:44, 36:42] = 1.
+    s = Sample({'ct': img, 'density': img.clone()}, (img[0] > .5).long(), 'planted')
+    aug = MaskAugment([A.HorizontalFlip(p=.5), A.VerticalFlip(p=.5), A.RandomRotate90(p=1),
+                       A.Affine(scale=(.8, 1.2), translate_percent=(-.15, .15), rotate=(-30, 30), interpolation=cv2.INTER_NEAREST, p=1)], seed=1)
+    moved = 0
+    for epoch in range(8):
+        aug.epoch = epoch
+        o = aug(s)
+        assert torch.equal((o.inputs['ct'][0] > .5).long(), o.target), epoch
+        assert torch.equal(o.inputs['ct'], o.inputs['density']), epoch
+        moved += not torch.equal(o.target, s.target)
+    assert moved >= 6  # it did transform (a test of a no-op would pass the checks above)
+    aug.epoch = 3
+    assert torch.equal(aug(s).target, aug(s).target)  # same (seed, id, epoch), same draw
+
+
+def test_the_training_split_is_augmented_consistently(splits):
+    "The default augmentation on real crops: class ids stay ids, and the mask's class areas survive flips and turns"
+    ds = splits['train']
+    for e in range(3):
+        ds.set_epoch(e)
+        s, raw = ds[0], ds.read(0)
+        assert s.target.dtype == torch.int64 and set(s.target.unique().tolist()) <= {0, 1, 2, 3}
+        assert s.inputs['ct'].shape == raw.inputs['ct'].shape and s.target.shape == raw.target.shape
+
+
+# ---------------------------------------------------------------- sliding windows
+class PerPixel(nn.Module):
+    "A model that looks at each pixel alone: windows agree with the whole image wherever they overlap"
+    def __init__(self): super().__init__(); self.conv = nn.Conv2d(2, 4, 1)
+    def forward(self, x, present=None): return self.conv(torch.cat([x['ct'], x['density']], 1))
+
+
+def test_sliding_window_equals_whole_image_when_it_fits_one_window(seg):
+    torch.manual_seed(0)
+    model = MultiModalDeepLab(base='ct').eval()
+    name = sorted((seg/'test'/'ct').glob('*.png'))[0].name
+    crop = {m: read_image(seg/'test'/m/name, 1) for m in ('ct', 'density')}
+    with torch.no_grad(): whole = model({m: v[None] for m, v in crop.items()})[0].softmax(0)
+    for window in (64, 96):  # exactly one window, and a window larger than the image
+        torch.testing.assert_close(sliding_window(model, crop, window), whole, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize('window,overlap,blend', [(64, .25, 'gaussian'), (48, .5, 'uniform'), (100, 0., 'gaussian'), (37, .3, 'gaussian')])
+def test_sliding_window_blends_without_seams(seg, window, overlap, blend):
+    torch.manual_seed(0)
+    pp = PerPixel()
+    scan = {m: read_image(seg/'scans'/m/'scan_001.png', 1) for m in ('ct', 'density')}
+    with torch.no_grad(): whole = pp({m: v[None] for m, v in scan.items()})[0].softmax(0)
+    torch.testing.assert_close(sliding_window(pp, scan, window, overlap, blend=blend, batch_size=3), whole, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- metrics
+def test_metrics_match_sklearn_on_flattened_pixels():
+    rng = np.random.default_rng(1)
+    t = rng.integers(0, 4, (5, 20, 20)); p = np.where(rng.random(t.shape) < .6, t, rng.integers(0, 4, t.shape))
+    p[p == 3] = 2  # class 3 never predicted: IoU 0, still counted
+    cm = confusion(p, t, 4)
+    np.testing.assert_array_equal(cm, confusion_matrix(t.ravel(), p.ravel(), labels=range(4)))
+    s = segmentation_scores(cm, ['a', 'b', 'c', 'd'])
+    ious = [((p == k) & (t == k)).sum() / ((p == k) | (t == k)).sum() for k in range(4)]
+    assert s['per_class']['d']['iou'] == 0 and abs(s['miou'] - np.mean(ious)) < 1e-12
+    assert abs(s['pixel_accuracy'] - (p == t).mean()) < 1e-12
+    dice = 2 * ((p == 1) & (t == 1)).sum() / ((p == 1).sum() + (t == 1).sum())
+    assert abs(s['per_class']['b']['dice'] - dice) < 1e-12
+    absent = segmentation_scores(confusion(np.zeros(9), np.zeros(9), 3))  # only background anywhere: the others are not averaged in
+    assert absent['miou'] == 1.0 and absent['per_class']['1']['iou'] is None
+
+
+def test_bootstrap_interval_is_over_images():
+    "Identical images: no spread; two very different images: a wide interval containing the pooled value"
+    same = np.stack([confusion(np.eye(4).argmax(0), np.arange(4), 4)] * 6)
+    assert bootstrap_ci(same, n_boot=50) == (1.0, 1.0)
+    good, bad = confusion(np.arange(4), np.arange(4), 4), confusion(np.zeros(4, int), np.arange(4), 4)
+    lo, hi = bootstrap_ci(np.stack([good, bad] * 4), n_boot=300)
+    pooled = segmentation_scores(np.stack([good, bad] * 4).sum(0))['miou']
+    assert lo < pooled < hi and hi - lo > .2
+
+
+# ---------------------------------------------------------------- losses
+def test_losses_against_their_definitions_with_class_weights():
+    torch.manual_seed(0)
+    lg, tg = torch.randn(2, 4, 6, 6), torch.randint(0, 4, (2, 6, 6))
+    w = [0.5, 1., 2., 4.]
+    ce = F.cross_entropy(lg, tg, torch.tensor(w))
+    assert torch.allclose(SEG_LOSSES.build({'name': 'cross_entropy', 'weight': w})(lg, tg), ce, atol=1e-6)
+    assert torch.allclose(SEG_LOSSES.build({'name': 'focal', 'weight': w, 'gamma': 0.})(lg, {'target': tg}), ce, atol=1e-6)
+    p = lg.softmax(1); oh = F.one_hot(tg, 4).permute(0, 3, 1, 2).float()
+    per = (2 * (p * oh).sum((0, 2, 3)) + 1) / (p.sum((0, 2, 3)) + oh.sum((0, 2, 3)) + 1)
+    dice = 1 - (torch.tensor(w) * per).sum() / sum(w)
+    assert torch.allclose(SEG_LOSSES.build({'name': 'dice', 'weight': w})(lg, tg), dice, atol=1e-6)
+    assert torch.allclose(SEG_LOSSES.build({'name': 'dice_ce', 'weight': w})(lg, tg), ce + dice, atol=1e-6)
+    easy = 20 * oh  # confident and right: focal discounts it to ~0
+    assert PixelFocal()(easy, tg) < 1e-6 < F.cross_entropy(lg, tg)
+    assert DiceLoss()(easy, tg) < 1e-3
+
+
+def test_balanced_weights_favour_the_rare_class(splits):
+    w = mask_class_weights(splits['train'])
+    counts = sum(np.bincount(splits['train'].read(i).target.numpy().ravel(), minlength=4) for i in range(len(splits['train'])))
+    assert np.allclose(np.array(w) * counts, counts.sum() / 4)  # n / (K n_k)
+    assert w[3] == max(w)  # defects are the rarest pixels
+
+
+# ---------------------------------------------------------------- training through the Learner
+def test_two_stage_schedule_and_per_module_lr(splits):
+    torch.manual_seed(0)
+    model = MultiModalDeepLab(base='ct', aspp_channels=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+    class Watch(Callback):
+        order = 100
+        def before_epoch(self, learn): seen[learn.epoch] = {g['name']: g['lr'] for g in learn.opt.param_groups}
+        def after_epoch(self, learn):
+            if learn.epoch == 0: seen['after0'] = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    stages = [{'epochs': 1, 'freeze': ['backbones.*'], 'name': 'frozen'}, {'epochs': 1, 'unfreeze': ['*'], 'lr': 1e-3, 'name': 'all'}]
+    learn = fit_segmenter(model, splits['train'], splits['val'], {'lr': 2e-3, 'stages': stages, 'lr_mult': {'fusions': 5.}, 'progress': False,
+                                                                  'schedule': {'name': 'constant'}}, batch_size=6, cbs=[Watch()])
+    after0 = seen['after0']
+    bb = [k for k in before if k.startswith('backbones.') and before[k].is_floating_point()]
+    assert all(torch.equal(after0[k], before[k]) for k in bb)  # frozen: weights and BatchNorm statistics unchanged
+    assert not torch.equal(after0['decoder.6.weight'], before['decoder.6.weight'])  # the rest trained
+    assert any(not torch.equal(model.state_dict()[k], before[k]) for k in bb)  # stage 2 moved the backbones
+    assert seen[0]['fusions'] == pytest.approx(1e-2) and seen[0]['default'] == pytest.approx(2e-3)
+    assert seen[1]['fusions'] == pytest.approx(5e-3) and seen[1]['default'] == pytest.approx(1e-3)
+    assert [r['stage'] for r in learn.history] == ['frozen', 'all'] and all('valid_miou' in r for r in learn.history)
+
+
+# ---------------------------------------------------------------- the kind's verbs
+@pytest.fixture(scope='module')
+def run(seg, tmp_path_factory):
+    from mmfusion.runs import train
+    cfg = {'kind': 'segmentation', 'name': 't', 'runs_dir': str(tmp_path_factory.mktemp('runs')),
+           'data': {'root': str(seg.parent), 'sample': 'battery_seg', 'scans': 'scans', 'batch_size': 8},
+           'baseline': {'modality': 'ct', 'modalities': ['ct', 'density'], 'epochs': 1}, 'model': {'aspp_channels': 16},
+           'training': {'epochs': 1, 'progress': False}, 'evaluation': {'n_boot': 50}, 'diagnosis': {'n_boot': 50}}
+    return RunFolder(train(cfg).dir)
+
+
+def test_every_verb_works_on_a_run(run, seg, tmp_path):
+    from mmfusion import runs
+    m = run.metrics
+    assert m['kind'] == 'segmentation' and m['headline']['name'] == 'miou'
+    assert {'fused: all modalities', 'all background', 'ct only (baseline)', 'density only (baseline)'} <= set(m['table'])
+    bg = m['table']['all background']
+    assert bg['per_class']['background']['iou'] == pytest.approx(bg['miou'] * 4)  # only background scores, averaged over 4 classes
+    ev = runs.evaluate(run.path)
+    assert ev['headline']['value'] == pytest.approx(m['headline']['value'])
+    d = runs.diagnose(run.path)
+    assert {f.check for f in d.findings} >= {'segmentation_contribution', 'grad_cam', 'frozen_backbone'}
+    assert json.loads((run.path/'diagnosis'/'findings.json').read_text())['findings']
+    recs = runs.predict(run.path, seg/'scans', out=tmp_path/'pred')
+    assert recs[0]['size'] == [192, 192] and Path(recs[0]['overlay']).is_file()
+    assert read_mask(recs[0]['mask'], 4).tolist() == rle_mask(recs[0]['rle']).tolist()
+    assert not list((tmp_path/'pred').glob('.*.tmp'))  # atomic writes leave no temporary file
+    exp = runs.export(run.path, out=tmp_path/'exp')
+    assert max(r['max_abs_diff']['logits'] for r in exp.values()) <= SEG_EXPORT_ATOL
+    p = runs.predictor(run.path)
+    r = p.predict({'ct': str(seg/'scans/ct/scan_001.png')}, ['x'])
+    assert r.missing == ['density'] and r.to_dict()['size'] == [192, 192] and torch.equal(r.mask(), rle_mask(r.rle))
+
+
+@pytest.mark.slow
+def test_cli_trains_the_shipped_config_and_the_verbs_run(tmp_path):
+    "Done-when: `mmfusion train configs/inspection_segmentation.yaml` reports test mIoU against all background; evaluate, diagnose, predict, export work"
+    cli = lambda *a: subprocess.run([sys.executable, '-c', 'from mmfusion.cli import main; main()', *map(str, a)], cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=900)
+    r = cli('train', 'configs/inspection_segmentation.yaml', '--set', f'runs_dir={tmp_path}', '--set', 'training.progress=false')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'test mIoU' in r.stdout and 'vs all-background' in r.stdout, r.stdout[-2000:]
+    folder = Path(r.stdout.strip().splitlines()[-1].split('run folder: ')[-1])
+    m = json.loads((folder/'metrics.json').read_text())
+    assert m['headline']['value'] > m['baseline']['miou'] + .3
+    for verb, extra in [('evaluate', []), ('diagnose', []), ('predict', ['--input', 'ct=data/battery_seg/scans/ct', '--input', 'density=data/battery_seg/scans/density']), ('export', [])]:
+        r = cli(verb, folder, *extra)
+        assert r.returncode == 0, (verb, r.stderr[-3000:])
+    assert (folder/'predictions'/'scan_001_overlay.png').is_file() and (folder/'export'/'segmenter.onnx').is_file()
