@@ -16,10 +16,12 @@ from starlette.datastructures import UploadFile
 import uvicorn
 from .data import DataError
 from .deploy import Detections, AnomalyPredictor, DetectionPredictor, Prediction, Predictor, load_predictor
+from .segmentation import SegmentationMask
 
 # %% auto #0
 __all__ = ['RESPONSES', 'BodyLimit', 'MicroBatcher', 'predict_batch', 'PredictRequest', 'PredictionResponse', 'BoxResponse',
-           'DetectionsResponse', 'model_card', 'create_app', 'free_port', 'running_server', 'serve']
+           'DetectionsResponse', 'RunLength', 'SegmentationMaskResponse', 'model_card', 'create_app', 'free_port',
+           'running_server', 'serve']
 
 # %% ../nbs/10_serve.ipynb #ec707197
 class BodyLimit:
@@ -142,7 +144,22 @@ class DetectionsResponse(BaseModel):
     size: list[int]
     boxes: list[BoxResponse]
 
-RESPONSES = {Prediction: PredictionResponse, Detections: DetectionsResponse}  # a predictor's record type -> the response model the API declares
+class RunLength(BaseModel):
+    "A mask as row-major runs of class ids (decode: `mmfusion.segmentation.rle_mask`)"
+    size: list[int]  # [H, W]
+    runs: list[list[int]]  # [[class id, run length], ...], row-major
+
+class SegmentationMaskResponse(BaseModel):
+    "What `/predict` answers for a segmentation run (`SegmentationMask`)"
+    id: str
+    missing: list[str]
+    size: list[int]  # [H, W] of the image
+    class_names: list[str]  # class id -> name
+    pixels: dict[str, int]  # class name -> predicted pixels
+    rle: RunLength
+    png_base64: str  # the mask as a one-channel PNG of class ids, base64
+
+RESPONSES = {Prediction: PredictionResponse, Detections: DetectionsResponse, SegmentationMask: SegmentationMaskResponse}  # a predictor's record type -> the response model the API declares
 
 
 # %% ../nbs/10_serve.ipynb #1f33293e

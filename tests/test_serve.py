@@ -272,3 +272,22 @@ def test_backpressure_answers_503_when_full(servers):
     for r, rep in zip(reqs, held):
         assert rep.status_code == 200, rep.text
         close(rep.json(), p.predict(r['inputs'], [r['id']]).to_dict())
+
+
+def test_segmentation_predictor_serves_masks_as_run_lengths_and_png():
+    "An (untrained) segmentation model served: /predict/files answers the mask whose run lengths and PNG decode alike, equal to the predictor's"
+    from mmfusion.segmentation import MultiModalDeepLab, SegmentationMask, SegmentationPredictor, rle_mask
+    torch.manual_seed(0)
+    p = SegmentationPredictor(MultiModalDeepLab(aspp_channels=16))
+    ct = sorted((DATA/'battery_seg'/'test'/'ct').glob('*.png'))[0]
+    density = DATA/'battery_seg'/'test'/'density'/ct.name
+    expected = p.predict({'ct': str(ct), 'density': str(density)}, ['s1']).to_dict()
+    with running_server(create_app(p)) as url:
+        assert 'SegmentationMaskResponse' in httpx.get(f'{url}/openapi.json').json()['components']['schemas']
+        got = httpx.post(f'{url}/predict/files', files=[('ct', (ct.name, ct.read_bytes(), 'image/png')), ('density', (ct.name, density.read_bytes(), 'image/png'))],
+                         data={'id': 's1'}, timeout=60)
+        alone = httpx.post(f'{url}/predict/files', files=[('ct', (ct.name, ct.read_bytes(), 'image/png'))], data={'id': 's2'}, timeout=60)
+    assert got.status_code == 200, got.text
+    assert got.json() == expected
+    assert torch.equal(rle_mask(got.json()['rle']), SegmentationMask(**got.json()).mask())
+    assert alone.status_code == 200 and alone.json()['missing'] == ['density'], alone.text
