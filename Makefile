@@ -20,10 +20,9 @@ $(VENV)/.installed-dev: $(VENV)/.installed constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
-# JupyterLab, the venv registered as the Jupyter kernel `mmfusion` (the notebooks' kernelspec: .ci/set_kernelspec.py),
-# pytest-xdist, and nbdev's git hooks (notebook merge driver, trust after merge) pointed at this venv's commands
+# the venv registered as the Jupyter kernel `mmfusion` (the notebooks' kernelspec: .ci/set_kernelspec.py; JupyterLab
+# comes with the dev extras), and nbdev's git hooks (notebook merge driver, trust after merge) pointed at this venv's commands
 $(VENV)/.installed-lab: $(VENV)/.installed-dev
-	$(PY) -m pip install -q -c constraints.txt jupyterlab pytest-xdist
 	$(PY) -m ipykernel install --sys-prefix --name mmfusion --display-name mmfusion >/dev/null
 	@if git rev-parse --git-dir >/dev/null 2>&1; then \
 	  $(VENV)/bin/nbdev_install_hooks && \
@@ -42,10 +41,12 @@ lab: install-dev
 	exec $(VENV)/bin/jupyter lab --no-browser --ip=127.0.0.1 --port=$(LAB_PORT) --ServerApp.port_retries=0 \
 	  --IdentityProvider.token=$$token --ServerApp.root_dir="$(CURDIR)" $(if $(filter 0,$(shell id -u)),--allow-root)
 
-# headless Chromium for the report/docs screenshot tests (Debian's package; needs root or an existing install)
+# headless Chromium for the browser tests (Debian's package; needs root or an existing install, or CHROMIUM=/path/to/chromium).
+# Where it cannot be installed, make test goes on and the browser tests FAIL saying how to install it (never skipped).
 browser:
-	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
-	@chromium --version 2>/dev/null | head -n 1
+	@test -n "$$CHROMIUM" || command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "Chromium is not installed and could not be (needs root): sudo apt-get install chromium, or set CHROMIUM=/path/to/chromium; the browser tests will fail"
+	@$${CHROMIUM:-chromium} --version 2>/dev/null | head -n 1 || true
 
 SCENARIO ?= weld
 demo: install
@@ -55,13 +56,28 @@ data: install
 	$(VENV)/bin/mmfusion data generate --root data
 	$(PY) benchmarks/ceilings.py --readme-only  # each README's ceilings section, from benchmarks/results/*.json
 
+# every check a change must pass (~20 min on 2 cores); `make test-slow` runs the rest
 test: install-dev browser
 	$(VENV)/bin/nbdev_export
 	@if [ -n "$$(git status --porcelain -- mmfusion)" ]; then echo "nbdev_export changed mmfusion/ (the library and the notebooks disagree):"; git status --short -- mmfusion; exit 1; fi
 	$(VENV)/bin/nbdev_clean
 	@if [ -n "$$(git status --porcelain -- nbs)" ]; then echo "nbdev_clean changed nbs/ (notebooks are not clean):"; git status --short -- nbs; exit 1; fi
 	OMP_NUM_THREADS=1 $(VENV)/bin/nbdev_test --n_workers 2
-	$(VENV)/bin/pytest tests/ -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest tests/ -p no:cacheprovider $(PYTEST_WORKERS) -m "not slow"
+
+# pytest on two processes, a test file per process at a time (module fixtures are built once); PYTEST_WORKERS= runs serially
+PYTEST_WORKERS ?= -n 2 --dist loadfile
+
+# what make test leaves out: the `#| slow` notebook cells (each notebook that has some, run whole with --flags slow) and
+# the tests marked slow. Run it before changing prose that quotes what they compute. Prints its time.
+test-slow: install-dev
+	@start=$$(date +%s); \
+	names=$$(grep -l '"#| slow' nbs/*.ipynb nbs/tutorials/*.ipynb | xargs -n1 basename | sed 's/\.ipynb$$//' | paste -sd'|'); \
+	echo "nbdev_test --flags slow: $$names"; \
+	OMP_NUM_THREADS=1 $(VENV)/bin/nbdev_test --flags slow --n_workers 2 --file_re "^($$names)\.ipynb$$" || exit 1; \
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest tests/ -p no:cacheprovider $(PYTEST_WORKERS) -m slow; rc=$$?; \
+	if [ $$rc -eq 5 ]; then rc=0; fi; \
+	echo "make test-slow: $$(( $$(date +%s) - start )) s"; exit $$rc
 
 readme: install-dev
 	$(PY) .ci/render_readme.py

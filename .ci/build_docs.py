@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SKIP_PROCS = {'FrontmatterProc', 'add_show_docs', 'exec_show_docs', 'add_fold', 'mv_exports'}  # execution / Quarto-only markup
 _echo_false, _output_false = re.compile(r'^#\|\s*echo:\s*false', re.M), re.compile(r'^#\|\s*output:\s*false', re.M)
 _pandoc_attrs = re.compile(r'\)\{target="_blank"[^}]*\}')  # `[source](url){target=...}`: Pandoc link attributes
+_dotted_anchor = re.compile(r'(\.html#)([\w.-]+)')  # nbdev links methods as page.html#class.method; the page's id drops the dot
 
 
 def quarto_available() -> bool: return shutil.which('quarto') is not None
@@ -50,8 +51,9 @@ def process_notebooks(nbs:Path, out:Path) -> list:
         nb.cells = [c for c in nb.cells if c.get('source')]
         for i, c in enumerate(nb.cells): c.setdefault('id', f'proc-{i}')  # cells nbdev inserts have none
         up = '../' * (len(rel.parts) - 1)
+        own = lambda text: _dotted_anchor.sub(lambda m: m.group(1) + m.group(2).replace('.', ''), text.replace(site, up))
         for c in nb.cells:  # links to this site's own pages stay on this site (relative), as Quarto's would
-            c.source = c.source.replace(site, up)
+            c.source = own(c.source)
             if c.cell_type == 'code':  # Quarto cell options: `echo: false` hides the code, `output: false` the output
                 if _echo_false.search(c.source): c.setdefault('metadata', {}).setdefault('tags', []).append('remove_input')
                 if _output_false.search(c.source): c['outputs'] = []
@@ -60,24 +62,36 @@ def process_notebooks(nbs:Path, out:Path) -> list:
                 md = o.get('data', {}).get('text/markdown')
                 if md is not None:
                     md = ''.join(md) if isinstance(md, list) else md
-                    o['data']['text/markdown'] = _pandoc_attrs.sub(')', md.replace(site, up))
+                    o['data']['text/markdown'] = _pandoc_attrs.sub(')', own(md))
         dest.parent.mkdir(parents=True, exist_ok=True)
         write_nb(nb, dest)
         written.append(dest)
     return written
 
 
+def toc_markdown(path) -> str:
+    "A notebook's markdown cells, as mkdocs-jupyter reads them for the page's table of contents, with inline code kept as text"
+    import json
+    cells = json.loads(Path(path).read_text(encoding='utf-8'))['cells']
+    body = '\n\n'.join(''.join(c['source']) for c in cells if c['cell_type'] == 'markdown')
+    return re.sub(r'`([^`\n]*)`', r'\1', re.sub(r'```.*?```', '', body, flags=re.DOTALL))
+
+
 def build_mkdocs(out:Path=ROOT/'_docs', proc:Path=ROOT/'_proc'/'mkdocs') -> Path:
     "The fallback: nbdev-processed notebooks rendered by mkdocs-material + mkdocs-jupyter into `out`"
+    import mkdocs_jupyter.plugin
     from mkdocs.commands.build import build
     from mkdocs.config import load_config
     from nbdev.quarto import nbdev_sidebar
+    # mkdocs-jupyter drops inline code from headings for its table of contents ('Callbacks and the `Learner`' -> #callbacks-and-the),
+    # while the heading's id keeps it (#callbacks-and-the-learner): its TOC links went nowhere. Same markdown, code kept as text:
+    mkdocs_jupyter.plugin.convert.nb2md = toc_markdown
     nbs = ROOT/'nbs'
     nbdev_sidebar.__wrapped__(path=nbs)  # nbdev regenerates it (settings.ini: custom_sidebar = False), as nbdev_docs does
     process_notebooks(nbs, proc)
     cfg = load_config(str(ROOT/'docs'/'mkdocs.yml'), docs_dir=str(proc), site_dir=str(out),
                       nav=sidebar_nav(nbs/'sidebar.yml'))
-    cfg.plugins['mkdocs-jupyter'].config['cache_dir'] = str(ROOT/'_proc'/'mkdocs-jupyter-cache')  # keyed on content: unchanged pages are not re-rendered
+    cfg.plugins['mkdocs-jupyter'].config['cache_dir'] = str(ROOT/'_proc'/'mkdocs-jupyter-cache-2')  # keyed on content: unchanged pages are not re-rendered
     build(cfg)
     return out
 

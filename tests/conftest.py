@@ -5,6 +5,10 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 import pytest, torch
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', "slow: a heavy end-to-end check run by `make test-slow`, not `make test` (deselected there with -m 'not slow')")
+
+
 def json_numbers(obj) -> list:
     "Every number in a parsed JSON document (bools excluded), for finiteness checks of written reports"
     if isinstance(obj, dict): return [x for v in obj.values() for x in json_numbers(v)]

@@ -1,10 +1,17 @@
-"The docs site: `make docs` builds it (.ci/build_docs.py); its pages load in headless Chromium without console errors"
-import importlib.util, re
+"""The docs site: `make docs` builds it (.ci/build_docs.py); checked in headless Chromium against the built site, offline.
+
+A crawl from the home page (over a loopback static server, every request to another host refused and recorded) visits
+every page: no broken internal link or anchor, no missing image, every public symbol of mmfusion (each module's __all__)
+has an API entry on its module's page, each tutorial page shows its notebook's outputs and figures. The search box finds
+a public symbol and opens its page. The site also opens from file:// (no server at all).
+"""
+import importlib, importlib.util, json, re, urllib.error, urllib.request
 from pathlib import Path
+from urllib.parse import urldefrag, urlparse
 
 import pytest
 
-from browser import serve
+from browser import ARTIFACTS, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location('build_docs', ROOT/'.ci'/'build_docs.py')
@@ -29,18 +36,146 @@ def test_sidebar_lists_every_notebook(site):
         assert (site/page).is_file(), page
 
 
-def test_pages_render_offline_without_console_errors(site, browser):
-    "Home page, an API page and a tutorial load from a loopback server with no console error; the API page documents every export"
-    import mmfusion.evaluation
-    tutorial = sorted((site/'tutorials').glob('*.html'))[0].relative_to(site).as_posix()
+_PAGE = """() => ({
+  headings: Array.from(document.querySelectorAll('article h1, article h2, article h3, article h4')).map(h => h.textContent.replace('\u00b6', '').trim()),
+  ids: Array.from(document.querySelectorAll('[id]')).map(e => e.id),
+  links: Array.from(document.querySelectorAll('a[href]')).map(a => a.href),
+  images: Array.from(document.querySelectorAll('article img')).map(i => [i.src.slice(0, 60), i.complete && i.naturalWidth > 0]),
+  outputs: document.querySelectorAll('article .jp-OutputArea-output').length,
+  code: Array.from(document.querySelectorAll('article .jp-CodeMirrorEditor')).map(e => e.innerText).join('\\n'),
+  text: document.querySelector('article') ? document.querySelector('article').innerText : ''})"""
+
+
+@pytest.fixture(scope='module')
+def crawl(site, browser):
+    "Every page reachable from index.html over a loopback static server: {path: page facts}, plus requests that left loopback"
+    pages, outside, broken, errors = {}, [], [], []
+    shots = {'index.html': 'docs_home.png', 'evaluation.html': 'docs_api_evaluation.png', 'tutorials/weld.html': 'docs_tutorial.png'}
     with serve(site) as url:
-        home, home_errors = browser.open(f'{url}/index.html', 'docs_home.png')
-        api, api_errors = browser.open(f'{url}/evaluation.html', 'docs_api_evaluation.png')
-        tut, tut_errors = browser.open(f'{url}/{tutorial}', 'docs_tutorial.png')
-    assert home_errors == [] and api_errors == [] and tut_errors == [], (home_errors, api_errors, tut_errors)
-    assert 'make demo' in home and 'make test' in home
-    missing = [name for name in mmfusion.evaluation.__all__ if not re.search(rf'\b{re.escape(name)}\b', api)]
-    assert missing == [], f"evaluation.html does not document {missing}"
-    assert 'Traceback' not in tut and len(tut) > 500
-    for text in (home, api, tut):  # processed as nbdev_docs does: directives stripped, `#| hide` cells gone
-        assert '#|' not in text and 'set_num_threads' not in text
+        page = browser.new_page(viewport={'width': 1280, 'height': 900})
+        page.on('console', lambda m: errors.append((page.url, m.text)) if m.type == 'error' else None)
+        page.on('pageerror', lambda e: errors.append((page.url, str(e))))
+        page.route('**/*', lambda r: (outside.append(r.request.url), r.abort()) if urlparse(r.request.url).hostname not in ('127.0.0.1', None) else r.continue_())
+        queue = [f'{url}/index.html']
+        while queue:
+            target = queue.pop()
+            path = urlparse(target).path.lstrip('/')
+            if path in pages: continue
+            response = page.goto(target, wait_until='load')
+            if response is None or response.status != 200: broken.append((path, response and response.status)); pages[path] = None; continue
+            facts = page.evaluate(_PAGE)
+            pages[path] = facts
+            if path in shots: ARTIFACTS.mkdir(exist_ok=True); page.screenshot(path=str(ARTIFACTS/shots[path]))
+            for link in facts['links']:
+                u = urlparse(link)
+                if u.hostname != '127.0.0.1': continue
+                if u.path.endswith('.html') or u.path.endswith('/'): queue.append(urldefrag(link)[0])
+                else:  # an asset: it must exist
+                    try: urllib.request.urlopen(urldefrag(link)[0], timeout=10).close()
+                    except urllib.error.URLError as e: broken.append((u.path, str(e)))
+        page.close()
+    return {'url_pages': pages, 'outside': outside, 'broken': broken, 'errors': errors}
+
+
+def test_crawl_finds_no_broken_link_anchor_or_image(crawl):
+    "From the home page: every internal link leads to a page or file that exists, every #anchor to an element on it, every image loads, nothing is fetched from another host"
+    pages = {p: f for p, f in crawl['url_pages'].items() if f is not None}
+    assert crawl['broken'] == [], f"broken internal links: {crawl['broken']}"
+    assert len(pages) >= len(list((ROOT/'nbs').rglob('*.ipynb'))) - 1, sorted(pages)  # every notebook's page was reached
+    bad_anchors = sorted({(src, urlparse(link).path.lstrip('/') + '#' + urlparse(link).fragment)
+                          for src, f in pages.items() for link in f['links']
+                          if urlparse(link).hostname == '127.0.0.1' and urlparse(link).fragment
+                          and urlparse(link).path.lstrip('/') in pages and urlparse(link).fragment not in pages[urlparse(link).path.lstrip('/')]['ids']})
+    assert bad_anchors == [], f"links to anchors that do not exist (page, target): {bad_anchors}"
+    missing = [(p, src) for p, f in pages.items() for src, ok in f['images'] if not ok]
+    assert missing == [], f"images that do not load: {missing}"
+    assert crawl['outside'] == [], f"the site fetched from other hosts (it must work offline): {sorted(set(crawl['outside']))}"
+
+
+def test_pages_load_without_errors_processed_as_nbdev_docs(crawl):
+    "Every page loads with no console error; no page shows a traceback, a cell directive or a `#| hide` cell's code; the home page gives the commands"
+    assert crawl['errors'] == [], crawl['errors']
+    pages = {p: f for p, f in crawl['url_pages'].items() if f is not None}
+    home = pages['index.html']['text']
+    assert all(cmd in home for cmd in ('make demo', 'make test', 'make lab')), 'the home page does not show make demo / make test / make lab'
+    for path, f in pages.items():
+        assert 'Traceback (most recent call last)' not in f['text'], path
+        assert '#|' not in f['code'], f"{path} shows cell directives"
+    for nb in (ROOT/'nbs').rglob('*.ipynb'):  # a `#| hide` cell's code (its longest line) is on no page
+        page = nb.parent.relative_to(ROOT/'nbs').as_posix().replace('.', '').lstrip('/')
+        page = (page + '/' if page else '') + re.sub(r'^\d+[a-zA-Z0-9]*_', '', nb.stem.lower()) + '.html'
+        if page not in pages: continue
+        for c in json.loads(nb.read_text(encoding='utf-8'))['cells']:
+            src = ''.join(c['source'])
+            if c['cell_type'] == 'code' and re.match(r'#\|\s*hide\s*$', src.splitlines()[0] if src else ''):
+                line = max(src.splitlines()[1:] or [''], key=len).strip()
+                assert len(line) < 25 or line not in pages[page]['code'], f"{page} shows a hidden cell: {line}"
+    assert len(pages['tutorials/weld.html']['text']) > 500
+
+
+def module_pages() -> dict:
+    "mmfusion module -> its page on the site (the notebook with `#| default_exp module`, named as nbdev names pages)"
+    out = {}
+    for nb in sorted((ROOT/'nbs').rglob('*.ipynb')):
+        m = re.search(r'#\|\s*default_exp\s+([\w.]+)', nb.read_text(encoding='utf-8'))
+        if m: out[m.group(1)] = nb.parent.relative_to(ROOT/'nbs').as_posix().replace('.', '') + re.sub(r'^\d+[a-zA-Z0-9]*_', '', nb.stem.lower()) + '.html'
+    return {k: v.lstrip('/') for k, v in out.items()}
+
+
+def test_every_public_symbol_has_an_api_entry(crawl):
+    "Each name in a module's __all__ has an API entry on the module's page: a show_doc heading for a function or class, a mention for a constant"
+    missing = {}
+    for module, page in module_pages().items():
+        facts = crawl['url_pages'].get(page)
+        assert facts, f"no page {page} for mmfusion.{module}"
+        mod = importlib.import_module(f'mmfusion.{module}')
+        heads = set(facts['headings'])
+        lost = [n for n in getattr(mod, '__all__', [])
+                if (n not in heads if callable(getattr(mod, n)) and not n.isupper() else not re.search(rf'\b{re.escape(n)}\b', facts['text']))]
+        if lost: missing[f'{module} ({page})'] = lost
+    assert missing == {}, "public symbols without an API entry (show_doc in the notebook, re-executed): " + json.dumps(missing)
+
+
+def test_tutorial_pages_show_their_outputs(crawl):
+    "Each tutorial page shows as many outputs and figures as its processed notebook holds, every figure loaded"
+    for proc in sorted((ROOT/'_proc'/'mkdocs'/'tutorials').glob('*.ipynb')):
+        nb = json.loads(proc.read_text(encoding='utf-8'))
+        outs = [o for c in nb['cells'] if c['cell_type'] == 'code' for o in c.get('outputs', [])]
+        figures = sum(any(k.startswith('image/') for k in o.get('data', {})) for o in outs)
+        facts = crawl['url_pages'][f'tutorials/{proc.stem}.html']
+        assert figures == len(facts['images']) and all(ok for _, ok in facts['images']), (proc.stem, figures, facts['images'])
+        assert facts['outputs'] >= len(outs) > 0, (proc.stem, facts['outputs'], len(outs))
+    assert sum(len(f['images']) for p, f in crawl['url_pages'].items() if f and p.startswith('tutorials/')) > 0
+
+
+def test_search_finds_a_public_symbol_and_opens_its_page(site, browser):
+    "Typing a public class name in the search box lists its API entry; clicking it opens the fusion page at that entry"
+    with serve(site) as url:
+        page = browser.new_page(viewport={'width': 1280, 'height': 900})
+        try:
+            page.goto(f'{url}/index.html', wait_until='load')
+            page.locator('label.md-search__icon, .md-search__input').first.click()
+            page.locator('input.md-search__input').fill('SpatialModalityAttention')
+            hit = page.locator('.md-search-result__item a', has_text='SpatialModalityAttention').first
+            hit.wait_for(timeout=30_000)
+            ARTIFACTS.mkdir(exist_ok=True); page.screenshot(path=str(ARTIFACTS/'docs_search.png'))
+            hit.click()
+            page.wait_for_url(re.compile(r'/fusion\.html#spatialmodalityattention$'), timeout=30_000)
+            assert page.locator('#spatialmodalityattention').is_visible()
+        finally: page.close()
+
+
+def test_site_opens_from_file_url(site, browser):
+    "With no server at all (file://), the home page, an API page and a tutorial open by their links, figures included"
+    page = browser.new_page()
+    errors = []
+    page.on('pageerror', lambda e: errors.append(str(e)))
+    try:
+        page.goto((site/'index.html').as_uri(), wait_until='load')
+        page.locator('a[href="fusion.html"]').first.click(); page.wait_for_url('**/fusion.html')
+        assert 'SpatialModalityAttention' in page.inner_text('article')
+        page.goto((site/'tutorials'/'weld.html').as_uri(), wait_until='load')
+        shown = page.evaluate("Array.from(document.querySelectorAll('article img')).map(i => i.complete && i.naturalWidth > 0)")
+        assert shown and all(shown), shown
+    finally: page.close()
+    assert errors == [], errors
