@@ -192,3 +192,10 @@ def test_train_nproc_2_matches_one_process(tmp_path):
         if v.is_floating_point(): torch.testing.assert_close(ddp['state_dict'][k], v, atol=1e-5, rtol=1e-4)
     for r_ddp, r_one in zip(ddp['history'], one['history']):
         assert r_ddp['valid_loss'] == pytest.approx(r_one['valid_loss'], abs=1e-5)
+
+
+@pytest.mark.parametrize('config,space,valid,metric', [('weld.yaml', 'weld_space.yaml', 'val', 'valid_accuracy'),
+                                                       ('night_person.yaml', 'night_space.yaml', 'val', 'valid_mAP50-95')])
+def test_the_shipped_spaces_check_against_their_configs(config, space, valid, metric):
+    s = prepare_search(ROOT/'configs'/config, ROOT/'configs'/space)
+    assert (s.valid, s.metric, s.direction) == (valid, metric, 'maximize')
