@@ -52,7 +52,7 @@ class BodyLimit:
 
 # %% ../nbs/10_serve.ipynb #0af937e1
 class MicroBatcher:
-    "Gathers concurrent requests into one `run_batch` call (up to `max_batch`, waiting at most `max_wait_ms` for more); at most `max_concurrency` batches at once and `max_queue` more requests waiting, beyond that `submit` refuses"
+    "Gathers concurrent requests into one `run_batch` call (up to `max_batch`, waiting at most `max_wait_ms` for more while others are in flight); at most `max_concurrency` batches at once and `max_queue` more requests waiting, beyond that `submit` refuses"
     def __init__(self, run_batch, # `run_batch(inputs, ids)` -> one answer (or exception) per request, in order
                  max_batch:int=8, max_wait_ms:float=2., max_concurrency:int=2, max_queue:int=16):
         if max_batch < 1 or max_concurrency < 1 or max_queue < 0 or max_wait_ms < 0: raise ValueError("max_batch and max_concurrency must be >= 1, max_queue and max_wait_ms >= 0")
@@ -80,7 +80,7 @@ class MicroBatcher:
     async def _work(self):
         while True:
             batch = [await self.queue.get()]
-            deadline = self.loop.time() + self.max_wait
+            deadline = self.loop.time() + (self.max_wait if self.pending > 1 else 0)  # alone in the server: nothing to wait for
             while len(batch) < self.max_batch:
                 if not self.queue.empty(): batch.append(self.queue.get_nowait()); continue
                 left = deadline - self.loop.time()
@@ -212,7 +212,7 @@ def create_app(predictor:Predictor|AnomalyPredictor|DetectionPredictor, # the mo
                max_queue:int=16, # requests allowed to wait before 503 (besides the `max_concurrency` x `max_batch` in progress)
                title:str='mmfusion', # API title
                max_batch:int=8, # concurrent requests gathered into one forward (1: each request alone)
-               max_wait_ms:float=2., # how long a batch waits for more requests once its first one arrived
+               max_wait_ms:float=2., # how long a batch waits for more requests once its first one arrived (while others are in flight)
               ) -> FastAPI:
     "A FastAPI app serving `predictor` over HTTP (JSON and multipart) and WebSocket"
     app = FastAPI(title=title, description=f"Model taking {predictor.modalities}; outputs {predictor.kinds}")
