@@ -46,9 +46,9 @@ def measure_one(name, dtype_name, device, repeats, threads):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16}[dtype_name]
-    enc = getattr(encoders, CLASSES[name])(config=encoders.REAL_CONFIGS[name]).eval().to(device=device, dtype=dtype)
+    enc = getattr(encoders, CLASSES[name])(config=encoders.REAL_CONFIGS[name], dtype=str(dtype).split('.')[1]).eval().to(device)
     params = sum(p.numel() * p.element_size() for p in enc.parameters())
-    x = torch.rand(1, *SHAPES[name], generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    x = torch.rand(1, *SHAPES[name], generator=torch.Generator().manual_seed(0)).to(device)  # float32 in, as readers make it: the encoder casts
     heavy = name == 'vjepa2' and device == 'cpu'
     sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
     with torch.inference_mode():

@@ -4,26 +4,30 @@
 
 # %% ../nbs/04a_config.ipynb #319d426c
 from __future__ import annotations
-import copy, json, re, warnings
-from dataclasses import dataclass, field
+import copy, hashlib, json, re, warnings
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 import numpy as np, pandas as pd, torch, yaml
 from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 import albumentations as A
 from .core import Registry, write_text_atomic
-from .data import (AlignedAugment, MultiModalDataset, class_folders, manifest_dataset, paired_folders, sequence_dataset,
-                           split_file_datasets, tiny_dataset)
+from .data import (READERS, AlignedAugment, ArrayRow, MultiModalDataset, Record, class_folders, content_hash, manifest_dataset,
+                           paired_folders, sequence_dataset, split_file_datasets, tiny_dataset)
+from .encoders import HF_FAMILIES, encoder_preprocessing
 from .sample_data import sample_splits
 from .model import run_checkpoint
 from .training import OPTIMIZERS, balanced_class_weights
 
 # %% auto #0
-__all__ = ['RUN_VERBS', 'VERB_PHRASES', 'RUN_KINDS', 'COMMANDS', 'DEFAULT_CONFIG', 'ANOMALY_MODEL', 'KindError', 'RunKind',
-           'register_verb', 'refuse_verb', 'kind_verb', 'Command', 'register_command', 'run_kind', 'plain_data',
-           'load_config', 'apply_overrides', 'merge_section', 'resolve_sections', 'resolve_fused_config',
-           'resolve_config', 'fit_standardizer', 'build_splits', 'augmentation', 'hold_out', 'fit_config_to_data',
-           'new_run_dir', 'RunFolder', 'config_splits']
+__all__ = ['RUN_VERBS', 'VERB_PHRASES', 'RUN_KINDS', 'COMMANDS', 'DEFAULT_CONFIG', 'ANOMALY_MODEL', 'EMBEDDINGS_INDEX',
+           'KindError', 'RunKind', 'register_verb', 'refuse_verb', 'kind_verb', 'Command', 'register_command',
+           'run_kind', 'plain_data', 'load_config', 'apply_overrides', 'checkpoint_readers', 'merge_section',
+           'resolve_sections', 'resolve_fused_config', 'resolve_config', 'fit_standardizer', 'build_splits',
+           'augmentation', 'hold_out', 'StaleEmbeddingsError', 'read_embedding_index', 'weights_hash', 'frozen_part',
+           'cached_encoders', 'read_cached_row', 'use_embeddings', 'fit_config_to_data', 'new_run_dir', 'RunFolder',
+           'config_splits']
 
 # %% ../nbs/04a_config.ipynb #ee3ab2bc
 RUN_VERBS = ('resolve', 'splits', 'train', 'evaluate', 'diagnose', 'predict', 'export', 'predictor')  # what a kind of run is asked to do
@@ -111,7 +115,8 @@ def run_kind(cfg:Mapping, # a config (as loaded, or resolved)
 DEFAULT_CONFIG = {
     'kind': 'fused', 'name': 'run', 'seed': 0, 'runs_dir': 'runs',
     'data': {'root': 'data', 'train': 'train', 'valid': None, 'test': 'test', 'batch_size': 16, 'sampler': 'random', 'k': 2,
-             'drop_last': False, 'cache': True, 'standardize': [], 'modalities': None, 'augment': None, 'split_off': None},
+             'drop_last': False, 'cache': True, 'standardize': [], 'modalities': None, 'augment': None, 'split_off': None,
+             'readers': None, 'embeddings': None},
     'model': {},
     'loss': {'name': 'cross_entropy'},
     'training': {'epochs': 10, 'optimizer': 'adamw', 'lr': 1e-3, 'weight_decay': 0.01, 'lr_mult': {},
@@ -166,6 +171,23 @@ def apply_overrides(cfg:Mapping, overrides:Sequence[str]=()) -> dict:
     return cfg
 
 
+# %% ../nbs/04a_config.ipynb #28149fd5
+def _plain(v): return list(v) if isinstance(v, (list, tuple)) else v
+
+def checkpoint_readers(encoders:Mapping, # `model.encoders`: modality -> encoder config
+                       readers:Mapping|None=None, # `data.readers` as written: modality -> {'reader': a `READERS` name, **its arguments}
+                      ) -> dict|None:
+    "`data.readers` with every pretrained encoder's checkpoint preprocessing filled in; a written reader that differs from it is refused"
+    out = {m: dict(r) for m, r in (readers or {}).items()}
+    for m, enc in encoders.items():
+        want = encoder_preprocessing(enc)
+        if want is None: continue
+        if m not in out: out[m] = want; continue
+        bad = [f"{k}={out[m].get(k)!r} where the processor makes {v!r}" for k, v in want.items() if _plain(out[m].get(k)) != _plain(v)]
+        if bad: raise ValueError(f"data.readers.{m} does not make what the checkpoint of model.encoders.{m} was trained on: {'; '.join(bad)}. "
+                                 f"Leave data.readers.{m} out to read it as the checkpoint's processor does")
+    return plain_data(out) or None
+
 # %% ../nbs/04a_config.ipynb #0af3b865
 def merge_section(defaults:Mapping, # every key of the section and its default
                   cfg:Mapping, # the section as the user wrote it
@@ -199,6 +221,9 @@ def resolve_fused_config(cfg:Mapping) -> dict:
     cfg = resolve_sections(cfg, 'fused')
     if not cfg['model'].get('encoders'):
         raise ValueError("model needs 'encoders' (modality -> encoder config), a 'fusion' and a 'head' (or kind: anomaly with a 'scorer')")
+    cfg['data']['readers'] = checkpoint_readers(cfg['model']['encoders'], cfg['data']['readers'])
+    if cfg['data']['embeddings']:
+        cfg['model']['encoders'] = cached_encoders(cfg['model']['encoders'], cfg['data']['embeddings'], cfg['data']['readers'])
     return plain_data(cfg)
 
 def resolve_config(cfg:Mapping) -> dict:
@@ -245,6 +270,13 @@ def build_splits(data:Mapping, # the resolved `data` section of a config
         splits[spec['from']], splits[new] = hold_out(splits[spec['from']], spec.get('fraction', 0.2), seed, new)
     for role in ('train', 'valid', 'test'):
         if data.get(role) and data[role] not in splits: raise KeyError(f"data.{role} names split {data[role]!r}, but the data has {list(splits)}")
+    for m, spec in (data.get('readers') or {}).items():
+        spec = dict(spec); name = spec.pop('reader', None)
+        if name not in READERS: raise KeyError(f"data.readers.{m}.reader must be one of {list(READERS)}, got {name!r}")
+        for ds in splits.values():
+            if m not in ds.modalities: raise KeyError(f"data.readers names modality {m!r}, which {ds.name} does not have ({list(ds.modalities)})")
+            ds.modalities[m] = replace(ds.modalities[m], reader=partial(READERS[name], **spec))
+    if data.get('embeddings'): splits = use_embeddings(splits, data['embeddings'])
     for ds in splits.values():
         if data.get('modalities'): ds.select(data['modalities'])
         if data.get('cache', True): ds.cache()
@@ -289,6 +321,88 @@ def hold_out(ds:MultiModalDataset, # the split to take samples from
     if not held or len(held) == len(ds): raise ValueError(f"holding out {fraction} of {ds.name} ({len(ds)} samples) leaves an empty split")
     return (ds.subset([i for i in range(len(ds)) if i not in held], ds.name),
             ds.subset(sorted(held), f"{ds.name} ({name})"))
+
+# %% ../nbs/04a_config.ipynb #b2963535
+EMBEDDINGS_INDEX = 'index.json'  # the cache's index (samples, content hashes, encoders, weight hashes); one safetensors file per modality
+
+class StaleEmbeddingsError(ValueError):
+    "An embedding cache made from other inputs, readers, encoder or weights than the config's now; the message names what changed"
+
+def read_embedding_index(cache_dir) -> dict:
+    "The index of an embedding cache, or a FileNotFoundError saying how to make one"
+    f = Path(cache_dir)/EMBEDDINGS_INDEX
+    if not f.is_file(): raise FileNotFoundError(f"data.embeddings: {cache_dir} holds no {EMBEDDINGS_INDEX}; make the cache first: mmfusion embed CONFIG --out {cache_dir}")
+    return json.loads(f.read_text())
+
+def weights_hash(enc:Mapping) -> str|None:
+    "sha1 over the files of an encoder config's local checkpoint directory (an image set's inner one); None without one"
+    if enc.get('name') == 'image_set' and isinstance(enc.get('encoder'), Mapping): return weights_hash(enc['encoder'])
+    src = enc.get('weights') or enc.get('pretrained')
+    d = Path(src).expanduser() if src else None
+    if d is None or not d.is_dir(): return None
+    h = hashlib.sha1()
+    for f in sorted(p for p in d.rglob('*') if p.is_file()):
+        with open(f, 'rb') as fh: h.update(f.relative_to(d).as_posix().encode() + hashlib.file_digest(fh, 'sha1').digest())
+    return h.hexdigest()
+
+def frozen_part(enc:Mapping) -> tuple|None:
+    "(config of the frozen pretrained encoder a cache can hold, 'views' for an image set's per-view vectors or 'pooled'), else None"
+    inner = enc.get('encoder') if enc.get('name') == 'image_set' and isinstance(enc.get('encoder'), Mapping) else None
+    e = inner or enc
+    if e.get('name') not in HF_FAMILIES: return None
+    if not (e.get('freeze') if e.get('freeze') is not None else (e.get('weights') or e.get('pretrained')) is not None): return None
+    return plain_data(dict(e)), 'views' if inner else 'pooled'
+
+# %% ../nbs/04a_config.ipynb #38123a0e
+def _cached_form(enc:Mapping) -> bool:
+    return enc.get('name') == 'precomputed' or (enc.get('name') == 'image_set' and (enc.get('encoder') or {}).get('name') == 'precomputed')
+
+def cached_encoders(encoders:Mapping, # `model.encoders` as written
+                    cache_dir, # `data.embeddings`
+                    readers:Mapping|None=None, # the resolved `data.readers`
+                   ) -> dict:
+    "`model.encoders` for training on the cache: each cached frozen encoder becomes `precomputed`; refused when made with another encoder, reader or weights"
+    index, out = read_embedding_index(cache_dir), copy.deepcopy(dict(encoders))
+    for m, entry in index['modalities'].items():
+        if m not in out: raise KeyError(f"embedding cache {cache_dir} holds modality {m!r}, which model.encoders lacks ({list(out)})")
+        if _cached_form(out[m]): continue  # a stored run's config: already rewritten
+        part, now = frozen_part(out[m]), weights_hash(out[m])
+        why = [f"model.encoders.{m} is not the frozen encoder it was made with ({part[0] if part else out[m]} vs {entry['encoder']})"] if not part or part[0] != entry['encoder'] else []
+        why += [f"the weights of model.encoders.{m} changed (sha1 {now} vs {entry['weights_hash']})"] if now is not None and now != entry['weights_hash'] else []
+        why += [f"data.readers.{m} changed ({(readers or {}).get(m)} vs {entry['reader']})"] if (readers or {}).get(m) != entry['reader'] else []
+        if why: raise StaleEmbeddingsError(f"embedding cache {cache_dir} is stale: {'; '.join(why)}. Re-run `mmfusion embed CONFIG --out {cache_dir}`")
+        pre = {'name': 'precomputed', 'in_dim': entry['dim']}
+        out[m] = {**out[m], 'encoder': pre} if part[1] == 'views' else pre
+    return out
+
+# %% ../nbs/04a_config.ipynb #85d2fed0
+def read_cached_row(src:ArrayRow) -> torch.Tensor:
+    "One sample's cached embedding"
+    return src.array[src.index].float()
+
+def use_embeddings(splits:Mapping[str, MultiModalDataset], # the splits as read from files
+                   cache_dir, # `data.embeddings`
+                  ) -> dict:
+    "The splits with every cached modality read from the cache (missing stays missing); samples whose inputs changed since are refused by name"
+    from safetensors.torch import load_file
+    index, d, stale, out = read_embedding_index(cache_dir), Path(cache_dir), [], {}
+    tables = {m: load_file(d/e['file'])['embeddings'] for m, e in index['modalities'].items()}
+    for s, ds in splits.items():
+        records = []
+        for r in ds.records:
+            src = dict(r.sources)
+            for m in tables:
+                if m not in ds.modalities or src.get(m) is None: continue  # missing stays missing
+                e = index['samples'].get(r.id, {}).get(m)
+                if e is None or e['hash'] != content_hash(src[m]): stale.append(f"{r.id} ({m}{'' if e else ': not in the cache'})"); continue
+                src[m] = ArrayRow(m, e['row'], tables[m])
+            records.append(Record(r.id, src, r.target, r.origin, r.group))
+        mods = [replace(mod, reader=read_cached_row) if mod.name in tables else mod for mod in ds.modalities.values()]
+        out[s] = MultiModalDataset(records, mods, ds.task, ds.class_names, ds.transform, name=ds.name)
+        out[s].tabular = ds.tabular
+    if stale: raise StaleEmbeddingsError(f"embedding cache {cache_dir} is stale: the inputs of {len(stale)} sample(s) changed since it was made: "
+                                         f"{', '.join(stale[:12])}{' ...' if len(stale) > 12 else ''}. Re-run `mmfusion embed CONFIG --out {cache_dir}`")
+    return out
 
 # %% ../nbs/04a_config.ipynb #ad47c569
 def fit_config_to_data(cfg:Mapping, # a resolved config

@@ -5,7 +5,7 @@
 # %% ../nbs/01_encoders.ipynb #8271039d
 from __future__ import annotations
 from .core import Registry  # first: it sets YOLO_OFFLINE before ultralytics is imported
-import inspect, math, pickle, warnings
+import inspect, math, pickle, warnings, zlib
 from functools import partial
 from collections import defaultdict
 from copy import deepcopy
@@ -19,12 +19,12 @@ from ultralytics.nn.tasks import DetectionModel, torch_safe_load, yaml_model_loa
 
 # %% auto #0
 __all__ = ['ENCODERS', 'COMMON_PREFIXES', 'CHECKPOINTS', 'DEFAULT_PROCESSORS', 'TINY_DINOV2', 'TINY_AST', 'TINY_VJEPA2',
-           'REAL_DINOV2', 'REAL_AST', 'REAL_VJEPA2', 'REAL_CONFIGS', 'TINY_CONFIGS', 'EncoderOutput', 'Encoder',
-           'check_encoder', 'SmallCNN', 'SeriesTransformer', 'SeriesCNN', 'TabularMLP', 'ConvLSTM',
+           'REAL_DINOV2', 'REAL_AST', 'REAL_VJEPA2', 'REAL_CONFIGS', 'HF_FAMILIES', 'TINY_CONFIGS', 'EncoderOutput',
+           'Encoder', 'check_encoder', 'SmallCNN', 'SeriesTransformer', 'SeriesCNN', 'TabularMLP', 'ConvLSTM',
            'PrecomputedEmbedding', 'Standardized', 'ImageSetEncoder', 'StateDictReport', 'load_state_dict_matching',
            'adapt_in_channels', 'TorchvisionCNN', 'load_yolo_model', 'YOLOBackbone', 'PretrainedUnavailableError',
            'load_hf_model', 'default_processor', 'load_processor', 'reader_preprocessing', 'processor_normalization',
-           'HFEncoder', 'Dinov2Encoder', 'ASTEncoder', 'VJEPA2Encoder', 'check_preprocessing']
+           'HFEncoder', 'Dinov2Encoder', 'ASTEncoder', 'VJEPA2Encoder', 'check_preprocessing', 'encoder_preprocessing']
 
 # %% ../nbs/01_encoders.ipynb #3d059afc
 class EncoderOutput(NamedTuple):
@@ -587,8 +587,10 @@ def load_hf_model(pretrained:str|Path|None=None, # local directory or hub id of 
             config = dict(config)
             config = transformers.AutoConfig.for_model(config.pop('model_type', model_type), **config)
         with torch.random.fork_rng(devices=[]):  # the draws stay inside: modules built after it start from the same random state with or without it
+            torch.manual_seed((torch.initial_seed() + zlib.crc32(config.to_json_string().encode())) % 2**63)  # random weights = f(seed, config)
             return transformers.AutoModel.from_config(config)
-    if Path(pretrained).expanduser().is_dir(): return transformers.AutoModel.from_pretrained(Path(pretrained).expanduser())
+    if Path(pretrained).expanduser().is_dir():
+        with torch.random.fork_rng(devices=[]): return transformers.AutoModel.from_pretrained(Path(pretrained).expanduser())
     offline = huggingface_hub.constants.HF_HUB_OFFLINE if offline is None else offline
     try: return transformers.AutoModel.from_pretrained(str(pretrained), local_files_only=offline)
     except OSError as e:
@@ -673,7 +675,8 @@ class HFEncoder(Encoder):
                  freeze:bool|None=None, # default: frozen when `pretrained` or `weights` is given
                  normalize:bool=True, # apply the input normalisation of the checkpoint's processor (ImageNet for other image/video families)
                  weights:str|Path|None=None, # instead of `pretrained`: a local checkpoint directory only (a missing one says what to fetch)
-                 tokens:str='all'): # 'all': the model's tokens; 'pooled': one token, the pooled vector (what an embedding cache stores)
+                 tokens:str='all', # 'all': the model's tokens; 'pooled': one token, the pooled vector (what an embedding cache stores)
+                 dtype:str='float32'): # the backbone's dtype ('bfloat16' halves memory and time on recent CPUs/GPUs); outputs are float32
         super().__init__()
         if modality not in self.modalities: raise ValueError(f"modality must be one of {self.modalities}, got {modality!r}")
         if tokens not in ('all', 'pooled'): raise ValueError(f"tokens must be 'all' or 'pooled', got {tokens!r}")
@@ -683,6 +686,8 @@ class HFEncoder(Encoder):
             raise ValueError(f"{pretrained or 'config'} is a {model.config.model_type!r} model, not {self.model_type!r}; use {{'name': 'hf_auto'}} for other families")
         self.config, self.modality, self.input_name, self.tokens = model.config, modality, model.main_input_name, tokens
         self.model = model.encoder if self.config.model_type == 'vjepa2' else model  # V-JEPA 2: the encoder, not the predictor
+        self.dtype = getattr(torch, dtype)
+        self.model.to(self.dtype)
         self.out_dim = getattr(self.config, 'hidden_size', None) or self.config.hidden_sizes[-1]
         self.n_channels = getattr(self.config, 'num_channels', 3)
         local = Path(pretrained).expanduser() if pretrained is not None and Path(pretrained).expanduser().is_dir() else None
@@ -700,11 +705,11 @@ class HFEncoder(Encoder):
         return self.norm(x)
 
     def forward(self, x, mask=None):
-        out = self.model(**{self.input_name: self._model_input(x)})
-        h = out.last_hidden_state
+        out = self.model(**{self.input_name: self._model_input(x).to(self.dtype)})
+        h = out.last_hidden_state.float()
         if h.ndim == 4: h = h.flatten(2).transpose(1, 2)  # a conv backbone's map (B, C, H, W) -> (B, HW, C)
         p = getattr(out, 'pooler_output', None)
-        pooled = p.flatten(1) if p is not None and p.flatten(1).shape == (h.shape[0], h.shape[2]) else h.mean(1)
+        pooled = p.flatten(1).float() if p is not None and p.flatten(1).shape == (h.shape[0], h.shape[2]) else h.mean(1)
         return EncoderOutput(pooled.unsqueeze(1) if self.tokens == 'pooled' else h, pooled)
 
 # %% ../nbs/01_encoders.ipynb #be2b3cdb
@@ -718,8 +723,9 @@ class Dinov2Encoder(HFEncoder):
                  freeze:bool|None=None, # default: frozen when `pretrained` or `weights` is given
                  normalize:bool=True, # apply ImageNet mean/std
                  weights:str|Path|None=None, # a local checkpoint directory (never downloaded; a missing one says what to fetch)
-                 tokens:str='all'): # 'all' tokens, or 'pooled' (one token; what an embedding cache stores)
-        super().__init__(pretrained, config, 'image', freeze, normalize, weights, tokens)
+                 tokens:str='all', # 'all' tokens, or 'pooled' (one token; what an embedding cache stores)
+                 dtype:str='float32'): # the backbone's dtype, e.g. 'bfloat16'
+        super().__init__(pretrained, config, 'image', freeze, normalize, weights, tokens, dtype)
 
 TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=56, patch_size=14)
 
@@ -734,8 +740,9 @@ class ASTEncoder(HFEncoder):
                  freeze:bool|None=None, # default: frozen when `pretrained` or `weights` is given
                  normalize:bool=True, # apply the processor's fbank mean/std
                  weights:str|Path|None=None, # a local checkpoint directory (never downloaded; a missing one says what to fetch)
-                 tokens:str='all'): # 'all' tokens, or 'pooled' (one token; what an embedding cache stores)
-        super().__init__(pretrained, config, 'audio', freeze, normalize, weights, tokens)
+                 tokens:str='all', # 'all' tokens, or 'pooled' (one token; what an embedding cache stores)
+                 dtype:str='float32'): # the backbone's dtype, e.g. 'bfloat16'
+        super().__init__(pretrained, config, 'audio', freeze, normalize, weights, tokens, dtype)
 
     def _model_input(self, x):
         n_mels, T = self.config.num_mel_bins, self.config.max_length
@@ -758,8 +765,9 @@ class VJEPA2Encoder(HFEncoder):
                  freeze:bool|None=None, # default: frozen when `pretrained` or `weights` is given
                  normalize:bool=True, # apply ImageNet mean/std
                  weights:str|Path|None=None, # a local checkpoint directory (never downloaded; a missing one says what to fetch)
-                 tokens:str='all'): # 'all' tokens, or 'pooled' (one token; what an embedding cache stores)
-        super().__init__(pretrained, config, 'video', freeze, normalize, weights, tokens)
+                 tokens:str='all', # 'all' tokens, or 'pooled' (one token; what an embedding cache stores)
+                 dtype:str='float32'): # the backbone's dtype, e.g. 'bfloat16'
+        super().__init__(pretrained, config, 'video', freeze, normalize, weights, tokens, dtype)
 
 TINY_VJEPA2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, crop_size=32, frames_per_clip=4,
                    patch_size=16, tubelet_size=2, pred_hidden_size=32, pred_num_hidden_layers=1, pred_num_attention_heads=2)
@@ -787,6 +795,23 @@ def check_preprocessing(encoder:Encoder, # an encoder whose `preprocessing` come
     bad = [f"{k}={plain(got.get(k))!r} where the processor makes {plain(v)!r}" for k, v in want.items() if plain(got.get(k)) != plain(v)]
     if bad: raise ValueError(f"modality {modality!r}: its reader does not make what the {type(encoder).__name__} checkpoint was trained on: "
                              f"{'; '.join(bad)}. Read it as `preprocessing` says: {want} (a config's data.readers does so by default)")
+
+# %% ../nbs/01_encoders.ipynb #4187dc1c
+HF_FAMILIES = {'dinov2': 'dinov2', 'ast': 'audio-spectrogram-transformer', 'vjepa2': 'vjepa2'}  # encoder name -> transformers family with a known processor
+
+def encoder_preprocessing(cfg:Mapping) -> dict|None:
+    "The reader an encoder config's checkpoint wants (its `preprocessing`), from configs alone; None when any reader fits"
+    if cfg.get('name') == 'image_set':
+        inner = encoder_preprocessing(cfg['encoder']) if isinstance(cfg.get('encoder'), Mapping) else None
+        return {**inner, 'reader': 'image_set'} if inner else None
+    family = HF_FAMILIES.get(cfg.get('name'))
+    if family is None: return None
+    src = _weights_dir(cfg['weights'], family) if cfg.get('weights') is not None else cfg.get('pretrained')
+    local = Path(src).expanduser() if src is not None and Path(src).expanduser().is_dir() else None
+    if local is not None: config = transformers.AutoConfig.from_pretrained(local)
+    elif src is None: config = transformers.AutoConfig.for_model(family, **dict(cfg.get('config') or {}))
+    else: return None  # a hub id: the encoder itself loads it (or says how to provide it)
+    return reader_preprocessing(load_processor(local, config), config)
 
 # %% ../nbs/01_encoders.ipynb #2bfdafab
 TINY_CONFIGS = {

@@ -1,0 +1,66 @@
+"The embedding cache end to end on tiny local checkpoints (save_pretrained layout): embed, train on it, evaluate, diagnose; stale and missing-weights refusals."
+import json, shutil
+import pytest
+from mmfusion.cli import main
+from mmfusion.config import StaleEmbeddingsError, apply_overrides, load_config, resolve_config
+from mmfusion.embed import save_tiny_checkpoints
+from mmfusion.runs import diagnose, evaluate, train
+
+ROOT = __import__('pathlib').Path(__file__).resolve().parents[1]
+CFG = str(ROOT/'configs'/'weld_pretrained.yaml')
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('embed')
+    ck = save_tiny_checkpoints(tmp/'weights')
+    shutil.copytree(ROOT/'data'/'weld', tmp/'data'/'weld')
+    over = [f'model.encoders.video.weights={ck["vjepa2"]}', f'model.encoders.images.encoder.weights={ck["dinov2"]}',
+            f'model.encoders.audio.weights={ck["ast"]}', f'data.root={tmp/"data"}', f'runs_dir={tmp/"runs"}', 'training.epochs=2',
+            'training.progress=false', 'training.tensorboard=false']
+    assert main(['embed', CFG, *over, '--out', str(tmp/'cache'), '--device', 'cpu']) in (None, 0)
+    return tmp, ck, over
+
+
+def test_missing_weights_name_the_checkpoint_and_the_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"huggingface-cli download facebook/vjepa2-vitl-fpc64-256 .*copy that folder to .*weights/vjepa2"):
+        resolve_config(load_config(CFG))
+
+
+def test_cache_index_keeps_missing_modalities_missing(setup):
+    tmp, _, _ = setup
+    index = json.loads((tmp/'cache'/'index.json').read_text())
+    assert set(index['modalities']) == {'video', 'images', 'audio'}  # the sensors' encoder trains: not cached
+    no_audio = [i for i, s in index['samples'].items() if 'audio' not in s]
+    assert len(no_audio) == 3 and index['modalities']['audio']['rows'] == sum(index['splits'].values()) - 3
+    assert index['modalities']['images']['shape'] == [5, 32] and index['modalities']['images']['reader']['reader'] == 'image_set'
+    assert index['modalities']['audio']['reader']['features'] == 'fbank'
+
+
+def test_train_evaluate_diagnose_on_the_cache(setup):
+    tmp, _, over = setup
+    run = train(CFG, [*over, f'data.embeddings={tmp/"cache"}'], verbose=False)
+    assert run.config['model']['encoders']['audio'] == {'name': 'precomputed', 'in_dim': 32}
+    assert run.metrics['status'] == 'completed' and 0 <= run.metrics['primary']['value'] <= 1
+    ev = evaluate(run.dir)
+    assert (run.dir/'diagnosis').exists() or diagnose(run.dir) is not None
+    assert ev is not None
+
+
+def test_a_changed_input_or_weights_make_the_cache_stale(setup):
+    tmp, ck, over = setup
+    img = sorted((tmp/'data'/'weld'/'samples').glob('*'))[0]/'images'/'angle_2.png'
+    original = img.read_bytes()
+    img.write_bytes(original + b'\0')
+    try:
+        with pytest.raises(StaleEmbeddingsError, match=f"{img.parent.parent.name} \\(images\\)"):
+            train(CFG, [*over, f'data.embeddings={tmp/"cache"}'], verbose=False)
+    finally: img.write_bytes(original)
+    cfg = ck['dinov2']/'config.json'
+    text = cfg.read_text()
+    cfg.write_text(text.replace('"layer_norm_eps": 1e-06', '"layer_norm_eps": 1e-05'))
+    try:
+        with pytest.raises(StaleEmbeddingsError, match='the weights of model.encoders.images changed'):
+            resolve_config(apply_overrides(load_config(CFG), [*over, f'data.embeddings={tmp/"cache"}']))
+    finally: cfg.write_text(text)
