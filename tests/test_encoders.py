@@ -223,3 +223,44 @@ def test_vjepa2_keeps_only_the_encoder():
     enc = ENCODERS.build(TINY_CONFIGS['vjepa2'])
     assert not any('predictor' in n for n, _ in enc.named_parameters())
     assert enc(torch.rand(1, 4, 1, 32, 32)).tokens.shape == (1, 8, enc.out_dim)  # a 1-channel video is repeated to RGB
+
+
+# --- each checkpoint's own preprocessing: mmfusion's reader -> encoder input equals the processor's output (issue 19) ---
+def _read(path, spec):
+    from mmfusion.data import READERS
+    return READERS[spec['reader']](path, **{k: v for k, v in spec.items() if k != 'reader'})
+
+
+def test_reader_then_encoder_equals_the_processor_on_image_wav_and_video(tmp_path):
+    import av, numpy as np, soundfile as sf
+    from PIL import Image
+    from mmfusion.encoders import ASTEncoder, Dinov2Encoder, VJEPA2Encoder, TINY_AST, TINY_DINOV2, TINY_VJEPA2
+    rng = np.random.default_rng(1)
+    dino = Dinov2Encoder(config=TINY_DINOV2)
+    Image.fromarray(rng.integers(0, 256, (37, 50, 3), dtype=np.uint8)).save(tmp_path/'a.png')
+    mine = dino._model_input(_read(tmp_path/'a.png', dino.preprocessing)[None])
+    assert torch.allclose(mine, dino.processor(Image.open(tmp_path/'a.png'), return_tensors='pt')['pixel_values'], atol=1e-5)
+    ast = ASTEncoder(config=TINY_AST)
+    sf.write(tmp_path/'a.wav', (0.2 * rng.standard_normal(12000)).astype('f4'), 16000, subtype='PCM_16')
+    wave, sr = sf.read(tmp_path/'a.wav', dtype='float32')
+    mine = ast._model_input(_read(tmp_path/'a.wav', ast.preprocessing)[None])
+    assert torch.allclose(mine, ast.processor(wave, sampling_rate=sr, return_tensors='pt')['input_values'], atol=1e-4)
+    vj = VJEPA2Encoder(config=TINY_VJEPA2)
+    with av.open(str(tmp_path/'a.mp4'), 'w') as c:
+        s = c.add_stream('mpeg4', rate=8); s.height, s.width, s.pix_fmt = 36, 52, 'yuv420p'
+        for _ in range(7): c.mux(s.encode(av.VideoFrame.from_ndarray(rng.integers(0, 256, (36, 52, 3), dtype=np.uint8), format='rgb24')))
+        c.mux(s.encode(None))
+    with av.open(str(tmp_path/'a.mp4')) as c: frames = np.stack([f.to_ndarray(format='rgb24') for f in c.decode(video=0)])
+    frames = frames[np.linspace(0, len(frames) - 1, vj.preprocessing['num_frames']).round().astype(int)]
+    mine = vj._model_input(_read(tmp_path/'a.mp4', vj.preprocessing)[None])
+    assert torch.allclose(mine, vj.processor(frames, return_tensors='pt')['pixel_values_videos'], atol=1e-5)
+
+
+def test_log_mel_into_ast_is_refused():
+    from functools import partial
+    from mmfusion.data import read_audio
+    from mmfusion.encoders import ASTEncoder, TINY_AST, check_preprocessing
+    ast = ASTEncoder(config=TINY_AST)
+    with pytest.raises(ValueError, match="features='log_mel' where the processor makes 'fbank'"):
+        check_preprocessing(ast, partial(read_audio, n_mels=16, n_frames=32, sample_rate=16000), 'audio')
+    check_preprocessing(ast, partial(read_audio, n_mels=16, n_frames=32, sample_rate=16000, features='fbank'), 'audio')
