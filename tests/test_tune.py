@@ -109,7 +109,7 @@ def test_a_killed_study_resumes_where_it_stopped(tmp_path):
         deadline = time.time() + 240
         while time.time() < deadline:  # kill it in the middle of its second trial
             ts = _trials(out) if (out/'study.journal').exists() else []
-            if len(ts) >= 2 and ts[0].state == TrialState.COMPLETE and ts[1].state == TrialState.RUNNING: break
+            if len(ts) >= 2 and ts[0].state == TrialState.COMPLETE and ts[1].state == TrialState.RUNNING and 'worker' in ts[1].user_attrs: break
             assert p.poll() is None, p.stderr.read()
             time.sleep(0.2)
         else: pytest.fail('the study never reached its second trial')
@@ -161,9 +161,10 @@ def postgres():
         shutil.rmtree(d, ignore_errors=True)
 
 def test_two_workers_share_a_study_on_postgresql(tmp_path, postgres):
-    res = tune(SMOKE, SPACE, trials=4, workers=2, storage=postgres, out=tmp_path/'study', study_name='pg', verbose=False)
+    space = {**SPACE, 'set': {**TINY, 'training.epochs': 4}}  # 6 trials of ~2 s: the second worker starts (imports) well before the first is done
+    res = tune(SMOKE, space, trials=6, workers=2, storage=postgres, out=tmp_path/'study', study_name='pg', verbose=False)
     trials = optuna.load_study(study_name='pg', storage=postgres).get_trials()  # the study lives in the server
-    assert len(trials) == 4 and all(t.state.is_finished() for t in trials)
+    assert len(trials) == 6 and all(t.state.is_finished() for t in trials)
     assert len({t.user_attrs['worker'] for t in trials}) == 2  # both worker processes ran trials
     assert res.summary['storage'].startswith('postgresql+psycopg2://postgres@127.0.0.1:')
     assert all(Path(t.user_attrs['run_dir']).is_dir() for t in trials)
