@@ -92,6 +92,9 @@ def test_the_objective_is_the_validation_metric_and_best_yaml_is_the_users_confi
     best = yaml.safe_load((tmp_path/'study'/'best.yaml').read_text())
     assert best['training']['lr'] == pytest.approx(res.summary['best']['params']['training.lr'])
     assert best['evaluation']['split'] == 'test' and best['training']['epochs'] == 3  # the user's config (+ set), not the trial's quiet settings
+    other = {**SPACE, 'params': {**SPACE['params'], 'training.lr': {'type': 'float', 'low': 1.0e-3, 'high': 3.0e-2, 'log': True}}}
+    with pytest.raises(ValueError, match='was started with another config, space or metric'):  # resuming mixes no other search in
+        tune(SMOKE, other, trials=4, out=tmp_path/'study', verbose=False)
 
 
 # --- resume after a kill ---------------------------------------------------------------------------------------------
