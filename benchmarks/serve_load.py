@@ -1,18 +1,18 @@
-"""Load test of `mmfusion serve` on loopback: requests/s and p50/p95 latency at a few concurrency levels, error count, server RSS.
+"""Load test of `mmfusion serve` on loopback, with and without micro-batching: requests/s, p50/p95 latency and errors at
+concurrency 1 and 8, whether every answer equals the one-at-a-time answer, server RSS -> benchmarks/results/serve_load.json.
 
-Starts the real server (`mmfusion serve RUN_DIR --port P`, bound to 127.0.0.1) as a subprocess, sends a bounded number of
-multipart requests (the CT image file + the metadata row of the inspection scenario, or every weld file) at each
-concurrency level, and reads the server's resident memory from /proc before the load and after it. Any non-200
-answer counts as an error; the script exits non-zero if there is one. Without RUN_DIR it trains a 2-epoch run first.
+Starts two real servers (`mmfusion serve RUN_DIR --port P --max-batch N`, bound to 127.0.0.1) as subprocesses, one with
+`--max-batch 1` (each request alone, the server before micro-batching) and one with batching, and sends a bounded number
+of multipart requests (a CT image file + its metadata row, cycling over the inspection test cells; or every weld file) at
+each concurrency level from an asyncio client in this process, the two servers taking turns (`--rounds`), so a
+change in the machine's load hits both alike. The client shares the machine's cores with the server:
+on a 2-core machine it takes CPU the server would use, which the JSON records with the machine. Any non-200 answer is an
+error; the script exits non-zero if there is one or if an answer differs from the reference (the no-batching answer at
+concurrency 1) in label or by more than `--atol` in a probability. Without RUN_DIR it trains a 2-epoch run first.
 
-    .venv/bin/python benchmarks/serve_load.py [RUN_DIR] [--scenario inspection|weld] [--requests 120] [--levels 1 4 8]
+    .venv/bin/python benchmarks/serve_load.py [RUN_DIR] [--scenario inspection|weld] [--requests 160] [--levels 1 8] [--max-batch 8]
 
-Measured 2026-12-01 on the 2-core development machine shared with other jobs (server: max_concurrency 2, 1 thread each):
-    inspection, 100 requests/level:  c=1 41.3 req/s p50 24 ms p95 38 ms | c=4 41.7 req/s p50 92 ms p95 148 ms | c=8 42.0 req/s p50 191 ms p95 255 ms
-    weld (video + 5 images + audio + sensors files), 60/level: c=1 9.3 req/s p50 114 ms p95 141 ms | c=4 21.3 req/s p50 183 ms p95 257 ms
-                                                               | c=8 25.5 req/s p50 313 ms p95 418 ms
-    errors 0 everywhere; server RSS 1088 -> 1091 MiB (inspection), 1111 -> 1116 MiB (weld). Nearly all of it is imports
-    (torch alone is ~600 MiB resident; `import mmfusion.serve` ~1030 MiB, ultralytics and the rest of the library included).
+The figures are in benchmarks/results/serve_load.json (date, commit, machine, recipe); nothing measured is typed here.
 """
 import argparse, asyncio, json, os, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -20,7 +20,12 @@ from pathlib import Path
 import httpx, pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT/'benchmarks'))
+from provenance import provenance  # noqa: E402
+from mmfusion.core import write_json  # noqa: E402
+
 HOST = '127.0.0.1'  # loopback only
+OUT = ROOT/'benchmarks'/'results'/'serve_load.json'
 
 
 def rss_mib(pid:int) -> float:
@@ -30,47 +35,110 @@ def rss_mib(pid:int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def payload(scenario:str) -> tuple:
-    "(files, data) of one multipart request for the scenario's first test sample"
+def payloads(scenario:str, n:int=8) -> list:
+    "(files, data) of one multipart request per test sample (up to n)"
     d = ROOT/'data'
     if scenario == 'inspection':
-        sid = (d/'inspection'/'test.txt').read_text().split('\t')[0].split('/')[-1].rsplit('.', 1)[0]
-        row = pd.read_csv(d/'inspection'/'metadata.csv', dtype=str).set_index('sample_id').loc[sid].to_dict()
-        img = d/'inspection'/'images'/f'{sid}.png'
-        return [('image', (img.name, img.read_bytes(), 'image/png'))], {'metadata': json.dumps(row), 'id': sid}
+        sids = [l.split('\t')[0].split('/')[-1].rsplit('.', 1)[0] for l in (d/'inspection'/'test.txt').read_text().splitlines()][:n]
+        rows = pd.read_csv(d/'inspection'/'metadata.csv', dtype=str).set_index('sample_id')
+        return [([('image', (f'{s}.png', (d/'inspection'/'images'/f'{s}.png').read_bytes(), 'image/png'))],
+                 {'metadata': json.dumps(rows.loc[s].to_dict()), 'id': s}) for s in sids]
     m = pd.read_csv(d/'weld'/'manifest.csv')
-    s = d/'weld'/m[m.SPLIT.str.upper() == 'TEST'].SUBDIRS.iloc[0]
-    files = [('video', ('video.mp4', (s/'video.mp4').read_bytes(), 'video/mp4')),
-             *[('images', (p.name, p.read_bytes(), 'image/png')) for p in sorted((s/'images').glob('angle_*.png'))],
-             ('audio', ('audio.wav', (s/'audio.wav').read_bytes(), 'audio/wav')), ('sensors', ('sensors.csv', (s/'sensors.csv').read_bytes(), 'text/csv'))]
-    return files, {'id': s.name}
+    out = []
+    for sub in m[m.SPLIT.str.upper() == 'TEST'].SUBDIRS.iloc[:n]:
+        s = d/'weld'/sub
+        files = [('video', ('video.mp4', (s/'video.mp4').read_bytes(), 'video/mp4')),
+                 *[('images', (p.name, p.read_bytes(), 'image/png')) for p in sorted((s/'images').glob('angle_*.png'))],
+                 ('audio', ('audio.wav', (s/'audio.wav').read_bytes(), 'audio/wav')), ('sensors', ('sensors.csv', (s/'sensors.csv').read_bytes(), 'text/csv'))]
+        out.append((files, {'id': s.name}))
+    return out
 
 
-async def level(url:str, files, data, concurrency:int, n:int) -> dict:
-    "Send `n` requests with `concurrency` in flight at a time; latency per request, throughput over the whole level"
-    lat, errors, todo = [], [], iter(range(n))
+async def level(url:str, reqs:list, concurrency:int, n:int) -> tuple:
+    "Send `n` requests (cycling over `reqs`) with `concurrency` in flight; (counts, answers by sample id, latencies in s)"
+    lat, errors, answers, todo = [], [], {}, iter(range(n))
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         async def worker():
-            for _ in todo:
+            for i in todo:
+                files, data = reqs[i % len(reqs)]
                 t0 = time.perf_counter()
                 r = await client.post('/predict/files', files=files, data=data)
                 lat.append(time.perf_counter() - t0)
                 if r.status_code != 200: errors.append(f"{r.status_code}: {r.text[:200]}")
+                else: answers.setdefault(data['id'], []).append(r.json())
         t0 = time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(concurrency)])
         wall = time.perf_counter() - t0
-    q = statistics.quantiles(lat, n=20)
-    return {'concurrency': concurrency, 'requests': n, 'errors': len(errors), 'req_per_s': round(n / wall, 1),
-            'p50_ms': round(statistics.median(lat) * 1000, 1), 'p95_ms': round(q[18] * 1000, 1), 'first_error': errors[0] if errors else ''}
+    return ({'requests': n, 'errors': len(errors), 'seconds': wall, 'req_per_s': round(n / wall, 2), 'first_error': errors[0] if errors else ''}, answers, lat)
+
+
+def differences(answers:dict, reference:dict) -> tuple:
+    "(answers whose label differs from the reference, largest probability / value difference)"
+    labels, diff = 0, 0.
+    for sid, got in answers.items():
+        ref = reference[sid]
+        for a in got:
+            labels += a.get('label') != ref.get('label')
+            for k in ('probabilities', 'values'):
+                if ref.get(k) is None: continue
+                x, y = (list(a[k].values()), list(ref[k].values())) if k == 'probabilities' else (a[k], ref[k])
+                diff = max([diff] + [abs(u - v) for u, v in zip(x, y)])
+    return labels, diff
+
+
+def model_costs(run_dir:str, reqs:list, max_batch:int, reps:int=5) -> dict:
+    "Where a request's model-side time goes, in this process (1 thread): decoding its inputs (`prepare`, per request whatever the batch) and the forward pass at batch 1 and `max_batch`"
+    import torch
+    from mmfusion.deploy import load_predictor
+    torch.set_num_threads(1)
+    p = load_predictor(run_dir)
+    tmp = Path(tempfile.mkdtemp(prefix='serve-load-'))
+    inputs = []
+    for k, (files, data) in enumerate(reqs):  # the uploads as the server saves them: a path per file (a list for repeated fields)
+        paths = {}
+        for i, (field, (name, content, _)) in enumerate(files):
+            (tmp/f'{k}_{i}_{name}').write_bytes(content); paths.setdefault(field, []).append(str(tmp/f'{k}_{i}_{name}'))
+        x = {f: v if len(v) > 1 else v[0] for f, v in paths.items()}
+        x.update({f: json.loads(v) for f, v in data.items() if f != 'id'})
+        inputs.append(x)
+    if not hasattr(p, 'prepare') or not hasattr(p, 'collate'): return {'note': f'{type(p).__name__} has no prepare/collate to time apart'}
+    samples = [p.prepare(x, str(i)) for i, x in enumerate(inputs)]
+    def ms(f):
+        f(); t0 = time.perf_counter()
+        for _ in range(reps): f()
+        return (time.perf_counter() - t0) / reps * 1000
+    one, many = p.collate(samples[:1]), p.collate((samples * max_batch)[:max_batch])
+    return {'prepare_ms_per_request': round(ms(lambda: [p.prepare(x, 'r') for x in inputs]) / len(inputs), 2),
+            'forward_ms_batch_1': round(ms(lambda: p.outputs(one)), 2),
+            f'forward_ms_per_request_batch_{max_batch}': round(ms(lambda: p.outputs(many)) / max_batch, 2)}
+
+
+def run_server(run_dir:str, port:int, max_batch:int, max_wait_ms:float, max_concurrency:int, env:dict) -> subprocess.Popen:
+    "`mmfusion serve` in a subprocess, once it answers /health"
+    server = subprocess.Popen([sys.executable, '-c', 'from mmfusion.cli import main; main()', 'serve', run_dir, '--host', HOST, '--port', str(port),
+                               '--max-batch', str(max_batch), '--max-wait-ms', str(max_wait_ms), '--max-concurrency', str(max_concurrency)],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for _ in range(1200):
+        try:
+            if httpx.get(f'http://{HOST}:{port}/health', timeout=1).status_code == 200: return server
+        except httpx.TransportError: time.sleep(0.1)
+        if server.poll() is not None: sys.exit(f"server exited:\n{server.stderr.read()[-3000:]}")
+    server.terminate(); sys.exit("server did not answer /health within 2 minutes")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('run_dir', nargs='?', help='a run folder (default: train a 2-epoch run of --scenario)')
     ap.add_argument('--scenario', default='inspection', choices=['inspection', 'weld'])
-    ap.add_argument('--requests', type=int, default=120, help='requests per concurrency level')
-    ap.add_argument('--levels', type=int, nargs='+', default=[1, 4, 8])
-    ap.add_argument('--port', type=int, default=8765)
+    ap.add_argument('--requests', type=int, default=160, help='requests per concurrency level')
+    ap.add_argument('--levels', type=int, nargs='+', default=[1, 8])
+    ap.add_argument('--rounds', type=int, default=2, help='the requests of a level are sent in this many turns, alternating the servers')
+    ap.add_argument('--max-batch', type=int, default=8, help='the batching server\'s --max-batch (the other runs --max-batch 1)')
+    ap.add_argument('--max-wait-ms', type=float, default=2.)
+    ap.add_argument('--max-concurrency', type=int, default=2, help="the server's batches (or requests) running at once")
+    ap.add_argument('--atol', type=float, default=1e-6, help='largest probability difference counted as the same answer')
+    ap.add_argument('--port', type=int, default=8765, help='the batching server listens on the next port')
+    ap.add_argument('--out', default=str(OUT))
     a = ap.parse_args()
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     run_dir = a.run_dir
@@ -79,27 +147,54 @@ def main():
         subprocess.run([sys.executable, '-c', 'from mmfusion.cli import main; main()', 'train', f'configs/{a.scenario}.yaml', '--quiet',
                         '--set', f'runs_dir={runs}', '--set', 'training.epochs=2', '--set', 'training.tensorboard=false'], cwd=ROOT, env=env, check=True)
         run_dir = str(Path(runs)/a.scenario)
-    server = subprocess.Popen([sys.executable, '-c', 'from mmfusion.cli import main; main()', 'serve', run_dir, '--host', HOST,
-                               '--port', str(a.port)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f'http://{HOST}:{a.port}'
+    reqs, modes = payloads(a.scenario), {'one at a time': 1, 'micro-batching': a.max_batch}
+    servers = {m: run_server(run_dir, a.port + k, b, a.max_wait_ms, a.max_concurrency, env) for k, (m, b) in enumerate(modes.items())}
+    urls = {m: f'http://{HOST}:{a.port + k}' for k, m in enumerate(modes)}
+    parts, answers, rss = {}, {}, {}
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f'{url}/health', timeout=1).status_code == 200: break
-            except httpx.TransportError: time.sleep(0.1)
-            if server.poll() is not None: sys.exit(f"server exited:\n{server.stderr.read()[-3000:]}")
-        files, data = payload(a.scenario)
-        asyncio.run(level(url, files, data, 1, 3))  # warm-up: first-call allocations are not load
-        before = rss_mib(server.pid)
-        rows = [asyncio.run(level(url, files, data, c, a.requests)) for c in a.levels]
-        after = rss_mib(server.pid)
+        for m, url in urls.items(): asyncio.run(level(url, reqs, 1, len(reqs)))  # warm-up: first-call allocations are not load
+        before = {m: rss_mib(s.pid) for m, s in servers.items()}
+        for _ in range(a.rounds):  # the two servers take turns at each level, so a change in the machine's load hits both alike
+            for c in a.levels:
+                for m, url in urls.items():
+                    row, got, lat = asyncio.run(level(url, reqs, c, a.requests // a.rounds))
+                    parts.setdefault((m, c), []).append((row, lat))
+                    for sid, g in got.items(): answers.setdefault((m, c), {}).setdefault(sid, []).extend(g)
+        for m, url in urls.items():
+            rss[m] = {'after_warmup_mib': round(before[m], 1), 'after_load_mib': round(rss_mib(servers[m].pid), 1),
+                      'batch_sizes_run': httpx.get(f'{url}/health').json()['batches']}
     finally:
-        server.terminate(); server.wait(10)
+        for s in servers.values(): s.terminate(); s.wait(10)
+    rows = []
+    for (m, c), ps in parts.items():
+        lat = [x for _, l in ps for x in l]
+        q = statistics.quantiles(lat, n=20)
+        rows.append({'mode': m, 'max_batch': modes[m], 'concurrency': c, 'requests': sum(r['requests'] for r, _ in ps),
+                     'errors': sum(r['errors'] for r, _ in ps), 'req_per_s': round(sum(r['requests'] for r, _ in ps) / sum(r['seconds'] for r, _ in ps), 2),
+                     'req_per_s_by_round': [r['req_per_s'] for r, _ in ps], 'p50_ms': round(statistics.median(lat) * 1000, 1),
+                     'p95_ms': round(q[18] * 1000, 1), 'first_error': next((r['first_error'] for r, _ in ps if r['first_error']), '')})
+    reference = {sid: got[0] for sid, got in answers[('one at a time', min(a.levels))].items()}
+    for r in rows:
+        r['label_differences'], r['max_abs_difference'] = differences(answers[(r['mode'], r['concurrency'])], reference)
     df = pd.DataFrame(rows)
-    print(f"mmfusion serve {run_dir} ({a.scenario}, multipart /predict/files) on {url}; {os.cpu_count()} CPUs, server OMP_NUM_THREADS=1")
+    lo, hi = min(a.levels), max(a.levels)
+    speed = {m: round(float(g.set_index('concurrency').req_per_s[hi] / g.set_index('concurrency').req_per_s[lo]), 2) for m, g in df.groupby('mode')}
+    identical = bool((df.label_differences == 0).all() and (df.max_abs_difference <= a.atol).all())
+    result = {**provenance({'scenario': a.scenario, 'run_dir': run_dir, 'requests_per_level': a.requests, 'levels': a.levels,
+                             'endpoint': '/predict/files (multipart)', 'samples': [d['id'] for _, d in reqs],
+                             'rounds': a.rounds, 'server': {'max_batch': [1, a.max_batch], 'max_wait_ms': a.max_wait_ms, 'max_concurrency': a.max_concurrency,
+                                        'OMP_NUM_THREADS': 1}, 'client': 'httpx.AsyncClient in the benchmark process, same machine',
+                             'identical_means': f'same label and every probability within {a.atol} of the no-batching answer at concurrency {lo}'}),
+              'rows': df.drop(columns='first_error').to_dict('records'), 'speedup': {m: {f'c{hi}_over_c{lo}': v} for m, v in speed.items()},
+              'errors': int(df.errors.sum()), 'identical': identical, 'server_memory': rss,
+              'model_side_costs': model_costs(run_dir, reqs, a.max_batch),
+              'goal': {'c8_over_c1': 3.0, 'met': bool(speed.get('micro-batching', 0) >= 3.0 and df.errors.sum() == 0)}}
+    write_json(result, a.out, indent=1)
+    print(f"mmfusion serve {run_dir} ({a.scenario}, multipart /predict/files); {os.cpu_count()} CPUs, server OMP_NUM_THREADS=1")
     print(df.drop(columns='first_error').to_string(index=False))
-    print(f"server RSS: {before:.0f} MiB after warm-up, {after:.0f} MiB after {a.requests * len(a.levels)} requests ({after - before:+.0f} MiB)")
+    print(f"speed-up c{hi}/c{lo}: {speed}; identical answers: {identical}; -> {a.out}")
     if df.errors.sum(): sys.exit(f"{df.errors.sum()} request(s) failed, e.g. {df.first_error[df.errors > 0].iloc[0]}")
+    if not identical: sys.exit("batched answers differ from one-at-a-time answers")
 
 
 if __name__ == '__main__': main()

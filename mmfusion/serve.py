@@ -19,9 +19,9 @@ from .deploy import Detections, AnomalyPredictor, DetectionPredictor, Prediction
 from .segmentation import SegmentationMask
 
 # %% auto #0
-__all__ = ['RESPONSES', 'BodyLimit', 'MicroBatcher', 'predict_batch', 'PredictRequest', 'PredictionResponse', 'BoxResponse',
-           'DetectionsResponse', 'RunLength', 'SegmentationMaskResponse', 'model_card', 'create_app', 'free_port',
-           'running_server', 'serve']
+__all__ = ['RESPONSES', 'BodyLimit', 'MicroBatcher', 'InFlight', 'predict_batch', 'PredictRequest', 'PredictionResponse',
+           'BoxResponse', 'DetectionsResponse', 'RunLength', 'SegmentationMaskResponse', 'model_card', 'create_app',
+           'free_port', 'running_server', 'serve']
 
 # %% ../nbs/10_serve.ipynb #ec707197
 class BodyLimit:
@@ -59,6 +59,7 @@ class MicroBatcher:
         self.run_batch, self.max_batch, self.max_wait = run_batch, max_batch, max_wait_ms / 1000
         self.max_concurrency, self.max_queue, self.pending, self.loop = max_concurrency, max_queue, 0, None
         self.sizes = collections.Counter()  # batch size -> how many batches of that size ran
+        self.incoming = 0  # HTTP requests the server is receiving or answering (counted by `InFlight`)
 
     @property
     def capacity(self) -> int: return self.max_concurrency * self.max_batch + self.max_queue  # requests in progress or waiting before 503
@@ -80,7 +81,8 @@ class MicroBatcher:
     async def _work(self):
         while True:
             batch = [await self.queue.get()]
-            deadline = self.loop.time() + (self.max_wait if self.pending > 1 else 0)  # alone in the server: nothing to wait for
+            others = max(self.pending, self.incoming) > 1  # requests queued, running, or still being received
+            deadline = self.loop.time() + (self.max_wait if others else 0)  # alone in the server: nothing to wait for
             while len(batch) < self.max_batch:
                 if not self.queue.empty(): batch.append(self.queue.get_nowait()); continue
                 left = deadline - self.loop.time()
@@ -97,6 +99,15 @@ class MicroBatcher:
                 if isinstance(a, BaseException): fut.set_exception(a)
                 else: fut.set_result(a)
 
+
+class InFlight:
+    "ASGI middleware: counts the HTTP requests in progress in `batcher.incoming`, so a batch waits for more only while some are coming"
+    def __init__(self, app, batcher:MicroBatcher): self.app, self.batcher = app, batcher
+    async def __call__(self, scope, receive, send):
+        if scope['type'] != 'http': return await self.app(scope, receive, send)
+        self.batcher.incoming += 1
+        try: await self.app(scope, receive, send)
+        finally: self.batcher.incoming -= 1
 
 # %% ../nbs/10_serve.ipynb #981d8e7d
 def predict_batch(predictor, # a predictor (`Predictor`, `AnomalyPredictor`, `DetectionPredictor`, ...)
@@ -217,8 +228,9 @@ def create_app(predictor:Predictor|AnomalyPredictor|DetectionPredictor, # the mo
     "A FastAPI app serving `predictor` over HTTP (JSON and multipart) and WebSocket"
     app = FastAPI(title=title, description=f"Model taking {predictor.modalities}; outputs {predictor.kinds}")
     answer = RESPONSES[predictor.record]  # the response model of what the predictor returns
-    app.add_middleware(BodyLimit, max_bytes=max_bytes)
     batcher = MicroBatcher(partial(predict_batch, predictor), max_batch, max_wait_ms, max_concurrency, max_queue)
+    app.add_middleware(BodyLimit, max_bytes=max_bytes)
+    app.add_middleware(InFlight, batcher=batcher)  # the outermost: a request counts from its first byte
     app.state.predictor, app.state.batcher, app.state.max_bytes = predictor, batcher, max_bytes  # max_bytes: the WebSocket limit for uvicorn
     run = batcher.submit  # (inputs, id) -> the answer dict
 
