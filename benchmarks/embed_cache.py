@@ -44,7 +44,7 @@ def main():
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     cpu = next((l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name')), platform.processor())
     res = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), 'commit': commit,
-           'machine': {'cpu': cpu, 'cpu_count': os.cpu_count(), 'threads': a.threads, 'torch': torch.__version__},
+           'machine': {'cpu': cpu, 'cpu_count': os.cpu_count(), 'threads': a.threads, 'torch': torch.__version__, 'load_average_at_end': os.getloadavg()},
            'recipe': ' '.join(['benchmarks/embed_cache.py'] + sys.argv[1:]) + ': configs/weld.yaml, images = image_set(DINOv2-base real size, '
                      'random weights, bf16, frozen), same seed and epochs for both runs, no augmentation',
            'epochs': a.epochs, 'embed_seconds': round(embed_s, 1), 'embedded_rows': index['modalities']['images']['rows'],

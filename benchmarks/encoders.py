@@ -72,7 +72,7 @@ def measure_one(name, dtype_name, device, repeats, threads):
 def machine(threads):
     import torch
     cpu = next((l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name')), platform.processor())
-    return {'cpu': cpu, 'cpu_count': os.cpu_count(), 'threads': threads, 'torch': torch.__version__,
+    return {'cpu': cpu, 'cpu_count': os.cpu_count(), 'threads': threads, 'torch': torch.__version__, 'load_average_at_end': os.getloadavg(),
             'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, 'platform': platform.platform()}
 
 
@@ -84,6 +84,7 @@ def main():
     if a.one:
         print(json.dumps(measure_one(*a.one, a.repeats, a.threads))); return
     import torch
+    load_start = os.getloadavg()
     devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
     rows = []
     for device in devices:
@@ -99,7 +100,7 @@ def main():
     res = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), 'commit': commit, 'machine': machine(a.threads),
            'recipe': ' '.join(['benchmarks/encoders.py'] + sys.argv[1:]) + f" (batch 1; warm-up then median of {a.repeats} timed forwards; "
                      "V-JEPA 2 on CPU: 16-frame warm-up, 1 timed 64-frame forward; random weights from REAL_CONFIGS)",
-           'results': rows}
+           'load_average_at_start': load_start, 'results': rows}  # other processes share the CPUs: the load says how much
     OUT.parent.mkdir(parents=True, exist_ok=True)
     tmp = OUT.with_suffix('.json.tmp'); tmp.write_text(json.dumps(res, indent=1)); tmp.replace(OUT)
     print(f"wrote {OUT}")
