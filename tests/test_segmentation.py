@@ -20,7 +20,7 @@ from mmfusion.config import RunFolder
 from mmfusion.data import DataError, Sample, read_image
 from mmfusion.sample_data import make_battery_seg_data
 from mmfusion.training import Callback
-from mmfusion.segmentation import (SEG_EXPORT_ATOL, SEG_LOSSES, DiceLoss, MaskAugment, MultiModalDeepLab, PixelFocal, bootstrap_ci, confusion,
+from mmfusion.segmentation import (SEG_EXPORT_ATOL, SEG_LOSSES, DiceLoss, build_segmenter, resolve_segmentation_config, MaskAugment, MultiModalDeepLab, PixelFocal, bootstrap_ci, confusion,
                                    fit_segmenter, mask_class_weights, read_mask, rle_mask, segmentation_folders, segmentation_scores,
                                    segmentation_splits, sliding_window)
 
@@ -208,6 +208,12 @@ def test_two_stage_schedule_and_per_module_lr(splits):
     assert seen[0]['fusions'] == pytest.approx(1e-2) and seen[0]['default'] == pytest.approx(2e-3)
     assert seen[1]['fusions'] == pytest.approx(5e-3) and seen[1]['default'] == pytest.approx(1e-3)
     assert [r['stage'] for r in learn.history] == ['frozen', 'all'] and all('valid_miou' in r for r in learn.history)
+
+
+def test_a_config_builds_the_same_weights_whatever_ran_before():
+    cfg = resolve_segmentation_config({'data': {'sample': 'battery_seg'}, 'model': {'aspp_channels': 8}})
+    a = build_segmenter(cfg); torch.rand(1000); b = build_segmenter(cfg)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 # ---------------------------------------------------------------- the kind's verbs
