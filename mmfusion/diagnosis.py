@@ -54,6 +54,9 @@ class Finding:
         return to_jsonable({'check': self.check, 'severity': self.severity, 'subject': self.subject, 'summary': self.summary,
                             'evidence': self.evidence, 'remedies': self.remedies})
 
+def _closed(fig):  # a finding's figure leaves pyplot (so a notebook does not echo it at the end of the cell); it still saves and displays
+    plt.close(fig); return fig
+
 REMEDIES = {
     'more_samples': "diagnose on more samples (`max_samples`, or a larger validation split): the interval is too wide to decide",
     'ablation_disagreement': "check that the diagnosis and the evaluation score the same head (`diagnosis.head`, `head=`) and compare them on the same split (`split=`) with more samples",
@@ -567,7 +570,7 @@ def modality_contribution(model:nn.Module, # a model with the library's call; `m
     ax.barh(mods, np.nan_to_num(share), xerr=np.abs(np.nan_to_num(ci.T - share)), color=['C2' if f.severity == 'ok' else 'C1' if f.severity == 'warning' else 'C3' for f in findings])
     for t in (min_share, weak_share): ax.axvline(t, color='k', ls=':', lw=.7)
     ax.axvline(0, color='k', lw=.6); ax.set(xlabel=f"Shapley share of the gain (95% CI): {score.text}", title='modality contribution')
-    ax.xaxis.label.set_size(7); fig.tight_layout(); findings[0].figures['modality_contribution'] = fig
+    ax.xaxis.label.set_size(7); fig.tight_layout(); findings[0].figures['modality_contribution'] = _closed(fig)
     return findings
 
 # %% ../nbs/06_diagnosis.ipynb #a7c1e121
@@ -605,7 +608,7 @@ def modality_interactions(model:nn.Module, # a model with the library's call
         i, j = (mods.index(p) for p in f.evidence['pair'])
         label = {'redundant': 'red.', 'complementary': 'comp.', 'independent': 'ind.', 'inconclusive': '?'}[f.evidence['kind']]
         for r, c in ((i, j), (j, i)): ax.text(c, r, label, ha='center', va='center', fontsize=7, color='w' if abs(mat[r, c]) > .6 * lim else 'k')
-    ax.set_xlabel('red. redundant, comp. complementary,\nind. independent, ? inconclusive', fontsize=6); ax.set_title('modality interactions', fontsize=9); fig.tight_layout(); findings[0].figures['modality_interactions'] = fig
+    ax.set_xlabel('red. redundant, comp. complementary,\nind. independent, ? inconclusive', fontsize=6); ax.set_title('modality interactions', fontsize=9); fig.tight_layout(); findings[0].figures['modality_interactions'] = _closed(fig)
     return findings
 
 # %% ../nbs/06_diagnosis.ipynb #a7c1e124
@@ -664,7 +667,7 @@ def feature_magnitudes(model:nn.Module, # a model with the library's call
         sev = 'problem' if ratio > max_ratio else 'warning'
         f = Finding('feature_magnitude', sev, f"{hi}'s features enter the fusion {ratio:.3g}x larger (RMS) than {lo}'s: {lo} is drowned out",
                     ev, remedies('norm_before_fusion', 'aux_heads', m=lo), lo)
-    f.figures['feature_magnitude'] = fig
+    f.figures['feature_magnitude'] = _closed(fig)
     return [f]
 
 @CHECKS.register('feature_magnitude')
@@ -734,7 +737,7 @@ def gradient_flow(model:nn.Module, # a model with the library's call
     fig, ax = plt.subplots(figsize=(5, 0.5 + 0.35 * len(rows)))
     ax.barh(list(rows), [max(r['grad_norm'], 1e-12) for r in rows.values()]); ax.set_xscale('log')
     ax.set(xlabel='gradient norm (log)', title='gradient flow'); fig.tight_layout()
-    if findings: findings[0].figures['gradient_flow'] = fig
+    if findings: findings[0].figures['gradient_flow'] = _closed(fig)
     else: plt.close(fig)
     return findings
 
@@ -848,7 +851,7 @@ def temporal_behaviour(model:nn.Module, # a model with the library's call
         findings.append(Finding('temporal', 'warning', f"the model ignores {ev['ignored_steps']} of {T} steps of {m} (occluding them changes the output by less than {low:.0%} of the most important step's effect)",
                                 ev, remedies('temporal_training', m=m), m))
     if not findings: findings.append(Finding('temporal', 'ok', f"{m}: steps carry state and are used (memory {ev['memory'] if ev['memory'] is None else round(ev['memory'], 3)}, {ev['ignored_steps']} of {T} steps ignored)", ev, subject=m))
-    findings[0].figures[f'temporal_{m}'] = fig
+    findings[0].figures[f'temporal_{m}'] = _closed(fig)
     return findings
 
 @CHECKS.register('temporal')
@@ -880,7 +883,7 @@ def channel_importance(model:nn.Module, # a model with the library's call
     elif weak: f = Finding('channel_importance', 'warning', f"the model barely uses channel(s) {weak} of {m} (below {low:.0%} of the most important)", ev,
                            remedies('aux_heads', m=m), m)
     else: f = Finding('channel_importance', 'ok', f"every channel of {m} is used: " + ', '.join(f'{n} {v:.2f}' for n, v in zip(names, norm)), ev, subject=m)
-    f.figures[f'channels_{m}'] = fig
+    f.figures[f'channels_{m}'] = _closed(fig)
     return [f]
 
 @CHECKS.register('channel_importance')
@@ -967,7 +970,7 @@ def saliency(model:nn.Module, # a model with the library's call
     elif ordered and ev['correlation_across_steps'] is not None and ev['correlation_across_steps'] > max_same:
         f = Finding('saliency', 'warning', f"{m}'s saliency is the same at every step (mean correlation {ev['correlation_across_steps']:.3f})", ev, remedies('temporal_state', 'temporal_training', m=m), m)
     else: f = Finding('saliency', 'ok', f"{m}'s saliency differs between inputs (mean correlation {across if across is None else round(across, 3)})", ev, subject=m)
-    f.figures[f'gradcam_{m}'] = fig
+    f.figures[f'gradcam_{m}'] = _closed(fig)
     return [f]
 
 @CHECKS.register('saliency')
@@ -1012,7 +1015,7 @@ def fusion_attention(model:nn.Module, # a model with the library's call
     f = (Finding('fusion_attention', 'warning', f"the fusion gives {weak} almost no attention (" + ', '.join(f'{x} {mean[x]:.3f}' for x in weak) + ")", ev,
                  remedies('norm_before_fusion', 'aux_heads', m=weak[0]), weak[0]) if weak else
          Finding('fusion_attention', 'ok', "attention shares: " + ', '.join(f'{x} {v:.2f}' for x, v in mean.items()), ev))
-    f.figures['fusion_attention'] = fig
+    f.figures['fusion_attention'] = _closed(fig)
     return [f]
 
 @CHECKS.register('fusion_attention')
