@@ -216,6 +216,19 @@ def test_a_config_builds_the_same_weights_whatever_ran_before():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_local_backbone_weights_load_by_key_matching(tmp_path):
+    "`model.weights: {ct: file}`: a local state dict (with a wrapper prefix) goes into the CT backbone only; nothing is downloaded"
+    cfg = resolve_segmentation_config({'data': {'sample': 'battery_seg'}, 'model': {'aspp_channels': 8}})
+    src = build_segmenter(cfg, {'ct': 1})
+    torch.manual_seed(5)
+    for p in src.backbones.ct.features.parameters(): p.data.normal_()
+    torch.save({'model.' + k: v for k, v in src.backbones.ct.features.state_dict().items()}, tmp_path/'ct.pt')
+    cfg['model']['weights'] = {'ct': str(tmp_path/'ct.pt')}
+    m = build_segmenter(cfg)
+    w = src.backbones.ct.features[0][0].weight
+    assert torch.equal(m.backbones.ct.features[0][0].weight, w) and not torch.equal(m.backbones.density.features[0][0].weight, w)
+
+
 # ---------------------------------------------------------------- the kind's verbs
 @pytest.fixture(scope='module')
 def run(seg, tmp_path_factory):
