@@ -80,12 +80,16 @@ def embed(config:str|Path|Mapping, # a config whose model has frozen pretrained 
     return index
 
 # %% ../nbs/07c_embed.ipynb #c11fba5e
-def save_tiny_checkpoints(folder) -> dict: # where the three checkpoint folders go
+def save_tiny_checkpoints(folder, # where the three checkpoint folders go
+                          seed:int=0, # their random weights are a function of the seed (the global random state is left alone)
+                         ) -> dict:
     "Tiny random DINOv2, AST and V-JEPA 2 checkpoints with their processors, in the real file layout: encoder name -> folder"
     from mmfusion.encoders import HF_FAMILIES, TINY_CONFIGS, default_processor, load_hf_model
     out = {}
     for name in ('dinov2', 'ast', 'vjepa2'):
-        model, d = load_hf_model(config=TINY_CONFIGS[name]['config'], model_type=HF_FAMILIES[name]), Path(folder)/f'{name}-tiny'
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model, d = load_hf_model(config=TINY_CONFIGS[name]['config'], model_type=HF_FAMILIES[name]), Path(folder)/f'{name}-tiny'
         model.save_pretrained(d)
         default_processor(model.config).save_pretrained(d)
         out[name] = d

@@ -64,3 +64,18 @@ def test_a_changed_input_or_weights_make_the_cache_stale(setup):
         with pytest.raises(StaleEmbeddingsError, match='the weights of model.encoders.images changed'):
             resolve_config(apply_overrides(load_config(CFG), [*over, f'data.embeddings={tmp/"cache"}']))
     finally: cfg.write_text(text)
+
+
+def test_cached_run_equals_the_run_with_the_frozen_encoder_in_the_loop(tmp_path):
+    "Same seed, same epochs, nothing augmented: training on the cache gives the in-loop run's losses and metrics (tiny frozen DINOv2)"
+    from mmfusion.embed import embed
+    from mmfusion.encoders import TINY_DINOV2
+    dino = json.dumps({'name': 'image_set', 'encoder': {'name': 'dinov2', 'config': TINY_DINOV2, 'freeze': True}, 'aggregation': 'attention'})
+    over = [f'data.root={ROOT/"data"}', f'runs_dir={tmp_path/"runs"}', 'training.epochs=3', 'training.progress=false',
+            'training.tensorboard=false', f'model.encoders.images={dino}']
+    cfg = str(ROOT/'configs'/'weld.yaml')
+    embed(cfg, tmp_path/'cache', over, device='cpu', progress=False)
+    loop, cached = train(cfg, over, verbose=False), train(cfg, [*over, f'data.embeddings={tmp_path/"cache"}'], verbose=False)
+    assert cached.config['model']['encoders']['images']['encoder'] == {'name': 'precomputed', 'in_dim': TINY_DINOV2['hidden_size']}
+    for a, b in zip(loop.history, cached.history): assert abs(a['train_loss'] - b['train_loss']) < 1e-4, (a, b)
+    for k, v in loop.metrics['test'].items(): assert abs(v - cached.metrics['test'][k]) < 1e-4, (k, v, cached.metrics['test'][k])
