@@ -16,7 +16,7 @@ import nbformat
 SKIP = re.compile(r'^#\|\s*(slow|cuda|eval:\s*false)\s*$', re.M)
 KERNEL = 'mmfusion'  # the kernel `make lab` registers (.ci/set_kernelspec.py); the venv's own python3 kernel where it is not
 PALETTE_MAX_ERR = 0.5  # mean abs. error (of 255) a 256-colour palette may add: plots qualify, photo-like panels do not
-JPEG_GAIN = 0.5        # photo-like panels become JPEG (quality 90, no chroma subsampling) only when that halves them
+JPEG_GAIN = 0.5        # photo-like panels become JPEG (quality 85, no chroma subsampling) only when that halves them
 
 
 def compact_image(png:bytes) -> tuple:
@@ -30,7 +30,7 @@ def compact_image(png:bytes) -> tuple:
     err = np.abs(np.asarray(pal.convert('RGB'), dtype=np.int16) - np.asarray(rgb, dtype=np.int16)).mean()
     buf = io.BytesIO()
     if err <= PALETTE_MAX_ERR: pal.save(buf, 'png', optimize=True); mime, limit = 'image/png', len(png)
-    else: rgb.save(buf, 'jpeg', quality=90, subsampling=0, optimize=True); mime, limit = 'image/jpeg', JPEG_GAIN * len(png)
+    else: rgb.save(buf, 'jpeg', quality=85, subsampling=0, optimize=True); mime, limit = 'image/jpeg', JPEG_GAIN * len(png)
     return (mime, buf.getvalue()) if len(buf.getvalue()) < limit else ('image/png', png)
 
 
