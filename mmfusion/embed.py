@@ -13,11 +13,11 @@ from tqdm.auto import tqdm
 from .core import atomic_write, seed_everything, write_json
 from .data import content_hash
 from .encoders import ENCODERS
-from .config import (EMBEDDINGS_INDEX, apply_overrides, build_splits, frozen_part, load_config, register_command,
+from .config import (EMBEDDINGS_INDEX, apply_overrides, build_splits, frozen_part, load_config, read_embedding_index, register_command,
                              resolve_config, weights_hash)
 
 # %% auto #0
-__all__ = ['cacheable_encoders', 'embed', 'save_tiny_checkpoints', 'embed_command']
+__all__ = ['cacheable_encoders', 'embed', 'save_tiny_checkpoints', 'uncached_config', 'restore_encoders', 'embed_command']
 
 # %% ../nbs/07c_embed.ipynb #7aee7f71
 def _state_hash(module:torch.nn.Module) -> str:
@@ -94,6 +94,25 @@ def save_tiny_checkpoints(folder, # where the three checkpoint folders go
         default_processor(model.config).save_pretrained(d)
         out[name] = d
     return out
+
+# %% ../nbs/07c_embed.ipynb #bbb2a4e3
+def uncached_config(cfg:Mapping) -> dict:
+    "A run config trained on `data.embeddings` made to read files again: the frozen encoders back from the cache's index, no `data.embeddings`"
+    index, out = read_embedding_index(cfg['data']['embeddings']), {**cfg, 'data': {**cfg['data'], 'embeddings': None}}
+    out['model'] = {**cfg['model'], 'encoders': dict(cfg['model']['encoders'])}
+    for m, e in index['modalities'].items():
+        enc = out['model']['encoders'][m]
+        out['model']['encoders'][m] = {**enc, 'encoder': e['encoder']} if e['kind'] == 'views' else e['encoder']
+    return out
+
+def restore_encoders(model:torch.nn.Module, # a `MultiModalModel` trained on an embedding cache
+                     cache_dir) -> torch.nn.Module: # the cache it was trained on (`data.embeddings`)
+    "Put the frozen encoders the cache was made with back in front of `model` (in place), so it reads files again"
+    for m, e in read_embedding_index(cache_dir)['modalities'].items():
+        enc = ENCODERS.build(e['encoder']).freeze()
+        if e['kind'] == 'views': model.encoders[m].encoder = enc
+        else: model.encoders[m] = enc
+    return model
 
 # %% ../nbs/07c_embed.ipynb #bd0c99e9
 def _embed_arguments(p):
