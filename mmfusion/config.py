@@ -224,6 +224,10 @@ def resolve_fused_config(cfg:Mapping) -> dict:
     cfg['data']['readers'] = checkpoint_readers(cfg['model']['encoders'], cfg['data']['readers'])
     if cfg['data']['embeddings']:
         cfg['model']['encoders'] = cached_encoders(cfg['model']['encoders'], cfg['data']['embeddings'], cfg['data']['readers'])
+        cached, aug = list(read_embedding_index(cfg['data']['embeddings'])['modalities']), cfg['data']['augment']
+        touched = cached if aug and not (isinstance(aug, Mapping) and aug.get('modalities')) else [m for m in cached if aug and m in aug['modalities']]
+        if touched: raise ValueError(f"data.augment would augment {touched}, but they are read from the embedding cache, computed once from unaugmented "
+                                     "inputs: name the modalities to augment in data.augment.modalities (not the cached ones), or train without the cache")
     return plain_data(cfg)
 
 def resolve_config(cfg:Mapping) -> dict:

@@ -79,3 +79,11 @@ def test_cached_run_equals_the_run_with_the_frozen_encoder_in_the_loop(tmp_path)
     assert cached.config['model']['encoders']['images']['encoder'] == {'name': 'precomputed', 'in_dim': TINY_DINOV2['hidden_size']}
     for a, b in zip(loop.history, cached.history): assert abs(a['train_loss'] - b['train_loss']) < 1e-4, (a, b)
     for k, v in loop.metrics['test'].items(): assert abs(v - cached.metrics['test'][k]) < 1e-4, (k, v, cached.metrics['test'][k])
+
+
+def test_augmenting_a_cached_modality_is_refused(setup):
+    tmp, _, over = setup
+    with pytest.raises(ValueError, match=r"data.augment would augment \['video', 'images', 'audio'\]"):
+        resolve_config(apply_overrides(load_config(CFG), [*over, f'data.embeddings={tmp/"cache"}', 'data.augment=[{name: HorizontalFlip, p: 0.5}]']))
+    resolve_config(apply_overrides(load_config(CFG), [*over, f'data.embeddings={tmp/"cache"}',
+                                                     'data.augment={transforms: [{name: HorizontalFlip}], modalities: [sensors]}']))
