@@ -177,15 +177,17 @@ def _plain(v): return list(v) if isinstance(v, (list, tuple)) else v
 def checkpoint_readers(encoders:Mapping, # `model.encoders`: modality -> encoder config
                        readers:Mapping|None=None, # `data.readers` as written: modality -> {'reader': a `READERS` name, **its arguments}
                       ) -> dict|None:
-    "`data.readers` with every pretrained encoder's checkpoint preprocessing filled in; a written reader that differs from it is refused"
-    out = {m: dict(r) for m, r in (readers or {}).items()}
+    "`data.readers` with every pretrained encoder's checkpoint preprocessing filled in; a differing reader is refused, missing checkpoints are named together"
+    out, missing = {m: dict(r) for m, r in (readers or {}).items()}, []
     for m, enc in encoders.items():
-        want = encoder_preprocessing(enc)
+        try: want = encoder_preprocessing(enc)
+        except FileNotFoundError as e: missing.append(f"model.encoders.{m}: {e}"); continue
         if want is None: continue
         if m not in out: out[m] = want; continue
         bad = [f"{k}={out[m].get(k)!r} where the processor makes {v!r}" for k, v in want.items() if _plain(out[m].get(k)) != _plain(v)]
         if bad: raise ValueError(f"data.readers.{m} does not make what the checkpoint of model.encoders.{m} was trained on: {'; '.join(bad)}. "
                                  f"Leave data.readers.{m} out to read it as the checkpoint's processor does")
+    if missing: raise FileNotFoundError('\n'.join(missing))  # every missing checkpoint at once
     return plain_data(out) or None
 
 # %% ../nbs/04a_config.ipynb #0af3b865

@@ -24,8 +24,9 @@ def setup(tmp_path_factory):
 
 def test_missing_weights_name_the_checkpoint_and_the_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"huggingface-cli download facebook/vjepa2-vitl-fpc64-256 .*copy that folder to .*weights/vjepa2"):
+    with pytest.raises(FileNotFoundError, match=r"huggingface-cli download facebook/vjepa2-vitl-fpc64-256 .*copy that folder to .*weights/vjepa2") as e:
         resolve_config(load_config(CFG))
+    for ck in ('facebook/dinov2-base', 'MIT/ast-finetuned-audioset-10-10-0.4593'): assert f"huggingface-cli download {ck} " in str(e.value)  # all at once
 
 
 def test_cache_index_keeps_missing_modalities_missing(setup):
