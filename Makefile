@@ -65,8 +65,9 @@ test: install-dev browser
 	OMP_NUM_THREADS=1 $(VENV)/bin/nbdev_test --n_workers 2
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest tests/ -p no:cacheprovider $(PYTEST_WORKERS) -m "not slow"
 
-# pytest on two processes, a test file per process at a time (module fixtures are built once); PYTEST_WORKERS= runs serially
-PYTEST_WORKERS ?= -n 2 --dist loadfile
+# pytest on two processes; a test file's tests stay on one process (module fixtures built once) but test_planted_truth's
+# independent cases (more than half the serial time) are dealt out one by one (tests/conftest.py); PYTEST_WORKERS= runs serially
+PYTEST_WORKERS ?= -n 2 --dist loadgroup
 
 # what make test leaves out: the `#| slow` notebook cells (each notebook that has some, run whole with --flags slow) and
 # the tests marked slow. Run it before changing prose that quotes what they compute. Prints its time.

@@ -5,8 +5,17 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 import pytest, torch
 
 
+SPREAD = {'test_planted_truth.py'}  # files whose tests share no fixture: dealt out to the workers one test at a time
+
+
 def pytest_configure(config):
     config.addinivalue_line('markers', "slow: a heavy end-to-end check run by `make test-slow`, not `make test` (deselected there with -m 'not slow')")
+
+
+def pytest_collection_modifyitems(config, items):
+    "For `pytest -n 2 --dist loadgroup` (make test): a file's tests share a worker, so its module fixtures are built once; SPREAD's are balanced"
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(item.nodeid if item.path.name in SPREAD else item.path.name))
 
 
 def json_numbers(obj) -> list:
