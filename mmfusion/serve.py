@@ -101,13 +101,19 @@ class MicroBatcher:
 
 
 class InFlight:
-    "ASGI middleware: counts the HTTP requests in progress in `batcher.incoming`, so a batch waits for more only while some are coming"
+    "ASGI middleware: counts the HTTP requests not yet answered in `batcher.incoming`, so a batch waits for more only while some are coming"
     def __init__(self, app, batcher:MicroBatcher): self.app, self.batcher = app, batcher
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http': return await self.app(scope, receive, send)
         self.batcher.incoming += 1
-        try: await self.app(scope, receive, send)
-        finally: self.batcher.incoming -= 1
+        counted = True
+        async def answered(msg):  # uncounted as its answer starts: a client may send its next request before this call returns
+            nonlocal counted
+            if counted and msg['type'] == 'http.response.start': self.batcher.incoming -= 1; counted = False
+            await send(msg)
+        try: await self.app(scope, receive, answered)
+        finally:
+            if counted: self.batcher.incoming -= 1
 
 # %% ../nbs/10_serve.ipynb #981d8e7d
 def predict_batch(predictor, # a predictor (`Predictor`, `AnomalyPredictor`, `DetectionPredictor`, ...)
