@@ -1,5 +1,14 @@
-"""Fusion benchmark (not in CI): forward+backward time and peak memory of mmfusion's fusions against the plans' designs.
+"""Fusion benchmark (not in CI): forward+backward time of mmfusion's map fusions against the night plan's design, and (--full) peak memory.
 
+Default run, side by side in one process (issue 17's measurement): the default map fusion (`map_lean`), `map_attention` and
+the night plan's `CrossModalAttention` (below), 3 modalities x 256 channels, batch 2, forward+backward in train mode, 2 CPU
+threads, at P4 (40x40) and P3 (80x80) of a 640 input. After one warm-up pass each, the models are timed in --rounds
+rounds of one pass each (so a burst of load from other processes hits all of them alike); the median, the minimum (the
+least disturbed pass) and the median CPU seconds (robust to waiting for a busy core) per model are reported. The plan's attention is not run where its attention scores alone would exceed the memory budget (P3). Goals:
+the default >= 50x faster than the plan at P4, under 1 s at P3. Writes benchmarks/results/fusion_bench.json (date,
+commit, machine, recipe).
+
+--full also runs the older, slower comparison (fresh processes per case, peak memory):
 (a) `map_attention` (spatial modality attention: at each location, attention across the M modalities, O(H·W·M²))
     vs the night plan's `CrossModalAttention` (seed 000: self-attention over all H·W positions of each modality, then
     the mean over modalities, O(M·(H·W)²)), three 256-channel maps at P5 (20×20), P4 (40×40), P3 (80×80) of a 640 input,
@@ -19,10 +28,13 @@ the memory the first forward+backward added on top of the module and its inputs.
 forward+backward passes after that first one (2 passes; 1 at P4 and P3, where one pass takes a minute or more). A case whose estimated peak exceeds the memory budget is not started:
 its batch is halved (12 → 6 → 3 → 1) until the estimate fits; each child also runs under an address-space limit so a
 wrong estimate ends in a clean allocation error (then the batch is halved again), not in a dead machine.
-Run: .venv/bin/python benchmarks/fusion_bench.py
+On a machine whose other processes keep every core busy, two threads of a small operation wait for each other: run it
+also with --threads 1 --out benchmarks/results/fusion_bench_1thread.json (02_fusion shows both).
+Run: .venv/bin/python benchmarks/fusion_bench.py [--rounds 5] [--threads 2] [--full] [--out PATH]
 """
 from __future__ import annotations
 import argparse, json, os, re, resource, statistics, subprocess, sys, time
+from pathlib import Path
 
 GiB = 2 ** 30
 NIGHT_MODS = ['thermal', 'nvg', 'visual']
@@ -190,7 +202,68 @@ def ratio(a, b, key):
 
 RESULTS = []
 
-def main(args):
+# ---------------------------------------------------------------- issue 17: side by side in one process
+SIDE_BATCH, SIDE_SIZES = 2, [('P4', 40), ('P3', 80)]
+SIDE_FUSIONS = {'map_lean (default)': {'name': 'map_lean'},
+                'map_attention': {'name': 'map_attention', 'n_heads': NIGHT_HEADS, 'mlp_ratio': 4, 'dropout': 0.1}}
+
+def side_by_side(size:int, rounds:int, budget:float) -> dict:
+    "Median forward+backward seconds of the default map fusion, map_attention and (where it fits) the plan, interleaved rounds"
+    import torch
+    from mmfusion.fusion import FUSIONS
+    CrossModalAttention, _ = plan_modules()
+    torch.manual_seed(0)
+    maps = {m: torch.randn(SIDE_BATCH, NIGHT_CHANNELS, size, size, requires_grad=True) for m in NIGHT_MODS}
+    present = torch.ones(SIDE_BATCH, 3, dtype=torch.bool)
+    steps = {}
+    for name, cfg in SIDE_FUSIONS.items():
+        f = FUSIONS.build({**cfg, 'dim': NIGHT_CHANNELS, 'base': 'thermal'}, modalities=NIGHT_MODS, dims={m: NIGHT_CHANNELS for m in NIGHT_MODS}).train()
+        steps[name] = (f, lambda f=f: f(maps, present).fused)
+    plan_bytes = night_plan_scores(SIDE_BATCH, size) * 20.0  # scores + softmax + dropout + gradients, ~20 B per score
+    if plan_bytes <= budget:
+        plan = CrossModalAttention(NIGHT_CHANNELS, NIGHT_HEADS, 0.1).train()
+        steps['plan: H*W self-attention'] = (plan, lambda: plan(*maps.values()))
+
+    def once(f, step):
+        for p in [*f.parameters(), *maps.values()]: p.grad = None
+        t, c = time.perf_counter(), time.process_time()
+        step().mean().backward()
+        return time.perf_counter() - t, time.process_time() - c
+    for f, step in steps.values(): once(f, step)  # warm-up
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, (f, step) in steps.items(): times[name].append(once(f, step))
+    out = {name: {'median_s': statistics.median(w for w, c in t), 'min_s': min(w for w, c in t), 'cpu_median_s': statistics.median(c for w, c in t),
+                  'params': sum(p.numel() for p in steps[name][0].parameters())} for name, t in times.items()}
+    if plan_bytes > budget: out['plan: H*W self-attention'] = {'skipped': f"its attention scores alone need ~{plan_bytes / GiB:.0f} GiB > the {budget / GiB:.0f} GiB budget"}
+    return out
+
+def side_by_side_main(args) -> dict:
+    import torch
+    torch.set_num_threads(args.threads)
+    budget = 0.8 * mem_available()
+    res = {}
+    print(f"side by side: 3 modalities x {NIGHT_CHANNELS} ch, batch {SIDE_BATCH}, forward+backward, train mode, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} interleaved rounds")
+    for level, size in SIDE_SIZES:
+        r = res[f'{level} {size}x{size}'] = side_by_side(size, args.rounds, budget)
+        default, plan = r['map_lean (default)'], r['plan: H*W self-attention']
+        if 'median_s' in plan:
+            r['plan_over_default'] = plan['median_s'] / default['median_s']
+            r['plan_over_default_min'] = plan['min_s'] / default['min_s']  # the least disturbed passes of each
+            r['plan_over_default_cpu'] = plan['cpu_median_s'] / default['cpu_median_s']  # CPU seconds: robust to waiting for cores
+        r['attention_over_default'] = r['map_attention']['median_s'] / default['median_s']
+        for name, v in r.items():
+            if isinstance(v, dict): print(f"  {level} {size}x{size}  {name:28} " + (f"{v['median_s'] * 1e3:9.1f} ms (min {v['min_s'] * 1e3:.1f}, CPU {v['cpu_median_s'] * 1e3:.1f})" if 'median_s' in v else v['skipped']))
+        print(f"  {level}: map_attention / default {r['attention_over_default']:.1f}x" + (f", plan / default {r['plan_over_default']:.1f}x" if 'plan_over_default' in r else ''), flush=True)
+    p4, p3 = res['P4 40x40'], res['P3 80x80']
+    res['goals'] = {'p4_default_at_least_50x_faster_than_plan': p4.get('plan_over_default', 0) >= 50,
+                    'p3_default_under_1s': p3['map_lean (default)']['median_s'] < 1.0,
+                    'p4_at_least_50x_on_min': p4.get('plan_over_default_min', 0) >= 50, 'p3_under_1s_on_min': p3['map_lean (default)']['min_s'] < 1.0}
+    print(f"  goals: {res['goals']}")
+    return res
+
+def full_main(args):
     import torch
     budget = 0.8 * mem_available()
     t0 = time.time()
@@ -247,9 +320,26 @@ def main(args):
     busy = max((r.get('other_cores', 0.) for r in RESULTS if r.get('ok')), default=0.)
     print(f"\ntotal {time.time() - t0:.0f} s; other processes used at most {busy:.2f} of {os.cpu_count()} CPU cores during any case")
 
+def main(args):
+    from provenance import provenance
+    t0 = time.time()
+    out = {'side_by_side': side_by_side_main(args)}
+    if args.full:
+        full_main(args)
+        out['full'] = RESULTS
+    from mmfusion.core import write_json
+    recipe = {'modalities': NIGHT_MODS, 'channels': NIGHT_CHANNELS, 'batch': SIDE_BATCH, 'sizes': dict(SIDE_SIZES), 'fusions': SIDE_FUSIONS,
+              'plan': f'seed 000 CrossModalAttention, {NIGHT_HEADS} heads, MLP x4, dropout 0.1', 'pass': 'forward+backward, train mode, float32',
+              'rounds': args.rounds, 'threads': args.threads, 'base': 'thermal'}
+    write_json({**provenance(recipe), **out, 'total_seconds': round(time.time() - t0, 1)}, args.out)
+    print(f"wrote {args.out}")
+
 if __name__ == '__main__':
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--reps', type=int, default=2, help='timed passes after the first (P4 and P3: 1)')
+    ap.add_argument('--rounds', type=int, default=5, help='side by side: timed rounds (one pass of each model per round)')
+    ap.add_argument('--full', action='store_true', help="also the older per-process comparison with peak memory (slow: minutes per P3 case)")
+    ap.add_argument('--out', default='benchmarks/results/fusion_bench.json')
+    ap.add_argument('--reps', type=int, default=2, help='--full: timed passes after the first (P4 and P3: 1)')
     ap.add_argument('--threads', type=int, default=2, help='CPU threads')
     ap.add_argument('--case'); ap.add_argument('--batch', type=int); ap.add_argument('--size', type=int)
     ap.add_argument('--as-limit', type=int)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_detection.ipynb #e1eeaf46
 from __future__ import annotations
-from .core import atomic_write, seed_everything, write_json, write_text_atomic  # first: it sets YOLO_OFFLINE before ultralytics is imported
+from .core import atomic_write, model_device, seed_everything, write_json, write_text_atomic  # first: it sets YOLO_OFFLINE before ultralytics is imported
 import copy, json, logging, shutil, tempfile, time, warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -41,14 +41,14 @@ __all__ = ['DETECTION_TRAINING', 'DETECTION_CONFIG', 'GATE_METRICS', 'DETECTION_
            'ABLATION_REMEDIES', 'DETECTOR_FORMATS', 'MultiModalYOLO', 'fit_size', 'detection_splits', 'DetectionLoss',
            'postprocess_detections', 'detection_metrics', 'validate_detection', 'DetectionValidation',
            'DetectionConfigError', 'detection_training', 'detection_callbacks', 'fit_detector', 'yolo_dataset_view',
-           'ultralytics_offline', 'train_baseline', 'ablation_table', 'draw_detections', 'load_detector',
-           'predict_detections', 'detection_frames', 'detection_data_root', 'detection_gate',
+           'ultralytics_offline', 'train_baseline', 'ablation_table', 'draw_detections', 'load_detector', 'write_png',
+           'predict_detections', 'manifest_frames', 'detection_frames', 'detection_data_root', 'detection_gate',
            'resolve_detection_config', 'detection_config', 'train_single_detector', 'load_single_detector', 'GateError',
            'phase1_gate', 'baseline_gate', 'train_detection_baselines', 'build_fused_detector', 'score_detection_run',
            'DetectionRun', 'run_detection', 'run_detection_splits', 'detector_cams', 'plot_detector_cams',
            'metric_difference', 'ablation_verdict', 'detection_contribution', 'diagnose_detection_run',
            'evaluate_detection_run', 'predict_detection_run', 'DetectorGraph', 'ExportMismatchError', 'detector_inputs',
-           'export_detector', 'export_detection_run']
+           'export_detector', 'run_frame_size', 'export_detection_run']
 
 # %% ../nbs/07_detection.ipynb #9a19d80b
 def _read_yolo_checkpoint(path) -> DetectionModel:
@@ -129,7 +129,7 @@ class MultiModalYOLO(_FreezableModule):
     def __init__(self,
                  modalities:Mapping[str, int]=NIGHT_MODALITIES, # modality -> input channels; the order is the `present` column order
                  model:str|Path|Mapping='yolo11n.yaml', # YOLO yaml ('yolo11n.yaml' .. 'yolo11x.yaml'), a local .pt (its weights start every branch), or an architecture dict
-                 fusion:str|Mapping|None='map_attention', # the map fusion at each of P3/P4/P5 (a `FUSIONS` name or config); None only for one modality
+                 fusion:str|Mapping|None='map_lean', # the map fusion at each of P3/P4/P5 (a `FUSIONS` name or config, e.g. 'map_attention'); None only for one modality
                  base:str|None=None, # baseline-first: the fused maps start as exactly this modality's maps (zero-initialised paths from the rest)
                  shared_backbone:bool=False, # one backbone for every modality, taking the base's channels (else the most); other inputs repeated from grey or averaged to grey
                  names:Sequence[str]=('person',), # class names; the Detect head has one output per class
@@ -138,7 +138,7 @@ class MultiModalYOLO(_FreezableModule):
         self.channels = {m: int(c) for m, c in modalities.items()}
         if not self.channels: raise ValueError("give at least one modality")
         if base is not None and base not in self.channels: raise ValueError(f"base {base!r} is not one of {list(self.channels)}")
-        if fusion is None and len(self.channels) > 1: raise ValueError("fusion=None works for a single modality only; choose a fusion such as 'map_attention'")
+        if fusion is None and len(self.channels) > 1: raise ValueError("fusion=None works for a single modality only; choose a fusion such as 'map_lean'")
         cfg = _yolo_architecture(model)
         cfg['nc'] = len(names)
         cfg.pop('channels', None)  # each backbone's channels come from `modalities`
@@ -156,8 +156,7 @@ class MultiModalYOLO(_FreezableModule):
 
     @property
     def modalities(self) -> list: return list(self.channels)
-    @property
-    def base_modules(self) -> list:
+    def base_modules(self) -> list:  # a method, not a property: TorchScript's tracer reads every property, and this one raises without a base
         "Names of the base branch's modules (its backbone and the neck + head), e.g. to freeze them for a first stage"
         if self.base is None: raise ValueError("this model has no base modality (build it with base=...)")
         return [f"backbones.{self._key(self.base)}", 'head']
@@ -172,9 +171,13 @@ class MultiModalYOLO(_FreezableModule):
                ):
         "Ultralytics' Detect output on the fused maps: a dict of raw maps in training, `(decoded (B, 4+nc, A), raw)` in eval"
         inputs, present = _batch_inputs(inputs, present, self.modalities)
-        maps = {m: self.backbones[self._key(m)](self._input(m, inputs[m])).maps
-                for i, m in enumerate(self.modalities) if m in inputs and present[:, i].any()}  # a modality absent from the whole batch is not run
-        if not maps: raise ValueError("no modality is present in any sample of this batch")
+        run = [m for i, m in enumerate(self.modalities) if m in inputs and present[:, i].any()]  # a modality absent from the whole batch is not run
+        if not run: raise ValueError("no modality is present in any sample of this batch")
+        if self.shared_backbone and not self.backbones['shared'].training:  # inference: one batched pass for every modality (in training,
+            # one pass each, so BatchNorm's batch statistics stay per modality and step 0 is exactly the base model)
+            B, levels = inputs[run[0]].shape[0], self.backbones['shared'](torch.cat([self._input(m, inputs[m]) for m in run])).maps
+            maps = {m: [lv[k * B:(k + 1) * B] for lv in levels] for k, m in enumerate(run)}
+        else: maps = {m: self.backbones[self._key(m)](self._input(m, inputs[m])).maps for m in run}
         fused = next(iter(maps.values())) if self.fusions is None else \
                 [f({m: mp[level] for m, mp in maps.items()}, present).fused for level, f in enumerate(self.fusions)]
         return _run_head(self.head, self.feature_indices, fused)
@@ -378,13 +381,13 @@ def detection_training(training:Mapping|None=None, # a detection config's `train
         t['epochs'] = sum(_number(s.get('epochs'), f'training.stages[{i}].epochs', whole=True) for i, s in enumerate(t['stages']))
     return t
 
-def detection_callbacks(model:MultiModalYOLO, # the detector (its `base_modules` for a base-frozen first stage)
+def detection_callbacks(model:MultiModalYOLO, # the detector (its `base_modules()` for a base-frozen first stage)
                         training:Mapping, # a `detection_training` section
                         run_dir=None, # where checkpoints, history.csv and TensorBoard logs go (None: no files)
                        ) -> list:
     "The `Learner` callbacks a detection `training` section asks for: the library's own (`training_callbacks`) plus `DetectionValidation`"
     t, n = training, training['freeze_base_epochs']
-    stages = [{'name': 'base frozen', 'epochs': n, 'freeze': model.base_modules}, {'name': 'all', 'epochs': t['epochs'] - n, 'unfreeze': ['*']}] if n else t['stages']
+    stages = [{'name': 'base frozen', 'epochs': n, 'freeze': model.base_modules()}, {'name': 'all', 'epochs': t['epochs'] - n, 'unfreeze': ['*']}] if n else t['stages']
     es = t['early_stopping'] and {'monitor': t['monitor'], **t['early_stopping']}  # watches the checkpoint's metric unless told otherwise
     section = {**DEFAULT_CONFIG['training'], **{k: v for k, v in t.items() if k in DEFAULT_CONFIG['training']}, 'stages': stages, 'early_stopping': es}
     return [*training_callbacks({'training': section}, None if run_dir is None else Path(run_dir)), DetectionValidation(at_start=t['validate_at_start'])]
@@ -534,62 +537,100 @@ def load_detector(path, # a run folder (with `checkpoints/best.pt`) or a checkpo
 
 
 # %% ../nbs/07_detection.ipynb #be9d2872
+def write_png(path, # the .png to (re)write, atomically (`atomic_write`)
+              image:np.ndarray, # (H, W, 3) uint8 RGB
+             ) -> Path:
+    "Encode an RGB image as PNG and write it through a temporary file: a reader never sees half a drawing"
+    ok, data = cv2.imencode('.png', cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok: raise ValueError(f"could not encode {path} as PNG (image of shape {image.shape})")
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data.tobytes()))
+
 def _frame_id(frame:Mapping, i:int) -> str:
     p = next((v for v in frame.values() if isinstance(v, (str, Path))), None)
     return Path(p).stem if p is not None else f"frame_{i:04d}"
 
+def _prepared_frame(model:nn.Module, frame:Mapping, i:int, imgsz:int|None) -> dict:
+    "One frame read (paths or tensors) and resized to the working size: its images, batch inputs (1, C, H, W) and record fields"
+    unknown = [m for m in frame if m not in model.channels]
+    if unknown: raise KeyError(f"unknown modality {unknown[0]!r}; the model takes {model.modalities}")
+    images = {m: read_image(v, model.channels[m]) if isinstance(v, (str, Path)) else torch.as_tensor(v).float()
+              for m, v in frame.items() if v is not None}
+    if not images: raise ValueError(f"frame {i} has no image for any of {model.modalities}")
+    H0, W0 = next(iter(images.values())).shape[-2:]
+    H, W = fit_size((H0, W0), imgsz or model.imgsz or max(H0, W0))
+    resize = A.Resize(H, W)
+    x = {m: torch.from_numpy(np.ascontiguousarray(resize(image=im.permute(1, 2, 0).numpy())['image'])).reshape(H, W, -1).permute(2, 0, 1)[None]
+         for m, im in images.items()}
+    inputs = {m: x[m] if m in x else torch.zeros(1, c, H, W) for m, c in model.channels.items()}
+    return {'id': _frame_id(frame, i), 'images': images, 'inputs': inputs, 'present': [m in x for m in model.modalities], 'size': (int(H0), int(W0)),
+            'paths': {m: str(v) for m, v in frame.items() if isinstance(v, (str, Path))}}
+
 @torch.no_grad()
-def predict_detections(run_or_model, # a run folder, a checkpoint, or a `MultiModalYOLO`
+def predict_detections(run_or_model, # a run folder, a checkpoint, or a `MultiModalYOLO` (or anything called like one, e.g. an exported detector)
                        frames:Mapping|Sequence[Mapping], # one frame {modality: image path or (C, H, W) tensor in [0, 1]} or a list of them
                        out_dir=None, # write `predictions.json` and a drawing per frame here
                        conf:float=0.25, iou:float=0.7, max_det:int=300, # NMS settings (ultralytics' prediction defaults)
                        imgsz:int|None=None, # working size (default: the model's `imgsz`, else the frame's long side)
+                       batch_size:int=8, # frames of the same working size run as one forward pass, this many at a time
                       ) -> list:
     "Boxes for each frame in the original pixels, as plain dicts (and JSON + drawings in `out_dir`)"
     model = run_or_model if isinstance(run_or_model, nn.Module) else load_detector(run_or_model)
-    was_training = model.training
+    was_training, device = model.training, model_device(model)
     model.eval()
-    device = next(model.parameters()).device
     frames, records = [frames] if isinstance(frames, Mapping) else list(frames), []
     out_dir = None if out_dir is None else Path(out_dir)
     if out_dir is not None: out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        for i, frame in enumerate(frames):
-            unknown = [m for m in frame if m not in model.channels]
-            if unknown: raise KeyError(f"unknown modality {unknown[0]!r}; the model takes {model.modalities}")
-            images = {m: read_image(v, model.channels[m]) if isinstance(v, (str, Path)) else torch.as_tensor(v).float()
-                      for m, v in frame.items() if v is not None}
-            if not images: raise ValueError(f"frame {i} has no image for any of {model.modalities}")
-            H0, W0 = next(iter(images.values())).shape[-2:]
-            H, W = fit_size((H0, W0), imgsz or model.imgsz or max(H0, W0))
-            resize = A.Resize(H, W)
-            x = {m: torch.from_numpy(np.ascontiguousarray(resize(image=im.permute(1, 2, 0).numpy())['image'])).reshape(H, W, -1).permute(2, 0, 1)[None]
-                 for m, im in images.items()}
-            ref = next(iter(x.values()))
-            batch = {'inputs': {m: (x[m] if m in x else ref.new_zeros(1, c, H, W)).to(device) for m, c in model.channels.items()},
-                     'present': torch.tensor([[m in x for m in model.modalities]]), 'modalities': model.modalities}
-            d = postprocess_detections(model(batch), conf, iou, max_det)[0].float().cpu()
-            d[:, [0, 2]] = (d[:, [0, 2]] * W0 / W).clamp(0, W0); d[:, [1, 3]] = (d[:, [1, 3]] * H0 / H).clamp(0, H0)  # original pixels, inside the frame
-            fid = _frame_id(frame, i)
-            rec = {'id': fid, 'inputs': {m: str(v) for m, v in frame.items() if isinstance(v, (str, Path))},
-                   'missing': [m for m in model.modalities if m not in images], 'size': [int(H0), int(W0)],
-                   'detections': [{'class': int(k), 'name': model.names.get(int(k), str(int(k))), 'confidence': round(float(c), 4),
-                                   'box_xyxy': [round(float(v), 2) for v in (x1, y1, x2, y2)]} for x1, y1, x2, y2, c, k in d.tolist()]}
-            if out_dir is not None:
-                drawing = draw_detections({m: images.get(m) for m in model.modalities}, d, names=model.names, scale=max(1, 480 // max(H0, W0)))
-                cv2.imwrite(str(out_dir/f"{fid}.png"), cv2.cvtColor(drawing, cv2.COLOR_RGB2BGR))
-                rec['drawing'] = str(out_dir/f"{fid}.png")
-            records.append(rec)
+        prepared = [_prepared_frame(model, f, i, imgsz) for i, f in enumerate(frames)]
+        groups = [prepared[:1]]
+        for p in prepared[1:]:  # consecutive frames of one working size, up to batch_size: one forward
+            g = groups[-1]
+            if len(g) < batch_size and p['inputs'][model.modalities[0]].shape == g[0]['inputs'][model.modalities[0]].shape: g.append(p)
+            else: groups.append([p])
+        for g in groups if prepared else []:
+            batch = {'inputs': {m: torch.cat([p['inputs'][m] for p in g]).to(device) for m in model.channels},
+                     'present': torch.tensor([p['present'] for p in g]), 'modalities': model.modalities}
+            H, W = batch['inputs'][model.modalities[0]].shape[-2:]
+            for p, d in zip(g, postprocess_detections(model(batch), conf, iou, max_det)):
+                d, (H0, W0) = d.float().cpu(), p['size']
+                d[:, [0, 2]] = (d[:, [0, 2]] * W0 / W).clamp(0, W0); d[:, [1, 3]] = (d[:, [1, 3]] * H0 / H).clamp(0, H0)  # original pixels, inside the frame
+                rec = {'id': p['id'], 'inputs': p['paths'], 'missing': [m for m in model.modalities if m not in p['images']], 'size': [H0, W0],
+                       'detections': [{'class': int(k), 'name': model.names.get(int(k), str(int(k))), 'confidence': round(float(c), 4),
+                                       'box_xyxy': [round(float(v), 2) for v in (x1, y1, x2, y2)]} for x1, y1, x2, y2, c, k in d.tolist()]}
+                if out_dir is not None:
+                    drawing = draw_detections({m: p['images'].get(m) for m in model.modalities}, d, names=model.names, scale=max(1, 480 // max(H0, W0)))
+                    rec['drawing'] = str(write_png(out_dir/f"{p['id']}.png", drawing))
+                records.append(rec)
     finally: model.train(was_training)
     if out_dir is not None: write_json(records, out_dir/'predictions.json')
     return records
 
 
 # %% ../nbs/07_detection.ipynb #2506cfd2
-def detection_frames(inputs, # {modality: file or folder}, a folder with one subfolder per modality, or a list of frames
+def manifest_frames(path, # a CSV with an `id` column and one column per modality: image paths relative to the CSV (empty: absent)
+                    modalities:Sequence[str], # the model's modalities
+                   ) -> list:
+    "Frames `{modality: image path}` listed in a manifest .csv, one row per frame; errors name the file, row and column"
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"manifest {path} not found")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if 'id' not in df: raise ValueError(f"{path}: a manifest needs an 'id' column and one column per modality ({', '.join(modalities)}); it has {list(df)}")
+    unknown = [c for c in df if c != 'id' and c not in modalities]
+    if unknown: raise ValueError(f"{path}: column {unknown[0]!r} is not a modality of this model ({', '.join(modalities)})")
+    frames = []
+    for row, r in enumerate(df.to_dict('records'), start=2):  # row 1 is the header
+        frame = {m: path.parent/r[m] for m in modalities if r.get(m)}
+        if not frame: raise ValueError(f"{path}, row {row} (id {r['id']!r}): no image for any modality")
+        missing = [f"{m}={p}" for m, p in frame.items() if not p.is_file()]
+        if missing: raise FileNotFoundError(f"{path}, row {row} (id {r['id']!r}): not found: {', '.join(missing)}")
+        frames.append(frame)
+    return frames
+
+def detection_frames(inputs, # {modality: file or folder}, a folder with one subfolder per modality, a manifest .csv, or a list of frames
                      modalities:Sequence[str], # the model's modalities
                     ) -> list:
-    "Frames `{modality: image path}` from files, folders paired by file name, or a folder of modality subfolders (e.g. `data/night/test`)"
+    "Frames `{modality: image path}` from files, folders paired by file name, or a folder of modality subfolders (e.g. `data/night/test`), or a manifest .csv (`manifest_frames`)"
+    if isinstance(inputs, (str, Path)) and Path(inputs).suffix.lower() == '.csv': return manifest_frames(inputs, modalities)
     if isinstance(inputs, (str, Path)):
         root = Path(inputs)
         if not root.is_dir(): raise FileNotFoundError(f"{root} is not a folder; give a folder with one subfolder per modality ({', '.join(modalities)}), or {{modality: file or folder}}")
@@ -615,7 +656,7 @@ DETECTION_CONFIG = {
     'data': {'root': None, 'sample': None, 'modalities': None, 'class_names': ['person'], 'imgsz': None, 'batch_size': 8, 'augment': True},
     'baseline': {'modality': None, 'modalities': None, 'finetune': True, 'model': 'yolo11n.yaml', 'epochs': 30, 'batch': None,
                  'weights': None, 'ultralytics': {}},
-    'model': {'fusion': 'map_attention', 'base': None, 'init': 'all', 'shared_backbone': False},
+    'model': {'fusion': 'map_lean', 'base': None, 'init': 'all', 'shared_backbone': False},
     'training': DETECTION_TRAINING,
     'gate': None,  # e.g. {map50: 0.70, map50_95: 0.45}: the fused phase starts only from a base Phase-1 detector above both on val
     'evaluation': {'split': 'test', 'conf': 0.001, 'iou': 0.7, 'max_det': 300},
@@ -809,7 +850,7 @@ def score_detection_run(cfg:Mapping, # a resolved detection config
                         history:list, # the fused model's fine-tuning history
                         seconds:Mapping[str, float], # step -> wall seconds
                        ) -> pd.DataFrame:
-    "Step 4: the evaluation split's table (fused, each modality removed, each trained baseline); writes metrics.json, ablation.csv, predictions.png"
+    "Step 4: the evaluation split's table (fused, each modality removed, each trained baseline); writes metrics.json (with the working `frame_size`), ablation.csv, predictions.png"
     d, run_dir, split, nms = cfg['data'], Path(run_dir), cfg['evaluation']['split'], _nms(cfg)
     data = detection_splits(detection_data_root(d), d['imgsz'], model.channels, False, cfg['seed'], (split,), d['class_names'])[split]
     test_dl, device = data.loader(d['batch_size']), next(model.parameters()).device
@@ -820,13 +861,13 @@ def score_detection_run(cfg:Mapping, # a resolved detection config
         if r['finetuned']: r['phase1_test'] = score(load_single_detector({**r, 'finetuned': None}, d['class_names'], d['imgsz']))
     table = ablation_table(model, test_dl, {f"{m} only (baseline)": baselines[m]['test'] for m in cfg['baseline']['modalities']}, **nms)
     base = baselines[cfg['baseline']['modality']]
-    write_json({'kind': 'detection', 'split': split, 'imgsz': d['imgsz'], 'baseline': base['phase1'], 'gate': base['gate'], 'baselines': dict(baselines),
+    write_json({'kind': 'detection', 'split': split, 'imgsz': d['imgsz'], 'frame_size': list(data[0].inputs[model.modalities[0]].shape[-2:]), 'baseline': base['phase1'], 'gate': base['gate'], 'baselines': dict(baselines),
                 'table': table.to_dict('index'), 'history': history, 'seconds': dict(seconds)}, run_dir/'metrics.json')
     write_text_atomic(run_dir/'ablation.csv', table.to_csv())
     s = data[0]
     rec = predict_detections(model, dict(s.inputs))[0]
     dets = torch.tensor([[*r['box_xyxy'], r['confidence'], r['class']] for r in rec['detections']]).view(-1, 6)
-    cv2.imwrite(str(run_dir/'predictions.png'), cv2.cvtColor(draw_detections(s.inputs, dets, s.target['boxes'], model.names, scale=2), cv2.COLOR_RGB2BGR))
+    write_png(run_dir/'predictions.png', draw_detections(s.inputs, dets, s.target['boxes'], model.names, scale=2))
     return table
 
 
@@ -1213,16 +1254,29 @@ def export_detector(model:MultiModalYOLO, # the detector (moved to the CPU)
                 'names': model.names, 'postprocess': 'NMS outside the graph: mmfusion.detection.postprocess_detections'}, out/'detector.json')
     return {f: {'path': p, 'max_abs_diff': diffs[f]} for f, p in paths.items()}
 
+def run_frame_size(run) -> tuple:
+    "(H, W) a detection run's fused model works at: recorded in its metrics.json (older runs: read off its data, which must then be there)"
+    run = RunFolder(run)
+    metrics = run.path/'metrics.json'
+    recorded = json.loads(metrics.read_text()).get('frame_size') if metrics.is_file() else None
+    if recorded: return tuple(int(v) for v in recorded)
+    try: ds = next(iter(run.splits().values()))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise FileNotFoundError(f"{run.path}: its metrics.json records no frame_size (a run from before it did), and its data cannot be read "
+                                f"to find it ({e}); pass size=(H, W)") from e
+    return tuple(ds[0].inputs[next(iter(ds.modalities))].shape[-2:])
+
 @register_verb('detection', 'export')
 def export_detection_run(run:RunFolder|str|Path, # a detection run folder
                          out=None, # the export folder (default RUN/export)
                          formats:Sequence[str]|None=None, # 'onnx' and/or 'torchscript' (default: both)
                          checkpoint:str='best', # 'best' or 'last'
                          data_root=None, # not used: a fused run's option (a detection run's config names its data)
+                         size:tuple|None=None, # (H, W) to export at (default: the run's recorded working size)
                         ) -> dict:
     "Export a run's fused detector at its working size (`export_detector`, checked against PyTorch); format -> {path, max_abs_diff}"
     run = RunFolder(run)
-    model, ds = load_detector(run.checkpoint(checkpoint)), next(iter(run.splits().values()))
-    size = tuple(ds[0].inputs[model.modalities[0]].shape[-2:])  # the working size of the run's frames
+    model = load_detector(run.checkpoint(checkpoint))
+    size = tuple(size or run_frame_size(run.path))
     return export_detector(model, out if out is not None else run.path/'export', size, formats or tuple(DETECTOR_FORMATS))
 

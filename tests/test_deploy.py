@@ -204,3 +204,27 @@ def test_tta_views_differ_from_the_identity_and_move_the_average(runs, predictor
     expected = torch.stack(list(outs.values())).softmax(-1).mean(0).log()
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     assert (got - outs['identity'].log_softmax(-1)).abs().max() > 1e-4  # a 2-epoch model moves ~1e-3 under a flip; float noise is ~1e-7
+
+
+def test_detection_predictor_runs_the_onnx_export_like_pytorch(tmp_path):
+    "DetectionPredictor.from_export (onnxruntime, TorchScript) gives the PyTorch predictor's boxes, frames batched; a frame of another size is refused"
+    from mmfusion.deploy import DetectionPredictor
+    from mmfusion.detection import MultiModalYOLO, export_detector
+    torch.manual_seed(3)
+    model = MultiModalYOLO({'thermal': 1, 'nvg': 1, 'visual_enhanced': 3}, 'yolo11n.yaml', base='thermal', imgsz=64).eval()
+    with torch.no_grad():
+        for p in model.fusions.parameters(): p.add_(torch.randn_like(p) * 0.05)
+    paths = export_detector(model, tmp_path, (64, 64), ('onnx', 'torchscript'))
+    g = torch.Generator().manual_seed(0)
+    frames = [{'thermal': torch.rand(1, 64, 64, generator=g), 'nvg': torch.rand(1, 64, 64, generator=g), 'visual_enhanced': torch.rand(3, 64, 64, generator=g)}
+              for _ in range(3)]
+    frames[1].pop('nvg')
+    ref = DetectionPredictor(model, conf=0.01).predict(frames)
+    assert sum(len(d.boxes) for d in ref) > 0 and ref[1].missing == ['nvg']
+    for fmt in ('onnx', 'torchscript'):
+        got = DetectionPredictor.from_export(paths[fmt]['path'], conf=0.01).predict(frames)
+        assert [d.missing for d in got] == [d.missing for d in ref] and [len(d.boxes) for d in got] == [len(d.boxes) for d in ref]
+        for a, b in zip(got, ref):
+            np.testing.assert_allclose([[x.x1, x.y1, x.x2, x.y2, x.confidence] for x in a.boxes], [[x.x1, x.y1, x.x2, x.y2, x.confidence] for x in b.boxes], atol=0.02)
+    with pytest.raises(DataError, match='takes 64x64 frames'):
+        DetectionPredictor.from_export(paths['onnx']['path']).predict({'thermal': torch.rand(1, 64, 128)})

@@ -1,9 +1,9 @@
 "Tests of mmfusion.detection on the shipped night sample set (YOLO11n, tiny image sizes, CPU; 24 tests in about 90 s on one core)"
-import json, math, socket, zlib
+import json, math, shutil, socket, zlib
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np, pytest, torch
+import numpy as np, pytest, torch, yaml
 from torch.utils.data import DataLoader, Subset
 
 from mmfusion.data import NIGHT_MODALITIES
@@ -72,7 +72,24 @@ def test_config_reads_through_the_library_loader_and_names_bad_keys(tmp_path):
     with pytest.raises(DetectionConfigError, match=r"data.sample must be one of"): detection_config(CONFIG, ['data.sample=nite'])
 
 
-@pytest.mark.parametrize('fusion,shared', [('map_attention', False), ('map_weighted', False), ('map_concat', False), ('map_attention', True)])
+def test_shared_backbone_runs_every_modality_in_one_batched_pass(batch):
+    "shared_backbone at inference: one forward of the backbone on all present modalities, the same output as one pass per modality"
+    torch.manual_seed(0)
+    model = MultiModalYOLO(NIGHT_MODALITIES, 'yolo11n.yaml', shared_backbone=True).eval()
+    calls = []
+    hook = model.backbones['shared'].register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad(): batched = model(batch)[0]
+    hook.remove()
+    assert calls == [3 * len(batch['ids'])]
+    inputs = {m: model._input(m, x) for m, x in batch['inputs'].items()}
+    with torch.no_grad():
+        maps = {m: model.backbones['shared'](x).maps for m, x in inputs.items()}
+        from mmfusion.detection import _run_head
+        one_by_one = _run_head(model.head, model.feature_indices, [f({m: mp[k] for m, mp in maps.items()}, batch['present']).fused for k, f in enumerate(model.fusions)])[0]
+    torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('fusion,shared', [('map_lean', False), ('map_attention', False), ('map_weighted', False), ('map_concat', False), ('map_lean', True)])
 def test_step0_equals_the_single_modality_model(batch, fusion, shared):
     "Baseline first: initialised from a thermal YOLO, the fused model's predictions and loss at step 0 are exactly the thermal model's"
     torch.manual_seed(1)
@@ -109,7 +126,7 @@ def test_base_branch_stays_frozen(batch):
     "Frozen base branch: no gradient, weights unchanged by a step, eval mode kept; the zero-initialised fusion paths learn"
     torch.manual_seed(3)
     model = MultiModalYOLO(NIGHT_MODALITIES, 'yolo11n.yaml', base='thermal')
-    model.freeze(model.base_modules)
+    model.freeze(model.base_modules())
     model.train()
     assert not model.head.training and not model.backbones['thermal'].training and model.backbones['nvg'].training
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -392,6 +409,29 @@ def test_detection_verbs_on_a_short_run(tiny_run, tmp_path):
     assert sorted(res) == ['onnx', 'torchscript'] and all(Path(r['path']).is_file() for r in res.values())
     assert all(r['max_abs_diff']['raw'] <= 1e-4 for r in res.values()) and card['inputs'][-1]['name'] == 'present'
     assert ev['headline'] == {'name': 'mAP50-95', 'value': ran['fused: all modalities']['mAP50-95']}
+
+
+def test_export_needs_only_the_run_folder_and_predict_reads_a_manifest(tiny_run, tmp_path):
+    "The export size comes from metrics.json (a run copied without its data exports); `predict --manifest` reads frames from a CSV; drawings land whole"
+    moved = tmp_path/'moved'
+    shutil.copytree(tiny_run.path, moved, ignore=shutil.ignore_patterns('baseline', 'baselines', 'tensorboard', 'export', 'predictions'))
+    cfg = yaml.safe_load((moved/'config.yaml').read_text())
+    cfg['data'] = {**cfg['data'], 'root': str(tmp_path/'gone'), 'sample': None}
+    (moved/'config.yaml').write_text(yaml.safe_dump(cfg))
+    size = tuple(json.loads((moved/'metrics.json').read_text())['frame_size'])
+    res = kind_verb('detection', 'export')(moved, tmp_path/'export', ['onnx'])
+    assert res['onnx']['max_abs_diff']['raw'] <= 1e-4
+    assert json.loads((tmp_path/'export'/'detector.json').read_text())['inputs'][0]['shape'][2:] == list(size)
+    test_dir = Path(_data_root(tiny_run))/'test'
+    stems = sorted(p.stem for p in (test_dir/'thermal').iterdir())[:3]
+    manifest = tmp_path/'frames.csv'
+    manifest.write_text('id,thermal,nvg\n' + ''.join(f"{s},{test_dir/'thermal'/(s + '.png')},{test_dir/'nvg'/(s + '.png') if i else ''}\n" for i, s in enumerate(stems)))
+    recs = kind_verb('detection', 'predict')(moved, str(manifest), tmp_path/'pred', conf=0.01)
+    assert [r['missing'] for r in recs] == [['nvg', 'visual_enhanced'], ['visual_enhanced'], ['visual_enhanced']]
+    assert all(Path(r['drawing']).is_file() for r in recs) and not list((tmp_path/'pred').glob('.*.tmp'))  # no half-written files left
+    bad = tmp_path/'bad.csv'
+    bad.write_text('name,thermal\nf,a.png\n')
+    with pytest.raises(ValueError, match=r"bad.csv: a manifest needs an 'id' column"): kind_verb('detection', 'predict')(moved, str(bad))
 
 
 def test_export_parity_is_checked_and_can_fail(tmp_path):
