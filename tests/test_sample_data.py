@@ -8,11 +8,12 @@
 - The JSON is what the script computes on the committed data (night and inspection recomputed here; weld and solar take
   minutes and are recomputed by running the script).
 About a minute on 2 CPU cores."""
-import hashlib, importlib.util, json, shutil
+import hashlib
+import pandas as pd, importlib.util, json, shutil
 from pathlib import Path
 
 import pytest
-from mmfusion.sample_data import README_CEILINGS_MARK, SAMPLE_DATASETS, make_sample_data
+from mmfusion.sample_data import README_CEILINGS_MARK, SAMPLE_DATASETS, SEGMENTATION_CEILINGS_MARK, SEGMENTATION_SETS, make_sample_data
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA, JSON = ROOT/'data', ROOT/'benchmarks'/'results'/'ceilings.json'
@@ -27,11 +28,13 @@ def load_ceilings_script():
 def digest(root:Path) -> dict:
     "relative path -> sha256 of the file's bytes (a README without its computed ceilings section) for every sample dataset"
     out = {}
-    for name in SAMPLE_DATASETS:
+    for name in (*SAMPLE_DATASETS, *SEGMENTATION_SETS.values()):
         for f in sorted((root/name).rglob('*')):
             if not f.is_file(): continue
             data = f.read_bytes()
-            if f.name == 'README.md': data = data[:data.index(README_CEILINGS_MARK.encode())]
+            if f.name == 'README.md':
+                mark = SEGMENTATION_CEILINGS_MARK if name in SEGMENTATION_SETS.values() else README_CEILINGS_MARK
+                data = data[:data.index(mark.encode())]
             out[f.relative_to(root).as_posix()] = hashlib.sha256(data).hexdigest()
     return out
 
@@ -136,3 +139,22 @@ def test_solar_claim_magnetogram_is_noise_and_images_plus_wind_decide(ceilings):
 def test_json_is_what_the_script_computes_on_the_committed_data(ceilings, name):
     fresh = getattr(load_ceilings_script(), name)(DATA/name)
     assert json.loads(json.dumps(fresh)) == ceilings[name]
+
+
+def test_segmentation_set_is_digested_and_its_batteries_stay_in_one_split():
+    "battery_seg is checked like the others (a hand-edited mask is a difference), and no battery spans two splits (the plan's leak)"
+    files = digest(DATA)
+    assert any(k.startswith('battery_seg/') and '/masks/' in k for k in files), sorted(files)[:5]
+    meta = pd.read_csv(DATA/'battery_seg'/'metadata.csv')
+    splits_per_battery = meta.groupby('battery_id')['split'].nunique()
+    assert (splits_per_battery == 1).all(), splits_per_battery[splits_per_battery > 1]
+    assert set(meta['split']) >= {'train', 'val', 'test'}
+
+
+def test_segmentation_readme_ceilings_are_rendered_from_the_json():
+    "data/battery_seg/README.md's computed section is what benchmarks/segmentation.py renders from its committed JSON"
+    spec = importlib.util.spec_from_file_location('segmentation_bench', ROOT/'benchmarks'/'segmentation.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    result = json.loads((ROOT/'benchmarks'/'results'/'segmentation.json').read_text())
+    readme = (DATA/'battery_seg'/'README.md').read_text()
+    assert readme.split(SEGMENTATION_CEILINGS_MARK)[1].strip() == mod.render(result).strip()
