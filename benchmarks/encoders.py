@@ -5,7 +5,9 @@ transformers configs alone (`mmfusion.encoders.REAL_CONFIGS`, random weights, no
 one invocation, in fp32 and bf16, on the CPU (and on a GPU where one is available). Batch 1 = one sample.
 
 Each (encoder, dtype, device) runs in a fresh subprocess, so one measurement's allocations never hide another's:
-  - time: one warm-up forward, then `--repeats` timed forwards under `torch.inference_mode` (median). V-JEPA 2 on a CPU
+  - time: one warm-up forward, then `--repeats` timed forwards under `torch.inference_mode` (median), as wall-clock seconds
+    and as this process's CPU seconds (with one thread, the compute cost: on a CPU shared with other jobs the wall-clock
+    time grows with the load, the CPU time much less). V-JEPA 2 on a CPU
     is heavy: its warm-up runs a 16-frame clip and it is timed once (a full forward takes minutes on one thread).
   - peak memory (CPU): after the warm-up, malloc_trim returns freed pages to the system; then the resident-set size is
     sampled every 2 ms by a thread during the timed forwards, minus the resident set just before them (the model and the
@@ -56,15 +58,17 @@ def measure_one(name, dtype_name, device, repeats, threads):
         if device == 'cpu': ctypes.CDLL('libc.so.6').malloc_trim(0)  # hand the warm-up's freed pages back, so the resident set can show the next peak
         n = 1 if heavy else repeats
         if device == 'cuda': torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
-        times = []
+        times, cpu = [], []
         with PeakRSS() as rss:
             before = _rss()
             for _ in range(n):
-                t0 = time.perf_counter(); out = enc(x); sync(); times.append(time.perf_counter() - t0)
+                t0, c0 = time.perf_counter(), time.process_time()
+                out = enc(x); sync()
+                times.append(time.perf_counter() - t0); cpu.append(time.process_time() - c0)
         peak = (torch.cuda.max_memory_allocated() - base) if device == 'cuda' else rss.peak - before
     return {'encoder': name, 'checkpoint': encoders.CHECKPOINTS[enc.config.model_type], 'input': list(SHAPES[name]), 'dtype': dtype_name,
             'device': device, 'tokens': int(out.tokens.shape[1]), 'dim': int(out.tokens.shape[2]), 'timed_forwards': n,
-            'seconds_per_sample': statistics.median(times), 'peak_forward_mib': round(peak / 2**20, 1),
+            'seconds_per_sample': statistics.median(times), 'cpu_seconds_per_sample': statistics.median(cpu), 'peak_forward_mib': round(peak / 2**20, 1),
             'parameters_mib': round(params / 2**20, 1), 'memory_method': 'cuda max_memory_allocated delta' if device == 'cuda'
             else 'resident-set delta sampled every 2 ms'}
 
@@ -94,7 +98,7 @@ def main():
                                    capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': str(a.threads)})
                 if r.returncode: raise SystemExit(f"{name} {dt} {device} failed:\n{r.stderr[-3000:]}")
                 rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-                print(f"{name:7} {dt} {device}: {rows[-1]['seconds_per_sample']:.3f} s/sample, peak forward {rows[-1]['peak_forward_mib']} MiB "
+                print(f"{name:7} {dt} {device}: {rows[-1]['seconds_per_sample']:.3f} s/sample ({rows[-1]['cpu_seconds_per_sample']:.3f} CPU s), peak forward {rows[-1]['peak_forward_mib']} MiB "
                       f"(parameters {rows[-1]['parameters_mib']} MiB)", flush=True)
     commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     res = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), 'commit': commit, 'machine': machine(a.threads),
