@@ -81,24 +81,27 @@ class MicroBatcher:
     async def _work(self):
         while True:
             batch = [await self.queue.get()]
-            others = max(self.pending, self.incoming) > 1  # requests queued, running, or still being received
-            deadline = self.loop.time() + (self.max_wait if others else 0)  # alone in the server: nothing to wait for
-            while len(batch) < self.max_batch:
-                if not self.queue.empty(): batch.append(self.queue.get_nowait()); continue
-                left = deadline - self.loop.time()
-                if left <= 0: break
-                try: batch.append(await asyncio.wait_for(self.queue.get(), left))
-                except TimeoutError: break
-            batch = [b for b in batch if not b[2].done()]  # a client that went away is not predicted
-            if not batch: continue
-            self.sizes[len(batch)] += 1
-            try: answers = await run_in_threadpool(self.run_batch, [b[0] for b in batch], [b[1] for b in batch])
-            except Exception as e: answers = [e] * len(batch)
-            for (_, _, fut), a in zip(batch, answers):
-                if fut.done(): continue
-                if isinstance(a, BaseException): fut.set_exception(a)
-                else: fut.set_result(a)
-
+            try:  # whatever goes wrong, this batch hears of it and the worker lives on
+                others = max(self.pending, self.incoming) > 1  # requests queued, running, or not yet answered
+                deadline = self.loop.time() + (self.max_wait if others else 0)  # alone in the server: nothing to wait for
+                while len(batch) < self.max_batch:
+                    if not self.queue.empty(): batch.append(self.queue.get_nowait()); continue
+                    left = deadline - self.loop.time()
+                    if left <= 0: break
+                    try: batch.append(await asyncio.wait_for(self.queue.get(), left))
+                    except asyncio.TimeoutError: break  # not the builtin TimeoutError before Python 3.11
+                batch = [b for b in batch if not b[2].done()]  # a client that went away is not predicted
+                if not batch: continue
+                self.sizes[len(batch)] += 1
+                try: answers = await run_in_threadpool(self.run_batch, [b[0] for b in batch], [b[1] for b in batch])
+                except Exception as e: answers = [e] * len(batch)
+                for (_, _, fut), a in zip(batch, answers):
+                    if fut.done(): continue
+                    if isinstance(a, BaseException): fut.set_exception(a)
+                    else: fut.set_result(a)
+            except Exception as e:
+                for _, _, fut in batch:
+                    if not fut.done(): fut.set_exception(e)
 
 class InFlight:
     "ASGI middleware: counts the HTTP requests not yet answered in `batcher.incoming`, so a batch waits for more only while some are coming"
@@ -120,14 +123,14 @@ def predict_batch(predictor, # a predictor (`Predictor`, `AnomalyPredictor`, `De
                   inputs:list, # one inputs dict per request
                   ids:list, # one id per request
                  ) -> list:
-    "Each request's answer dict from one `predict` call, or, when an input is bad, each request alone so that only it gets its `DataError`"
+    "Each request's answer dict from one `predict` call, or, when that call fails (a bad input, inputs that cannot share a forward), each request alone so that only a failing one gets its error"
     try: return [p.to_dict() for p in predictor.predict(inputs, ids)]
-    except DataError as e:
+    except Exception as e:
         if len(inputs) == 1: return [e]
     answers = []
     for x, sid in zip(inputs, ids):
         try: answers.append(predictor.predict(x, [sid]).to_dict())
-        except DataError as e: answers.append(e)
+        except Exception as e: answers.append(e)
     return answers
 
 

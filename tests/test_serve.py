@@ -291,3 +291,42 @@ def test_segmentation_predictor_serves_masks_as_run_lengths_and_png():
     assert got.json() == expected
     assert torch.equal(rle_mask(got.json()['rle']), SegmentationMask(**got.json()).mask())
     assert alone.status_code == 200 and alone.json()['missing'] == ['density'], alone.text
+
+
+def test_a_worker_survives_an_unexpected_error_and_serves_the_next_request():
+    "An exception outside the model call (planted in the batch bookkeeping) fails that batch's requests only; the worker lives on"
+    class Exploding(dict):  # the first `sizes[n] += 1` raises
+        armed = True
+        def __missing__(self, k):
+            if Exploding.armed: Exploding.armed = False; raise RuntimeError('planted')
+            return 0
+    async def scenario():
+        b = MicroBatcher(lambda xs, ids: [x + 1 for x in xs], max_concurrency=1)
+        b.sizes = Exploding()
+        with pytest.raises(RuntimeError, match='planted'): await asyncio.wait_for(b.submit(1, 'a'), 10)
+        return await asyncio.wait_for(b.submit(2, 'b'), 10)  # hangs (TimeoutError) if the only worker died
+    assert asyncio.run(scenario()) == 3
+
+
+def test_a_batch_that_fails_as_a_whole_is_answered_request_by_request(servers):
+    "A predictor whose batched call fails (here: planted, when 'boom' is in the batch) answers the others as alone; 'boom' alone gets its own 500"
+    _, p, _ = servers['inspection']
+    class Fragile:
+        record, specs, modalities, kinds, class_names = p.record, p.specs, p.modalities, p.kinds, p.class_names
+        def predict(self, inputs, ids=None):
+            if 'boom' in (ids or []): raise RuntimeError('planted: this input cannot share a forward pass')
+            return p.predict(inputs, ids)
+    reqs = inspection_requests(p, 6)
+    reqs[2] = {**reqs[2], 'id': 'boom'}
+    async def at_once(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*[client.post('/predict', json=r) for r in reqs])
+    with running_server(create_app(Fragile(), max_batch=8, max_wait_ms=200)) as url:
+        replies = asyncio.run(at_once(url))
+        batches = {int(k): v for k, v in httpx.get(f'{url}/health').json()['batches'].items()}
+    assert max(batches) > 1, batches
+    assert replies[2].status_code == 500
+    for r, rep in zip(reqs, replies):
+        if r['id'] == 'boom': continue
+        assert rep.status_code == 200, rep.text
+        close(rep.json(), p.predict(r['inputs'], [r['id']]).to_dict())
