@@ -179,20 +179,22 @@ def main():
     df = pd.DataFrame(rows)
     lo, hi = min(a.levels), max(a.levels)
     speed = {m: round(float(g.set_index('concurrency').req_per_s[hi] / g.set_index('concurrency').req_per_s[lo]), 2) for m, g in df.groupby('mode')}
+    by_round = {m: [round(x / y, 2) for x, y in zip(g.set_index('concurrency').req_per_s_by_round[hi], g.set_index('concurrency').req_per_s_by_round[lo])]
+                for m, g in df.groupby('mode')}  # the rounds' own ratios: how much the machine's load moved them
     identical = bool((df.label_differences == 0).all() and (df.max_abs_difference <= a.atol).all())
     result = {**provenance({'scenario': a.scenario, 'run_dir': run_dir, 'requests_per_level': a.requests, 'levels': a.levels,
                              'endpoint': '/predict/files (multipart)', 'samples': [d['id'] for _, d in reqs],
                              'rounds': a.rounds, 'server': {'max_batch': [1, a.max_batch], 'max_wait_ms': a.max_wait_ms, 'max_concurrency': a.max_concurrency,
                                         'OMP_NUM_THREADS': 1}, 'client': 'httpx.AsyncClient in the benchmark process, same machine',
                              'identical_means': f'same label and every probability within {a.atol} of the no-batching answer at concurrency {lo}'}),
-              'rows': df.drop(columns='first_error').to_dict('records'), 'speedup': {m: {f'c{hi}_over_c{lo}': v} for m, v in speed.items()},
+              'rows': df.drop(columns='first_error').to_dict('records'), 'speedup': {m: {f'c{hi}_over_c{lo}': v, 'by_round': by_round[m]} for m, v in speed.items()},
               'errors': int(df.errors.sum()), 'identical': identical, 'server_memory': rss,
               'model_side_costs': model_costs(run_dir, reqs, a.max_batch),
               'goal': {'c8_over_c1': 3.0, 'met': bool(speed.get('micro-batching', 0) >= 3.0 and df.errors.sum() == 0)}}
     write_json(result, a.out, indent=1)
     print(f"mmfusion serve {run_dir} ({a.scenario}, multipart /predict/files); {os.cpu_count()} CPUs, server OMP_NUM_THREADS=1")
     print(df.drop(columns='first_error').to_string(index=False))
-    print(f"speed-up c{hi}/c{lo}: {speed}; identical answers: {identical}; -> {a.out}")
+    print(f"speed-up c{hi}/c{lo}: {speed} (by round: {by_round}); identical answers: {identical}; -> {a.out}")
     if df.errors.sum(): sys.exit(f"{df.errors.sum()} request(s) failed, e.g. {df.first_error[df.errors > 0].iloc[0]}")
     if not identical: sys.exit("batched answers differ from one-at-a-time answers")
 
