@@ -1,4 +1,4 @@
-"Tests of mmfusion.detection on the shipped night sample set (YOLO11n, tiny image sizes, CPU; 24 tests in about 90 s on one core)"
+"Tests of mmfusion.detection on the shipped night sample set (YOLO11n, tiny image sizes, CPU; 28 tests; the slowest share one short run_detection fixture)"
 import json, math, shutil, socket, zlib
 from pathlib import Path
 from types import SimpleNamespace
