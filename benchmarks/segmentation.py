@@ -117,7 +117,7 @@ def main(config:str, skip_schedules:bool=False):
     ev = cfg['evaluation']
     kw = dict(window=ev['window'], overlap=ev['overlap'], blend=ev['blend'])
     cms = {'fused': score_segmenter(main_run.model, test, **kw)}
-    for mod, rec in m['baselines'].items(): cms[mod] = score_segmenter(load_segmenter(rec['checkpoint']), test, **kw)
+    for mod, rec in m['baselines'].items(): cms[mod] = score_segmenter(load_segmenter(main_run.dir/rec['checkpoint']), test, **kw)
     best = max(m['baselines'], key=lambda k: m['table'][f'{k} only (baseline)']['miou'])
     valid = run_splits(cfg, names=[cfg['data']['valid']])[cfg['data']['valid']]
     vcms = np.stack([confusion(torch.zeros_like(valid[i].target), valid[i].target, len(names)) for i in range(len(valid))])  # rows: the truth
@@ -129,7 +129,7 @@ def main(config:str, skip_schedules:bool=False):
                        'history': stage_summary(m['history'], floors)}}
     result['claims'] = {'fused_beats_best_single': result['main']['fused_minus_best_single']['low'] > 0}
     if not skip_schedules:
-        ct = m['baselines']['ct']['checkpoint']
+        ct = (main_run.dir/m['baselines']['ct']['checkpoint']).resolve()
         stages = [{'epochs': 5, 'freeze': ['backbones.*'], 'name': 'frozen backbones'}, {'epochs': cfg['training']['epochs'] - 5, 'unfreeze': ['*'], 'lr': 1e-3, 'name': 'fine-tune'}]
         variants = {'joint_from_scratch': ['model.init=none'],
                     'two_stage_from_scratch': ['model.init=none', f'training.stages={json.dumps(stages)}'],
