@@ -26,12 +26,12 @@ from .detection import ExportMismatchError, MultiModalYOLO, load_detector, predi
 __all__ = ['FILE_READERS', 'IMAGE_READERS', 'EXPORT_FORMATS', 'EXPORT_ATOL', 'TTA_VIEWS', 'ModalitySpec',
            'preprocessing_from_splits', 'preprocessing_to_json', 'preprocessing_from_json', 'Prediction',
            'output_kinds', 'run_preprocessing', 'sample_prediction', 'Predictor', 'AnomalyPredictor', 'Box',
-           'Detections', 'ExportedDetector', 'DetectionPredictor', 'load_predictor', 'fused_predictor',
-           'detection_predictor', 'predictor_outputs', 'score', 'input_samples', 'predict_and_write',
-           'predict_fused_run', 'predict_anomaly_run', 'ExportModule', 'example_inputs', 'export_card_path',
-           'export_model', 'ExportedModel', 'check_export', 'flat_inputs', 'export_run', 'export_fused_run',
-           'refuse_mismatch', 'anomaly_predictor', 'ScoreModule', 'export_anomaly_run', 'zoom', 'average_outputs',
-           'TTAPredictor', 'Ensemble', 'box_iou', 'weighted_box_fusion', 'distillation_loss', 'Distill', 'distill']
+           'Detections', 'DetectionPredictor', 'load_predictor', 'fused_predictor', 'detection_predictor',
+           'ExportedDetector', 'predictor_outputs', 'score', 'input_samples', 'predict_and_write', 'predict_fused_run',
+           'predict_anomaly_run', 'ExportModule', 'example_inputs', 'export_card_path', 'export_model', 'ExportedModel',
+           'check_export', 'flat_inputs', 'export_run', 'export_fused_run', 'refuse_mismatch', 'anomaly_predictor',
+           'ScoreModule', 'export_anomaly_run', 'zoom', 'average_outputs', 'TTAPredictor', 'Ensemble', 'box_iou',
+           'weighted_box_fusion', 'distillation_loss', 'Distill', 'distill']
 
 # %% ../nbs/08_deploy.ipynb #c9163e64
 FILE_READERS = {f.__name__: f for f in (read_image, read_image_set, read_video, read_audio, read_series, read_image_sequence)}  # readers a spec may name
@@ -286,7 +286,7 @@ class AnomalyPredictor:
         res = [Prediction(i, [], self.class_names[int(v >= self.threshold)], int(v >= self.threshold), None, [float(v)]) for i, v in zip(ids, scores)]
         return res[0] if one else res
 
-# %% ../nbs/08_deploy.ipynb #14351758
+# %% ../nbs/08_deploy.ipynb #cea70aa6
 @dataclass
 class Box:
     "One detected object, in the frame's original pixels"
@@ -304,39 +304,7 @@ class Detections:
     boxes: list  # `Box`es
     def to_dict(self) -> dict: return asdict(self)
 
-class ExportedDetector(nn.Module):
-    "A detector written by `export_detector`, called like a `MultiModalYOLO` in eval mode: a batch -> (decoded predictions, raw head maps)"
-    def __init__(self, path, # `detector.onnx` or `detector.pt`; its card `detector.json` is read from the same folder
-                 threads:int=0): # onnxruntime intra-op threads (0: its default)
-        super().__init__()
-        self.path = Path(path)
-        card = json.loads((self.path.parent/'detector.json').read_text())
-        self.channels = {i['name']: int(i['shape'][1]) for i in card['inputs'] if i['name'] != 'present'}
-        self.size = tuple(int(v) for v in card['inputs'][0]['shape'][2:])  # (H, W) the graph was recorded at
-        self.names, self.imgsz = {int(k): v for k, v in card['names'].items()}, max(self.size)
-        if self.path.suffix == '.onnx':
-            options = ort.SessionOptions()
-            if threads: options.intra_op_num_threads = threads
-            self.session = ort.InferenceSession(str(self.path), options, providers=['CPUExecutionProvider'])
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore', FutureWarning)  # torch 2.14 flags TorchScript as deprecated
-                self.module = torch.jit.load(str(self.path), map_location='cpu').eval()
-
-    @property
-    def modalities(self) -> list: return list(self.channels)
-
-    def forward(self, batch:Mapping) -> tuple:
-        "Run the graph on a batch from `collate_samples` / `predict_detections` (every modality's images at the recorded size, and `present`)"
-        xs = [batch['inputs'][m].cpu().float() for m in self.modalities]
-        if tuple(xs[0].shape[-2:]) != self.size:
-            raise DataError(f"frame of {tuple(xs[0].shape[-2:])}", f"this exported detector takes {self.size[0]}x{self.size[1]} frames (H x W), the size it was exported at")
-        cols = batch.get('modalities', self.modalities)
-        present = torch.stack([batch['present'][:, cols.index(m)] if m in cols else torch.zeros(len(xs[0]), dtype=torch.bool) for m in self.modalities], 1)
-        if hasattr(self, 'session'):
-            return tuple(torch.from_numpy(o) for o in self.session.run(None, {**{m: x.numpy() for m, x in zip(self.modalities, xs)}, 'present': present.numpy()}))
-        with torch.no_grad(): return tuple(self.module(*xs, present))
-
+# %% ../nbs/08_deploy.ipynb #1e8268e8
 class DetectionPredictor:
     "A trained `MultiModalYOLO` (or its export): an image file or (C, H, W) array per modality (any subset) -> `Detections`; several frames run as one batch"
     record = Detections  # what `predict` returns per frame
@@ -395,6 +363,40 @@ def fused_predictor(run:RunFolder, checkpoint:str='best', data_root=None, device
 def detection_predictor(run:RunFolder, checkpoint:str='best', conf:float=0.25, **kwargs) -> DetectionPredictor:
     "A detection run's `DetectionPredictor` (the `predictor` verb)"
     return DetectionPredictor.from_run(run.path, checkpoint, conf)
+
+# %% ../nbs/08_deploy.ipynb #1b5078d2
+class ExportedDetector(nn.Module):
+    "A detector written by `export_detector`, called like a `MultiModalYOLO` in eval mode: a batch -> (decoded predictions, raw head maps)"
+    def __init__(self, path, # `detector.onnx` or `detector.pt`; its card `detector.json` is read from the same folder
+                 threads:int=0): # onnxruntime intra-op threads (0: its default)
+        super().__init__()
+        self.path = Path(path)
+        card = json.loads((self.path.parent/'detector.json').read_text())
+        self.channels = {i['name']: int(i['shape'][1]) for i in card['inputs'] if i['name'] != 'present'}
+        self.size = tuple(int(v) for v in card['inputs'][0]['shape'][2:])  # (H, W) the graph was recorded at
+        self.names, self.imgsz = {int(k): v for k, v in card['names'].items()}, max(self.size)
+        if self.path.suffix == '.onnx':
+            options = ort.SessionOptions()
+            if threads: options.intra_op_num_threads = threads
+            self.session = ort.InferenceSession(str(self.path), options, providers=['CPUExecutionProvider'])
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', FutureWarning)  # torch 2.14 flags TorchScript as deprecated
+                self.module = torch.jit.load(str(self.path), map_location='cpu').eval()
+
+    @property
+    def modalities(self) -> list: return list(self.channels)
+
+    def forward(self, batch:Mapping) -> tuple:
+        "Run the graph on a batch from `collate_samples` / `predict_detections` (every modality's images at the recorded size, and `present`)"
+        xs = [batch['inputs'][m].cpu().float() for m in self.modalities]
+        if tuple(xs[0].shape[-2:]) != self.size:
+            raise DataError(f"frame of {tuple(xs[0].shape[-2:])}", f"this exported detector takes {self.size[0]}x{self.size[1]} frames (H x W), the size it was exported at")
+        cols = batch.get('modalities', self.modalities)
+        present = torch.stack([batch['present'][:, cols.index(m)] if m in cols else torch.zeros(len(xs[0]), dtype=torch.bool) for m in self.modalities], 1)
+        if hasattr(self, 'session'):
+            return tuple(torch.from_numpy(o) for o in self.session.run(None, {**{m: x.numpy() for m, x in zip(self.modalities, xs)}, 'present': present.numpy()}))
+        with torch.no_grad(): return tuple(self.module(*xs, present))
 
 # %% ../nbs/08_deploy.ipynb #28c3c631
 def predictor_outputs(predictor, # anything with `outputs(batch)`: a `Predictor`, `TTAPredictor` or `Ensemble`
