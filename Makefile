@@ -80,7 +80,7 @@ PYTEST_WORKERS ?= -n 2 --dist loadgroup
 # the tests marked slow. Run it before changing prose that quotes what they compute. Prints its time.
 test-slow: install-dev browser postgres
 	@start=$$(date +%s); \
-	names=$$(grep -l '"#| slow' nbs/*.ipynb nbs/tutorials/*.ipynb | xargs -n1 basename | sed 's/\.ipynb$$//' | paste -sd'|'); \
+	names=$$(grep -l '"#| slow' nbs/[!_]*.ipynb nbs/tutorials/[!_]*.ipynb | xargs -n1 basename | sed 's/\.ipynb$$//' | paste -sd'|'); \
 	echo "nbdev_test --flags slow: $$names"; \
 	OMP_NUM_THREADS=1 $(VENV)/bin/nbdev_test --flags slow --n_workers 2 --file_re "^($$names)\.ipynb$$"; nb=$$?; \
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest tests/ -p no:cacheprovider $(PYTEST_WORKERS) -m slow; py=$$?; \

@@ -14,9 +14,9 @@ KERNELSPEC = {'display_name': KERNEL, 'language': 'python', 'name': KERNEL}  # d
 
 
 def notebooks(args=()) -> list:
-    "The notebooks named, else every notebook under nbs/ (checkpoints and hidden folders left out)"
+    "The notebooks named, else every notebook under nbs/ as nbdev finds them (names starting with '.' or '_' are not)"
     if args: return [Path(a).resolve() for a in args]
-    return sorted(p for p in (ROOT/'nbs').rglob('*.ipynb') if not any(s.startswith('.') for s in p.parts))
+    return sorted(p for p in (ROOT/'nbs').rglob('*.ipynb') if not any(s.startswith(('.', '_')) for s in p.relative_to(ROOT/'nbs').parts))
 
 
 def kernel_name(path:Path) -> str:

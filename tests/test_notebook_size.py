@@ -12,7 +12,8 @@ execute_nb = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(ex
 
 
 def notebooks() -> list:
-    return sorted(p for p in (ROOT/'nbs').rglob('*.ipynb') if not any(s.startswith('.') for s in p.relative_to(ROOT).parts))
+    "The project's notebooks, as nbdev finds them (names starting with '.' or '_' are not)"
+    return sorted(p for p in (ROOT/'nbs').rglob('*.ipynb') if not any(s.startswith(('.', '_')) for s in p.relative_to(ROOT/'nbs').parts))
 
 
 def image_bytes(path:Path) -> int:
