@@ -9,8 +9,10 @@ electrode, defect), CT + an aligned density map, batteries kept whole per split,
    CT alone, of the density map alone and of both, fitted on train + val pixels (subsampled), scored on the test crops:
    mIoU and per-class IoU. What a simple model can get from each modality.
 2. Trained models, one recipe (configs/inspection_segmentation.yaml, run by `mmfusion.segmentation.run_segmentation`,
-   all in this one process): a CT-only and a density-only DeepLabV3+ (MobileNetV3-small), then the fused model started
-   from the CT model (baseline-first). Test mIoU with a bootstrap interval over images, and the paired difference between
+   all in this one process): a CT-only and a density-only DeepLabV3+ (MobileNetV3-small), `baseline.epochs` (12) each,
+   then the fused model started from the CT model (baseline-first) and trained `training.epochs` (16) more: same
+   optimiser, schedule, loss, augmentation and data, but the fused model sees 12 + 16 epochs. The schedules below
+   include the fused model trained from scratch for 16 epochs alone (joint_from_scratch), the like-for-like check. Test mIoU with a bootstrap interval over images, and the paired difference between
    the fused model and the best single-modality model (the claim the tutorial states).
 3. The plan's schedule, checked: the fused model trained (a) jointly from scratch, (b) two-stage from scratch (backbones
    frozen for the first stage: frozen *random* backbones), (c) two-stage from the CT baseline (frozen *trained* backbones).

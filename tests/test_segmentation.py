@@ -20,7 +20,7 @@ from mmfusion.config import RunFolder
 from mmfusion.data import DataError, Sample, read_image
 from mmfusion.sample_data import make_battery_seg_data
 from mmfusion.training import Callback
-from mmfusion.segmentation import (SEG_EXPORT_ATOL, SEG_LOSSES, DiceLoss, build_segmenter, resolve_segmentation_config, MaskAugment, MultiModalDeepLab, PixelFocal, bootstrap_ci, confusion,
+from mmfusion.segmentation import (SEG_EXPORT_ATOL, SEG_LOSSES, DiceLoss, build_segmenter, resolve_segmentation_config, run_segmentation, segmentation_contribution, MaskAugment, MultiModalDeepLab, PixelFocal, bootstrap_ci, confusion,
                                    fit_segmenter, mask_class_weights, read_mask, rle_mask, segmentation_folders, segmentation_scores,
                                    segmentation_splits, sliding_window)
 
@@ -229,6 +229,35 @@ def test_local_backbone_weights_load_by_key_matching(tmp_path):
     assert torch.equal(m.backbones.ct.features[0][0].weight, w) and not torch.equal(m.backbones.density.features[0][0].weight, w)
 
 
+class ReadsDensity(nn.Module):
+    "Planted: labels electrode where the density is high, background elsewhere; it never looks at CT"
+    modalities = ['ct', 'density']
+    def __init__(self): super().__init__(); self.unused = nn.Parameter(torch.zeros(()))
+    def forward(self, x, present=None):
+        s = (x['density'] - .3) * 20
+        return torch.cat([-s, torch.full_like(s, -50.), s, torch.full_like(s, -50.)], 1)
+
+
+def test_contribution_verdicts_on_planted_truth(splits):
+    "A model that reads only density: density contributes, CT is ignored (removing it changes nothing: an interval at 0)"
+    f = {x.subject: x for x in segmentation_contribution(ReadsDensity(), splits['test'], n_boot=100)}
+    assert f['density'].evidence['verdict'] == 'contributes' and f['density'].severity == 'ok', f['density'].summary
+    assert f['ct'].evidence['verdict'] == 'ignored' and f['ct'].severity == 'problem' and 'ignores ct' in f['ct'].summary
+
+
+def test_a_battery_in_two_splits_is_refused_before_training(seg, tmp_path):
+    root = tmp_path/'leaky'/'battery_seg'
+    shutil.copytree(seg, root)
+    meta = (root/'metadata.csv').read_text().splitlines()
+    test_battery = next(l.split(',')[2] for l in meta[1:] if l.split(',')[1] == 'test')
+    i = next(k for k, l in enumerate(meta) if k and l.split(',')[1] == 'train')
+    parts = meta[i].split(','); parts[2] = test_battery; meta[i] = ','.join(parts)  # one training crop now belongs to a test battery
+    (root/'metadata.csv').write_text('\n'.join(meta) + '\n')
+    cfg = {'kind': 'segmentation', 'runs_dir': str(tmp_path/'runs'), 'data': {'root': str(root.parent), 'sample': 'battery_seg'}}
+    with pytest.raises(ValueError, match=f"shared between splits(.|\n)*group '{test_battery}'"): run_segmentation(cfg, verbose=False)
+    assert not list((tmp_path/'runs').rglob('*.pt'))  # nothing trained
+
+
 # ---------------------------------------------------------------- the kind's verbs
 @pytest.fixture(scope='module')
 def run(seg, tmp_path_factory):
@@ -260,6 +289,9 @@ def test_every_verb_works_on_a_run(run, seg, tmp_path):
     assert not list((tmp_path/'pred').glob('.*.tmp'))  # atomic writes leave no temporary file
     exp = runs.export(run.path, out=tmp_path/'exp')
     assert max(r['max_abs_diff']['logits'] for r in exp.values()) <= SEG_EXPORT_ATOL
+    from mmfusion.segmentation import SegmentationExportError, export_segmenter, load_segmenter
+    with pytest.raises(SegmentationExportError): export_segmenter(load_segmenter(run.checkpoint()), tmp_path/'refused', formats=['onnx', 'torchscript'], atol=-1.)
+    assert not list((tmp_path/'refused').glob('*segmenter*'))  # a refused export leaves no file behind
     p = runs.predictor(run.path)
     r = p.predict({'ct': str(seg/'scans/ct/scan_001.png')}, ['x'])
     assert r.missing == ['density'] and r.to_dict()['size'] == [192, 192] and torch.equal(r.mask(), rle_mask(r.rle))
