@@ -102,6 +102,7 @@ def cli(d, *args) -> list:
     return [sys.executable, '-c', 'from mmfusion.cli import main; main()', 'stream', str(d/'run'), '--conf', '0.01', *map(str, args)]
 
 
+@pytest.mark.slow  # a second `mmfusion` process (~10 s of imports); the same feeds are streamed in-process by nbs/10a_stream, and test_sigint_* checks the process's exit
 def test_the_process_survives_corrupt_and_truncated_feeds_and_exits_0_with_a_summary(night):
     d, _, feeds = night
     out = d/'corrupt'
@@ -117,9 +118,10 @@ def test_the_process_survives_corrupt_and_truncated_feeds_and_exits_0_with_a_sum
 
 
 def test_sigint_stops_cleanly_with_complete_files(night):
+    "Ctrl-C (SIGINT) part-way through image folders, with a garbage visible feed: exit 0, the summary, complete JSONL and video, no temporary file"
     d, _, _ = night
     out = d/'interrupted'
-    p = subprocess.Popen(cli(d, '--thermal', NIGHT/'thermal', '--nvg', NIGHT/'nvg', '--fps', '4', '--jsonl', out/'d.jsonl', '--out', out/'v.mp4'),
+    p = subprocess.Popen(cli(d, '--thermal', NIGHT/'thermal', '--nvg', NIGHT/'nvg', '--visual', d/'garbage.mp4', '--fps', '4', '--jsonl', out/'d.jsonl', '--out', out/'v.mp4'),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
     try:
         first = p.stdout.readline()
@@ -130,8 +132,9 @@ def test_sigint_stops_cleanly_with_complete_files(night):
     finally:
         if p.poll() is None: p.kill()
     assert p.returncode == 0, err[-3000:]
-    assert 'stream stopped (interrupted)' in rest, rest + err
+    assert 'stream stopped (interrupted)' in rest and 'visual_enhanced <- video' in rest and 'failed' in rest, rest + err
     recs = records_of(out/'d.jsonl')
+    assert {r['absent'].get('visual_enhanced') for r in recs} == {'failed'} and {r['absent'].get('thermal') for r in recs} == {None}
     assert 0 < len(recs) < 32 and [r['frame'] for r in recs] == list(range(len(recs)))
     assert_paced(out/'v.mp4', recs)
     assert sorted(p.name for p in out.iterdir()) == ['d.jsonl', 'v.mp4']
