@@ -247,7 +247,7 @@ def create_app(predictor:Predictor|AnomalyPredictor|DetectionPredictor, # the mo
     error = lambda e: JSONResponse({'detail': str(e)}, status_code=status(e))
 
     @app.get('/health')
-    def health() -> dict:
+    async def health() -> dict:  # on the event loop, as the batch workers: it reads their counts between their steps
         "Liveness and what the model takes and returns"
         limits = {'max_bytes': max_bytes, 'max_concurrency': max_concurrency, 'max_queue': max_queue, 'max_batch': max_batch, 'max_wait_ms': max_wait_ms}
         return {'status': 'ok', **model_card(predictor), 'limits': limits, 'batches': dict(sorted(batcher.sizes.items()))}
