@@ -20,6 +20,7 @@ from .model import (ClassificationHead, EmbeddingHead, IdentityHead, MultiModalM
 from .training import Callback, logits_of
 from .config import KindError, RunFolder, build_splits, kind_verb, register_verb
 from .kinds import Run, train
+from .embed import restore_encoders, uncached_config
 from .detection import ExportMismatchError, MultiModalYOLO, load_detector, predict_detections
 
 # %% auto #0
@@ -147,11 +148,12 @@ def _named_outputs(out, kinds) -> dict:
 def run_preprocessing(run:RunFolder, # a fused run
                       data_root=None, # where the training data is (default: the config's `data.root`)
                      ) -> tuple:
-    "(specs, class names, task) of a run: `preprocessing.json` if written, else refitted from the training data"
+    "(specs, class names, task) of a run: `preprocessing.json` if written, else refitted from the training data (its files, for a run trained on an embedding cache)"
     if (run.path/'preprocessing.json').is_file():
         info = json.loads((run.path/'preprocessing.json').read_text())
         return preprocessing_from_json(json.dumps(info['modalities'])), info['class_names'], info['task']
-    data = {**run.config['data'], 'cache': False, 'augment': None, **({'root': str(data_root)} if data_root else {})}
+    cfg = uncached_config(run.config) if run.config['data'].get('embeddings') else run.config  # a cache-trained run reads files
+    data = {**cfg['data'], 'cache': False, 'augment': None, **({'root': str(data_root)} if data_root else {})}
     splits = build_splits(data)
     train_ds = splits[data['train']]
     return preprocessing_from_splits(splits, data['train']), train_ds.class_names, train_ds.task
@@ -197,7 +199,9 @@ class Predictor:
         "Load a run's weights (as data only) and its preprocessing: `preprocessing.json` if written, else refitted from the training data"
         run = RunFolder(run_dir)
         if run.kind != 'fused': raise KindError(f"{run.path} is a {run.kind} run: a `Predictor` serves fused models; `mmfusion.runs.predictor` picks the right one")
-        return cls(load_model(run.checkpoint(checkpoint)), *run_preprocessing(run, data_root), device)
+        model, cache = load_model(run.checkpoint(checkpoint)), run.config['data'].get('embeddings')
+        if cache: restore_encoders(model, cache)  # trained on an embedding cache: the frozen encoders it was made with read the files
+        return cls(model, *run_preprocessing(run, data_root), device)
 
     def write_preprocessing(self, run_dir) -> Path:
         "Write `RUN_DIR/preprocessing.json`, so the run predicts without its training data"
