@@ -88,9 +88,8 @@ def register_command(name:str, # the subcommand, as typed after `mmfusion`
                      help:str, # one line for `mmfusion --help`
                      arguments:Callable|None=None, # `arguments(parser)` adds its arguments (default: none)
                     ) -> Callable:
-    "Decorator: `fn(args)` is what `mmfusion NAME` runs"
+    "Decorator: `fn(args)` is what `mmfusion NAME` runs (registering a name again replaces it, as a notebook re-running its cell does)"
     def _add(fn):
-        if name in COMMANDS: raise KindError(f"the subcommand {name!r} is registered twice (already by {COMMANDS[name].run.__module__})")
         COMMANDS.register(name)(Command(help, arguments or (lambda p: p), fn))
         return fn
     return _add
