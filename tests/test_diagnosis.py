@@ -359,5 +359,5 @@ def test_diagnose_run_dispatches_on_the_declared_kind(tmp_path):
     from mmfusion.config import KindError, kind_verb
     from mmfusion.diagnosis import diagnose_anomaly_run, diagnose_fused_run
     assert kind_verb('fused', 'diagnose') is diagnose_fused_run and kind_verb('anomaly', 'diagnose') is diagnose_anomaly_run
-    (tmp_path/'config.yaml').write_text('kind: segmentation\n')
-    with pytest.raises(KindError, match="unknown kind of run 'segmentation'.*import mmfusion.runs"): diagnose_run(tmp_path)
+    (tmp_path/'config.yaml').write_text('kind: no_such_kind\n')
+    with pytest.raises(KindError, match="unknown kind of run 'no_such_kind'.*import mmfusion.runs"): diagnose_run(tmp_path)

@@ -127,8 +127,8 @@ def test_threshold_settings_are_checked_in_one_place():
 def test_evaluate_run_dispatches_on_the_declared_kind(tmp_path):
     "evaluate_run asks the run's declared kind for its verb; a kind nobody registered is a KindError that says how to load every kind"
     assert kind_verb('fused', 'evaluate') is evaluate_fused_run and kind_verb('anomaly', 'evaluate') is evaluate_anomaly_run
-    (tmp_path/'config.yaml').write_text('kind: segmentation\n')
-    with pytest.raises(KindError, match="unknown kind of run 'segmentation'.*import mmfusion.runs"): evaluate_run(tmp_path)
+    (tmp_path/'config.yaml').write_text('kind: no_such_kind\n')
+    with pytest.raises(KindError, match="unknown kind of run 'no_such_kind'.*import mmfusion.runs"): evaluate_run(tmp_path)
     with pytest.raises(FileNotFoundError, match='no config.yaml'): evaluate_run(tmp_path/'missing')
 
 

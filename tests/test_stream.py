@@ -92,7 +92,8 @@ def test_rates_stall_and_early_end_are_marked_and_every_record_is_the_detectors_
 def test_bad_sources_are_refused_before_the_stream_starts(night):
     d, predictor, feeds = night
     with pytest.raises(DataError, match='no such video file'): stream(predictor, {'thermal': d/'missing.mp4'})
-    with pytest.raises(DataError, match='without images'): stream(predictor, {'thermal': d/'out'/'..'/'run'/'checkpoints'})
+    (d/'no_images').mkdir(exist_ok=True); (d/'no_images'/'notes.txt').write_text('not a frame')
+    with pytest.raises(DataError, match='without images'): stream(predictor, {'thermal': d/'no_images'})
     with pytest.raises(ValueError, match="no modality 'depth'"): stream(predictor, {'depth': feeds['thermal']})
     (d/'fused').mkdir(exist_ok=True); (d/'fused'/'config.yaml').write_text('kind: fused\nname: x\n')
     with pytest.raises(KindError, match='is a fused run'): stream(d/'fused', {'thermal': feeds['thermal']})
