@@ -23,10 +23,10 @@ __all__ = ['TINY_TABULAR', 'IMAGE_EXTS', 'AUDIO_FEATURES', 'READERS', 'NIGHT_MOD
            'read_record', 'MultiModalDataset', 'collate_samples', 'batch_to', 'from_arrays', 'tiny_dataset',
            'resize_crop', 'read_image', 'read_image_set', 'read_video', 'read_audio', 'read_text', 'read_csv_text',
            'numeric_columns', 'text_columns', 'read_csv_numeric', 'read_series', 'TabularPreprocessor',
-           'read_image_sequence', 'read_yolo_labels', 'read_voc_labels', 'paired_folders', 'normalise_label',
-           'weld_modalities', 'manifest_dataset', 'split_file_datasets', 'class_folders', 'sequence_dataset',
-           'AlignedAugment', 'detection_augment', 'show_sample', 'StratifiedBatchSampler', 'content_hash',
-           'SplitReport', 'check_splits', 'summarize_splits']
+           'read_image_sequence', 'read_yolo_labels', 'read_voc_labels', 'paired_folders', 'image_frames',
+           'normalise_label', 'weld_modalities', 'manifest_dataset', 'split_file_datasets', 'class_folders',
+           'sequence_dataset', 'AlignedAugment', 'detection_augment', 'show_sample', 'StratifiedBatchSampler',
+           'content_hash', 'SplitReport', 'check_splits', 'summarize_splits']
 
 # %% ../nbs/00_data.ipynb #0ac9018b
 @dataclass
@@ -687,6 +687,29 @@ def paired_folders(root, # dataset root
     mods = [Modality(m, partial(read_image, channels=c), required=m not in optional, spatial=True) for m, c in modalities.items()]
     return MultiModalDataset(records, mods, 'detection' if labels else None, class_names, transform, on_error, policy.skipped,
                              name=str(root/split))
+
+# %% ../nbs/00_data.ipynb #a846e81b
+def image_frames(inputs, # {modality: file or folder}, a folder with one subfolder per modality, or a list of frames
+                 modalities:Sequence[str], # the model's modalities
+                ) -> list:
+    "Frames `{modality: image path}` from files, folders paired by file name, or a folder of modality subfolders"
+    if isinstance(inputs, (str, Path)):
+        root = Path(inputs)
+        if not root.is_dir(): raise FileNotFoundError(f"{root} is not a folder; give a folder with one subfolder per modality ({', '.join(modalities)}), or {{modality: file or folder}}")
+        inputs = {m: root/m for m in modalities if (root/m).is_dir()}
+        if not inputs: raise FileNotFoundError(f"{root} has no subfolder named after a modality of this model ({', '.join(modalities)})")
+    if not isinstance(inputs, Mapping): return list(inputs)  # frames already
+    paths = {m: Path(p) for m, p in inputs.items() if p is not None}
+    unknown = [m for m in paths if m not in modalities]
+    if unknown: raise KeyError(f"unknown modality {unknown[0]!r}; the model takes {list(modalities)}")
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing: raise FileNotFoundError(f"not found: {', '.join(missing)}")
+    if all(p.is_file() for p in paths.values()): return [paths]
+    if not all(p.is_dir() for p in paths.values()): raise ValueError("give every modality as a file, or every modality as a folder (files are paired by name), not a mix")
+    index = {m: {f.stem: f for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_EXTS} for m, p in paths.items()}
+    stems = sorted(set().union(*index.values()))
+    if not stems: raise FileNotFoundError(f"no images in {', '.join(map(str, paths.values()))}")
+    return [{m: index[m].get(s) for m in paths} for s in stems]  # a frame lacking a modality's file: that modality is absent
 
 # %% ../nbs/00_data.ipynb #c0a9cf01
 WELD_CLASSES = ['Good', 'Excessive_Convexity', 'Undercut', 'Lack_of_Fusion', 'Porosity_w_Excessive_Penetration', 'Porosity',

@@ -27,7 +27,7 @@ from ultralytics.utils.nms import non_max_suppression
 from ultralytics.utils.ops import xywh2xyxy
 
 from .config import DEFAULT_CONFIG, KindError, RunFolder, apply_overrides, load_config, plain_data, register_verb
-from .data import IMAGE_EXTS, NIGHT_MODALITIES, AlignedAugment, batch_to, detection_augment, paired_folders, read_image
+from .data import image_frames, IMAGE_EXTS, NIGHT_MODALITIES, AlignedAugment, batch_to, detection_augment, paired_folders, read_image
 from .evaluation import bootstrap_ci
 from .diagnosis import CHECKS, DETECTION_CHECKS, REMEDIES, Diagnosis, Finding, diagnose, remedies
 from .encoders import YOLOBackbone, adapt_in_channels
@@ -631,23 +631,7 @@ def detection_frames(inputs, # {modality: file or folder}, a folder with one sub
                     ) -> list:
     "Frames `{modality: image path}` from files, folders paired by file name, or a folder of modality subfolders (e.g. `data/night/test`), or a manifest .csv (`manifest_frames`)"
     if isinstance(inputs, (str, Path)) and Path(inputs).suffix.lower() == '.csv': return manifest_frames(inputs, modalities)
-    if isinstance(inputs, (str, Path)):
-        root = Path(inputs)
-        if not root.is_dir(): raise FileNotFoundError(f"{root} is not a folder; give a folder with one subfolder per modality ({', '.join(modalities)}), or {{modality: file or folder}}")
-        inputs = {m: root/m for m in modalities if (root/m).is_dir()}
-        if not inputs: raise FileNotFoundError(f"{root} has no subfolder named after a modality of this model ({', '.join(modalities)})")
-    if not isinstance(inputs, Mapping): return list(inputs)  # frames already
-    paths = {m: Path(p) for m, p in inputs.items() if p is not None}
-    unknown = [m for m in paths if m not in modalities]
-    if unknown: raise KeyError(f"unknown modality {unknown[0]!r}; the model takes {list(modalities)}")
-    missing = [str(p) for p in paths.values() if not p.exists()]
-    if missing: raise FileNotFoundError(f"not found: {', '.join(missing)}")
-    if all(p.is_file() for p in paths.values()): return [paths]
-    if not all(p.is_dir() for p in paths.values()): raise ValueError("give every modality as a file, or every modality as a folder (files are paired by name), not a mix")
-    index = {m: {f.stem: f for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_EXTS} for m, p in paths.items()}
-    stems = sorted(set().union(*index.values()))
-    if not stems: raise FileNotFoundError(f"no images in {', '.join(map(str, paths.values()))}")
-    return [{m: index[m].get(s) for m in paths} for s in stems]  # a frame lacking a modality's file: that modality is absent
+    return image_frames(inputs, modalities)
 
 
 # %% ../nbs/07_detection.ipynb #a854380a

@@ -19,7 +19,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 from tqdm.auto import tqdm
 
 from .core import Registry, atomic_write, seed_everything, write_json, write_text_atomic
-from .data import IMAGE_EXTS, DataError, MultiModalDataset, Record, Sample, batch_to, check_splits, paired_folders, read_csv_text, read_image
+from .data import image_frames, IMAGE_EXTS, DataError, MultiModalDataset, Record, Sample, batch_to, check_splits, paired_folders, read_csv_text, read_image
 from .sample_data import SEGMENTATION_CLASSES, SEGMENTATION_MODALITIES, SEGMENTATION_SETS
 from .encoders import load_state_dict_matching
 from .fusion import FUSIONS
@@ -765,23 +765,7 @@ def segmentation_frames(inputs, # {modality: file or folder}, a folder with one 
                         modalities:Sequence[str], # the model's modalities
                        ) -> list:
     "Frames `{modality: image path}` from files, folders paired by file name, or a folder of modality subfolders (e.g. data/battery_seg/scans)"
-    if isinstance(inputs, (str, Path)):
-        root = Path(inputs)
-        if not root.is_dir(): raise FileNotFoundError(f"{root} is not a folder; give a folder with a subfolder per modality ({', '.join(modalities)}), or {{modality: file or folder}}")
-        inputs = {m: root/m for m in modalities if (root/m).is_dir()}
-        if not inputs: raise FileNotFoundError(f"{root} has no subfolder named after a modality of this model ({', '.join(modalities)})")
-    if not isinstance(inputs, Mapping): return list(inputs)
-    paths = {m: Path(p) for m, p in inputs.items() if p is not None}
-    unknown = [m for m in paths if m not in modalities]
-    if unknown: raise KeyError(f"unknown modality {unknown[0]!r}; the model takes {list(modalities)}")
-    missing = [str(p) for p in paths.values() if not p.exists()]
-    if missing: raise FileNotFoundError(f"not found: {', '.join(missing)}")
-    if all(p.is_file() for p in paths.values()): return [paths]
-    if not all(p.is_dir() for p in paths.values()): raise ValueError("give every modality as a file, or every modality as a folder (paired by file name), not a mix")
-    index = {m: {f.stem: f for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_EXTS} for m, p in paths.items()}
-    stems = sorted(set().union(*index.values()))
-    if not stems: raise FileNotFoundError(f"no images in {', '.join(map(str, paths.values()))}")
-    return [{m: index[m].get(s) for m in paths} for s in stems]
+    return image_frames(inputs, modalities)
 
 @torch.no_grad()
 def predict_masks(model:MultiModalDeepLab, # the model
