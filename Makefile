@@ -11,13 +11,15 @@ export PYTHONHASHSEED := 0
 
 # settings.ini declares compatible ranges; constraints.txt holds the exact versions make installs (and the tests ran with)
 $(VENV)/.installed: setup.py settings.ini constraints.txt
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4/1048576)}'); [ "$$free" -ge 8 ] || \
+	  echo "warning: $$free GiB free here; the environment (PyTorch's CUDA build) needs about 8 GiB, the install may fail with 'No space left on device'"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e .
+	$(PY) -m pip install -q --no-cache-dir -c constraints.txt -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed constraints.txt
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-cache-dir -c constraints.txt -e ".[dev]"
 	touch $@
 
 # the venv registered as the Jupyter kernel `mmfusion` (the notebooks' kernelspec: .ci/set_kernelspec.py; JupyterLab

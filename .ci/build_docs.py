@@ -77,8 +77,8 @@ def toc_markdown(path) -> str:
     return re.sub(r'`([^`\n]*)`', r'\1', re.sub(r'```.*?```', '', body, flags=re.DOTALL))
 
 
-def build_mkdocs(out:Path=ROOT/'_docs', proc:Path=ROOT/'_proc'/'mkdocs') -> Path:
-    "The fallback: nbdev-processed notebooks rendered by mkdocs-material + mkdocs-jupyter into `out`"
+def build_mkdocs(out:Path=ROOT/'_docs', proc:Path=ROOT/'_proc'/'mkdocs', cache:Path=ROOT/'_proc'/'mkdocs-jupyter-cache-2') -> Path:
+    "The fallback: nbdev-processed notebooks (written to `proc`) rendered by mkdocs-material + mkdocs-jupyter into `out`"
     import mkdocs_jupyter.plugin
     from mkdocs.commands.build import build
     from mkdocs.config import load_config
@@ -91,7 +91,7 @@ def build_mkdocs(out:Path=ROOT/'_docs', proc:Path=ROOT/'_proc'/'mkdocs') -> Path
     process_notebooks(nbs, proc)
     cfg = load_config(str(ROOT/'docs'/'mkdocs.yml'), docs_dir=str(proc), site_dir=str(out),
                       nav=sidebar_nav(nbs/'sidebar.yml'))
-    cfg.plugins['mkdocs-jupyter'].config['cache_dir'] = str(ROOT/'_proc'/'mkdocs-jupyter-cache-2')  # keyed on content: unchanged pages are not re-rendered
+    cfg.plugins['mkdocs-jupyter'].config['cache_dir'] = str(cache)  # keyed on content: unchanged pages are not re-rendered
     build(cfg)
     return out
 

@@ -19,10 +19,14 @@ build_docs = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(bu
 
 
 @pytest.fixture(scope='module')
-def site():
-    "The site, built as `make docs` builds it"
-    build_docs.main()
-    return ROOT/'_docs'
+def built(tmp_path_factory):
+    "The site, built as `make docs` builds it without Quarto, into a folder of its own (nothing else can touch its pages meanwhile)"
+    tmp = tmp_path_factory.mktemp('docs')
+    return build_docs.build_mkdocs(out=tmp/'site', proc=tmp/'proc', cache=tmp/'cache'), tmp/'proc'
+
+
+@pytest.fixture(scope='module')
+def site(built): return built[0]
 
 
 def test_sidebar_lists_every_notebook(site):
@@ -136,9 +140,9 @@ def test_every_public_symbol_has_an_api_entry(crawl):
     assert missing == {}, "public symbols without an API entry (show_doc in the notebook, re-executed): " + json.dumps(missing)
 
 
-def test_tutorial_pages_show_their_outputs(crawl):
+def test_tutorial_pages_show_their_outputs(built, crawl):
     "Each tutorial page shows as many outputs and figures as its processed notebook holds, every figure loaded"
-    for proc in sorted((ROOT/'_proc'/'mkdocs'/'tutorials').glob('*.ipynb')):
+    for proc in sorted((built[1]/'tutorials').glob('*.ipynb')):
         nb = json.loads(proc.read_text(encoding='utf-8'))
         outs = [o for c in nb['cells'] if c['cell_type'] == 'code' for o in c.get('outputs', [])]
         figures = sum(any(k.startswith('image/') for k in o.get('data', {})) for o in outs)
