@@ -23,8 +23,8 @@ from .runs import evaluate, train
 __all__ = ['PARAM_TYPES', 'PARAM_FIELDS', 'SPACE_KEYS', 'VALID_SPLITS', 'HEARTBEAT', 'PRUNERS', 'SpaceError', 'Param',
            'parse_param', 'SearchSpace', 'load_space', 'config_value', 'check_param', 'Search', 'prepare_search',
            'trial_config', 'OptunaReport', 'objective', 'open_storage', 'storage_name', 'fail_dead_trials', 'counted',
-           'run_worker', 'trial_reason', 'TrialProgress', 'trials_table', 'markdown_table', 'study_plots', 'write_best',
-           'default_values', 'TuneResult', 'tune']
+           'over_budget', 'run_worker', 'trial_reason', 'TrialProgress', 'trials_table', 'markdown_table',
+           'study_plots', 'write_best', 'default_values', 'TuneResult', 'tune']
 
 # %% ../nbs/12_tune.ipynb #f81a8346
 class SpaceError(ValueError):
@@ -229,8 +229,12 @@ class OptunaReport(Callback):
 def objective(trial:optuna.Trial, # the trial Optuna asks for
               search:Search, # the checked search
               study_dir:str|Path, # the study folder (trials go to its `trials/`)
+              budget:int|None=None, # the study's trials in all: a trial beyond it is recorded as skipped, and nothing runs
              ) -> float:
     "One trial: train a run with the trial's values and return its best validation `metric`"
+    if budget is not None and over_budget(trial, budget):
+        trial.set_user_attr('skipped', f"over the budget of {budget} trials: another worker took the last one first; nothing ran")
+        raise RuntimeError(trial.user_attrs['skipped'])
     values = search.space.sample(trial)
     name = f"trial-{trial.number:03d}"
     trial.set_user_attr('worker', f"{socket.gethostname()}:{os.getpid()}")
@@ -288,11 +292,17 @@ def fail_dead_trials(study:optuna.Study) -> list:
     return dead
 
 def counted(trials:Sequence) -> list:
-    "The trials that count towards the budget: finished or running, less the failed ones that were retried"
+    "The trials that count towards the budget: finished or running, less the failed ones that were retried and those skipped over the budget"
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
         retried = {t.user_attrs.get('retry_of') for t in trials} | {optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
-    return [t for t in trials if (t.state.is_finished() or t.state == TrialState.RUNNING) and t.number not in retried]
+    return [t for t in trials if (t.state.is_finished() or t.state == TrialState.RUNNING) and t.number not in retried and 'skipped' not in t.user_attrs]
+
+def over_budget(trial:optuna.Trial, # a trial just started (it is in the storage, running)
+                budget:int, # the study's trials in all
+               ) -> bool:
+    "Whether `budget` counted trials numbered before this one exist: it is one too many (trial numbers are given in the order trials start)"
+    return sum(t.number < trial.number for t in counted(trial.study.get_trials(deepcopy=False))) >= budget
 
 # %% ../nbs/12_tune.ipynb #4406ed98
 PRUNERS = {'median': lambda epochs: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, int(epochs) // 3)),
@@ -312,7 +322,7 @@ def run_worker(job:Mapping, # what `tune` hands each worker (plain data): config
     t0, n = time.monotonic(), 0
     while len(counted(study.get_trials(deepcopy=False))) < job['trials']:
         if job['timeout'] is not None and time.monotonic() - t0 > job['timeout']: break
-        study.optimize(lambda t: objective(t, s, job['dir']), n_trials=1, catch=(Exception,), callbacks=list(callbacks))
+        study.optimize(lambda t: objective(t, s, job['dir'], job['trials']), n_trials=1, catch=(Exception,), callbacks=list(callbacks))
         n += 1
     return n
 
@@ -343,7 +353,7 @@ class TrialProgress:
         return f"trial {t.number:3d} {t.state.name.lower():8s} {what}  | {best}  {secs}"
     def update(self, study:optuna.Study, print_lines:bool=True):
         "Print the trials that finished since the last update"
-        done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number not in self.seen]
+        done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.number not in self.seen and 'skipped' not in t.user_attrs]
         for t in sorted(done, key=lambda t: (t.datetime_complete or t.datetime_start, t.number)):
             self.seen.add(t.number)
             text = self.line(t, study)
@@ -354,9 +364,10 @@ class TrialProgress:
 
 # %% ../nbs/12_tune.ipynb #f659baab
 def trials_table(study:optuna.Study, metric:str) -> pd.DataFrame:
-    "One row per trial: number, state, value, each param, epochs trained, seconds, whether it is the config's own values, run folder, reason"
+    "One row per trial (those skipped over the budget left out): number, state, value, each param, epochs, seconds, whether it is the config's own values, run folder, reason"
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if 'skipped' in t.user_attrs: continue
         rows.append({'trial': t.number, 'state': t.state.name.lower(), metric: t.value if t.state == TrialState.COMPLETE else None, **t.params,
                      'epochs': t.user_attrs.get('epochs', max(t.intermediate_values, default=0)),
                      'seconds': round(t.duration.total_seconds(), 1) if t.duration else None, 'default': bool(t.user_attrs.get('default')),

@@ -163,14 +163,66 @@ def postgres():
         subprocess.run([*as_user, str(bin_dir/'pg_ctl'), '-D', str(data), '-m', 'immediate', 'stop'], capture_output=True)
         shutil.rmtree(d, ignore_errors=True)
 
+def _ran_exactly(res, trials, n):
+    "The study ran exactly n trials: n in the table, n run folders, and any trial beyond them skipped before it ran"
+    ran = [t for t in trials if 'skipped' not in t.user_attrs]
+    assert len(ran) == n and all(t.state.is_finished() for t in trials)
+    assert all(t.state == TrialState.FAIL and 'run_dir' not in t.user_attrs for t in trials if 'skipped' in t.user_attrs)
+    assert len(res.table) == n and sorted(p.name for p in (res.dir/'trials').iterdir()) == sorted(Path(t.user_attrs['run_dir']).name for t in ran)
+    return ran
+
 def test_two_workers_share_a_study_on_postgresql(tmp_path, postgres):
     space = {**SPACE, 'set': {**TINY, 'training.epochs': 4}}  # 6 trials of ~2 s: the second worker starts (imports) well before the first is done
     res = tune(SMOKE, space, trials=6, workers=2, storage=postgres, out=tmp_path/'study', study_name='pg', verbose=False)
     trials = optuna.load_study(study_name='pg', storage=postgres).get_trials()  # the study lives in the server
-    assert len(trials) == 6 and all(t.state.is_finished() for t in trials)
-    assert len({t.user_attrs['worker'] for t in trials}) == 2  # both worker processes ran trials
+    ran = _ran_exactly(res, trials, 6)
+    assert len({t.user_attrs['worker'] for t in ran}) == 2  # both worker processes ran trials
     assert res.summary['storage'].startswith('postgresql+psycopg2://postgres@127.0.0.1:')
-    assert all(Path(t.user_attrs['run_dir']).is_dir() for t in trials)
+
+
+def test_two_workers_on_the_journal_file_run_exactly_the_budget(tmp_path):
+    space = {**SPACE, 'set': {**TINY, 'training.epochs': 2}}
+    res = tune(SMOKE, space, trials=5, workers=2, out=tmp_path/'study', pruner='none', verbose=False)
+    _ran_exactly(res, _trials(tmp_path/'study'), 5)
+
+
+def test_a_trial_started_beyond_the_budget_runs_nothing(tmp_path):
+    "Two workers both saw room for the last trial: the one that started second is skipped, trains nothing and is not counted"
+    from mmfusion.tune import objective, open_storage
+    out = tmp_path/'study'
+    res = tune(SMOKE, SPACE, trials=2, out=out, pruner='none', verbose=False)
+    study = optuna.load_study(study_name='smoke', storage=open_storage(None, out))
+    late = study.ask()  # as the other worker's trial, started once the budget was full
+    with pytest.raises(RuntimeError, match='over the budget of 2 trials'): objective(late, prepare_search(SMOKE, SPACE), out, budget=2)
+    study.tell(late, state=TrialState.FAIL)
+    assert not (out/'trials'/f'trial-{late.number:03d}').exists()
+    again = tune(SMOKE, SPACE, trials=2, out=out, pruner='none', verbose=False)  # resuming: the budget is full, nothing runs
+    assert len(again.table) == 2 and again.table['run_dir'].tolist() == res.table['run_dir'].tolist()
+
+
+# --- pruning ---------------------------------------------------------------------------------------------------------
+
+def test_the_median_pruner_stops_a_planted_bad_region_and_never_a_good_trial(tmp_path):
+    "A learning rate of 1e-6 leaves the validation loss where it starts; 1e-2 lowers it every epoch: the bad trials are pruned early"
+    good, bad, epochs = 1.0e-2, 1.0e-6, 6
+    space = {'params': {'training.lr': {'choices': [good, bad]}}, 'set': {**TINY, 'training.epochs': epochs}, 'metric': 'valid_loss'}
+    out = tmp_path/'study'
+    out.mkdir()
+    study = optuna.create_study(study_name='smoke', direction='minimize',
+                                storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out/'study.journal'))))
+    plan = [good, good, good, bad, good, bad, bad]  # 3 complete trials before the median pruner judges (its startup)
+    for lr in plan: study.enqueue_trial({'training.lr': lr})
+    res = tune(SMOKE, space, trials=len(plan), out=out, pruner='median', baseline=False, verbose=False)
+    t = res.table.set_index('trial')
+    assert t['training.lr'].tolist() == plan
+    is_bad = t['training.lr'] == bad
+    assert (t.loc[is_bad, 'state'] == 'pruned').all() and (t.loc[~is_bad, 'state'] == 'complete').all()
+    assert (t.loc[is_bad, 'epochs'] < epochs).all() and (t.loc[~is_bad, 'epochs'] == epochs).all()
+    for n in t.index[is_bad]:  # pruned on the values it reported, epoch by epoch, after the warmup
+        tr = res.study.trials[n]
+        assert sorted(tr.intermediate_values) == list(range(1, t.loc[n, 'epochs'] + 1)) and t.loc[n, 'reason'].startswith('pruned after epoch')
+        assert RunFolder(t.loc[n, 'run_dir']).history['valid_loss'].tolist() == pytest.approx([tr.intermediate_values[s] for s in sorted(tr.intermediate_values)])
+    assert res.summary['best']['params'] == {'training.lr': good}
 
 
 # --- mmfusion train --nproc 2 ----------------------------------------------------------------------------------------
