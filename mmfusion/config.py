@@ -30,8 +30,8 @@ __all__ = ['RUN_VERBS', 'VERB_PHRASES', 'RUN_KINDS', 'COMMANDS', 'DEFAULT_CONFIG
            'config_splits']
 
 # %% ../nbs/04a_config.ipynb #ee3ab2bc
-RUN_VERBS = ('resolve', 'splits', 'train', 'evaluate', 'diagnose', 'predict', 'export', 'predictor')  # what a kind of run is asked to do
-VERB_PHRASES = {'resolve': 'resolve a config', 'splits': 'build splits', 'predictor': 'be served'}  # how a refusal names a verb
+RUN_VERBS = ('resolve', 'splits', 'valid_split', 'train', 'evaluate', 'diagnose', 'predict', 'export', 'predictor')  # what a kind of run is asked to do
+VERB_PHRASES = {'resolve': 'resolve a config', 'splits': 'build splits', 'valid_split': 'name the split that validates them', 'predictor': 'be served'}  # how a refusal names a verb
 
 class KindError(ValueError):
     "An unknown kind of run, or a verb it cannot do; the message says why and what to do instead"

@@ -22,9 +22,9 @@ from .evaluation import (anomaly_metrics, anomaly_scores, build_scorer, classifi
                                  knn_evaluate, normal_class_index, regression_metrics, select_threshold, threshold_settings, write_figure)
 
 # %% auto #0
-__all__ = ['FUSED_TASKS', 'RECIPES', 'resolve_anomaly_config', 'normal_samples', 'ReconstructionTraining', 'with_primary',
-           'FusedTask', 'evaluate_learner', 'evaluate_scorer', 'Run', 'plot_history', 'start_run', 'Recipe',
-           'fused_parts', 'anomaly_parts', 'finish_run', 'train']
+__all__ = ['FUSED_TASKS', 'RECIPES', 'resolve_anomaly_config', 'learner_valid_split', 'normal_samples', 'ReconstructionTraining',
+           'with_primary', 'FusedTask', 'evaluate_learner', 'evaluate_scorer', 'Run', 'plot_history', 'start_run',
+           'Recipe', 'fused_parts', 'anomaly_parts', 'finish_run', 'train']
 
 # %% ../nbs/07a_kinds.ipynb #c01663a8
 @register_verb('anomaly', 'resolve')
@@ -36,6 +36,14 @@ def resolve_anomaly_config(cfg:Mapping) -> dict:
     cfg['model']['threshold'] = threshold_settings(cfg['model']['threshold'], 'model.threshold')
     if not cfg['data']['valid']: raise ValueError("an anomaly scorer needs data.valid: its threshold is chosen on validation data (data.split_off can hold one out)")
     return plain_data(cfg)
+
+# %% ../nbs/07a_kinds.ipynb #vs0002cd
+@register_verb('fused', 'valid_split')
+@register_verb('anomaly', 'valid_split')
+def learner_valid_split(cfg:Mapping, # a resolved fused or anomaly config
+                       ) -> str|None:
+    "The split that validates a Learner-trained run (checkpoints, early stopping, a search's objective): `data.valid`, or None"
+    return cfg['data']['valid']
 
 # %% ../nbs/07a_kinds.ipynb #9de08cfc
 def normal_samples(ds:MultiModalDataset, # a classification split
