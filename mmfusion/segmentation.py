@@ -19,30 +19,31 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 from tqdm.auto import tqdm
 
 from .core import Registry, atomic_write, seed_everything, write_json, write_text_atomic
-from .data import image_frames, IMAGE_EXTS, DataError, MultiModalDataset, Record, Sample, batch_to, check_splits, paired_folders, read_csv_text, read_image
+from .data import image_frames, IMAGE_EXTS, ArrayRow, DataError, Modality, MultiModalDataset, Record, Sample, TabularPreprocessor, batch_to, check_splits, paired_folders, read_csv_text, read_image
 from .sample_data import SEGMENTATION_CLASSES, SEGMENTATION_MODALITIES, SEGMENTATION_SETS
-from .encoders import load_state_dict_matching
+from .encoders import TabularMLP, load_state_dict_matching
 from .fusion import FUSIONS
 from .model import MultiModalModel, load_checkpoint, run_checkpoint
 from .training import Learner, OPTIMIZERS, training_callbacks
 from .config import DEFAULT_CONFIG, KindError, RunFolder, apply_overrides, load_config, merge_section, plain_data, register_verb
+from .evaluation import bootstrap_ci
 from .diagnosis import Diagnosis, Finding
 
 # %% auto #0
 __all__ = ['SEG_BACKBONES', 'SEG_LOSSES', 'SEGMENTATION_TRAINING', 'SEGMENTATION_CONFIG', 'SEG_COLOURS', 'SEG_EXPORT_ATOL',
            'SEG_FORMATS', 'read_mask', 'SegmentationDataset', 'segmentation_folders', 'MaskAugment',
-           'segmentation_augment', 'segmentation_splits', 'SegBackbone', 'MultiModalDeepLab', 'load_segmenter',
-           'PixelLoss', 'PixelCrossEntropy', 'DiceLoss', 'PixelFocal', 'DiceCE', 'mask_class_weights', 'confusion',
-           'segmentation_scores', 'bootstrap_ci', 'window_starts', 'sliding_window', 'miou', 'build_loss',
-           'fit_segmenter', 'score_segmenter', 'segmentation_report', 'background_report', 'best_constant',
-           'segmentation_data_root', 'resolve_segmentation_config', 'segmentation_config', 'run_splits',
-           'run_segmentation_splits', 'build_segmenter', 'SegmentationRun', 'train_segmentation_baselines',
-           'evaluation_table', 'table_frame', 'score_segmentation_run', 'run_segmentation', 'evaluate_segmentation_run',
-           'mask_rle', 'rle_mask', 'mask_overlay', 'write_png', 'segmentation_frames', 'predict_masks',
-           'predict_segmentation_run', 'SegmentationExportError', 'SegmenterGraph', 'segmenter_inputs',
-           'export_segmenter', 'export_segmentation_run', 'ImageInput', 'SegmentationMask', 'SegmentationPredictor',
-           'segmentation_predictor', 'segmentation_contribution', 'class_cams', 'cam_findings', 'frozen_backbone_check',
-           'diagnose_segmentation_run']
+           'segmentation_augment', 'segmentation_splits', 'SegBackbone', 'MetadataFiLM', 'MultiModalDeepLab',
+           'load_segmenter', 'PixelLoss', 'PixelCrossEntropy', 'DiceLoss', 'PixelFocal', 'DiceCE', 'mask_class_weights',
+           'confusion', 'segmentation_scores', 'pooled_miou', 'window_starts', 'sliding_window', 'miou', 'build_loss',
+           'fit_segmenter', 'model_inputs', 'score_segmenter', 'segmentation_report', 'background_report',
+           'best_constant', 'segmentation_data_root', 'resolve_segmentation_config', 'segmentation_config',
+           'run_splits', 'run_segmentation_splits', 'build_segmenter', 'SegmentationRun',
+           'train_segmentation_baselines', 'evaluation_table', 'table_frame', 'score_segmentation_run',
+           'run_segmentation', 'evaluate_segmentation_run', 'mask_rle', 'rle_mask', 'mask_overlay', 'write_png',
+           'segmentation_frames', 'predict_masks', 'predict_segmentation_run', 'SegmentationExportError',
+           'SegmenterGraph', 'segmenter_inputs', 'export_segmenter', 'export_segmentation_run', 'ImageInput',
+           'SegmentationMask', 'SegmentationPredictor', 'segmentation_predictor', 'segmentation_contribution',
+           'class_cams', 'cam_findings', 'frozen_backbone_check', 'diagnose_segmentation_run']
 
 # %% ../nbs/07b_segmentation.ipynb #71e3cca5
 def read_mask(path, # a one-channel image of class ids (8- or 16-bit PNG, palette PNG, or an integer/float TIFF)
@@ -94,23 +95,40 @@ def segmentation_folders(root, # dataset root: `root/{split}/{modality,...,masks
                          group_column:str|None='battery_id', # what a sample belongs to (kept in one split)
                          id_column:str='sample_id', # the image file's stem
                          transform:Callable|None=None, # e.g. a `MaskAugment`
+                         numeric:Sequence[str]=(), # numeric metadata columns: with `categorical`, the `metadata` input (standardised)
+                         categorical:Sequence[str]=(), # categorical metadata columns (coded, 0 = unknown)
+                         tabular:TabularPreprocessor|None=None, # fitted on the training split (default: fitted here, on this split)
                         ) -> SegmentationDataset:
-    "One split of aligned images and masks paired by file name; a sample without a mask is a `DataError` naming the missing file"
+    "One split of aligned images and masks paired by file name, with a `metadata` row per sample if columns are named; a sample without a mask is a `DataError` naming the missing file"
     root = Path(root)
     ds = paired_folders(root, split, modalities, labels=None)  # every modality's image for every name, or a DataError
     mdir = root/split/masks
     index = {f.stem: f for f in sorted(mdir.iterdir()) if f.suffix.lower() in IMAGE_EXTS} if mdir.is_dir() else {}
-    groups = {}
-    if metadata and group_column and (root/metadata).is_file():
-        meta = read_csv_text(root/metadata)
-        for c in (id_column, group_column):
+    tabular = tabular or (TabularPreprocessor(numeric, categorical) if numeric or categorical else None)
+    meta = read_csv_text(root/metadata) if metadata and (root/metadata).is_file() else None
+    if tabular is not None and meta is None: raise DataError(root/(metadata or 'metadata.csv'), f"not found; metadata columns {[*tabular.numeric, *tabular.categorical]} were asked for")
+    groups, rows = {}, {}
+    if meta is not None and (group_column or tabular is not None):
+        for c in (id_column, *([group_column] if group_column else [])):
             if c not in meta.columns: raise DataError(root/metadata, f"has no column {c!r}")
-        groups = dict(zip(meta[id_column].str.strip(), meta[group_column].str.strip()))
+        meta = meta.set_index(meta[id_column].str.strip(), drop=False)
+        if meta.index.duplicated().any(): raise DataError(root/metadata, f"sample id {meta.index[meta.index.duplicated()][0]!r} is on two rows")
+        if group_column: groups = dict(zip(meta.index, meta[group_column].str.strip()))
+    if tabular is not None:
+        have = [r.id for r in ds.records if r.id in meta.index]  # a sample without a row has its metadata absent
+        if tabular.state is None: tabular.fit(meta.loc[have], root/metadata)
+        table = tabular.transform(meta.loc[have], root/metadata) if have else None
+        rows = {i: ArrayRow('metadata', k, table) for k, i in enumerate(have)}
     records = []
     for r in ds.records:
         if r.id not in index: raise DataError(mdir/f'{r.id}.png', f"sample {r.id!r} has no mask (each image needs one in {mdir})", r.id)
-        records.append(Record(r.id, r.sources, index[r.id], r.origin, groups.get(r.id)))
-    return SegmentationDataset(records, list(ds.modalities.values()), 'segmentation', list(class_names), transform, name=ds.name)
+        records.append(Record(r.id, {**r.sources, **({'metadata': rows.get(r.id)} if tabular is not None else {})}, index[r.id], r.origin, groups.get(r.id)))
+    extra = [Modality('metadata', _metadata_row, required=False)] if tabular is not None else []
+    out = SegmentationDataset(records, [*ds.modalities.values(), *extra], 'segmentation', list(class_names), transform, name=ds.name)
+    out.tabular = tabular
+    return out
+
+def _metadata_row(src:ArrayRow) -> torch.Tensor: return torch.as_tensor(src.array[src.index]).float()
 
 # %% ../nbs/07b_segmentation.ipynb #8694b9e4
 def _draw_seed(*parts) -> int: return int.from_bytes(hashlib.blake2b(':'.join(map(str, parts)).encode(), digest_size=4).digest(), 'little')
@@ -157,13 +175,14 @@ def segmentation_splits(root, # dataset root (`root/{split}/{modality,...,masks}
                         splits:Sequence[str]=('train', 'val', 'test'), # split folders
                         augment:bool|MaskAugment=True, # augment the training split (`segmentation_augment`, or your own `MaskAugment`)
                         seed:int=0, # augmentation seed
-                        **kwargs, # `segmentation_folders` options (masks, metadata, group_column, id_column)
+                        **kwargs, # `segmentation_folders` options (masks, metadata, group_column, id_column, numeric, categorical)
                        ) -> dict:
     "Split name -> `SegmentationDataset` (cached), the first split augmented"
-    out = {}
+    out, tab = {}, None
     for i, s in enumerate(splits):
         aug = (augment if isinstance(augment, MaskAugment) else segmentation_augment(seed, tuple(modalities)) if augment else None) if i == 0 else None
-        out[s] = segmentation_folders(root, s, modalities, class_names, transform=aug, **kwargs).cache()
+        out[s] = segmentation_folders(root, s, modalities, class_names, transform=aug, tabular=tab, **kwargs).cache()
+        tab = out[s].tabular  # fitted on the first (training) split, applied to the others
     return out
 
 # %% ../nbs/07b_segmentation.ipynb #19e5ac4a
@@ -192,6 +211,45 @@ class SegBackbone(nn.Module):
             if i == self.low_at: low = x
         return low, x
 
+# %% ../nbs/07b_segmentation.ipynb #a1f0c010
+def _metadata_input(inputs:Mapping, name:str) -> tuple:
+    "(rows (B, F), presence (B,)) of the metadata input `name` of a batch dict or a plain mapping; (None, None) when not given. A row holding NaN is absent"
+    present = None
+    if 'inputs' in inputs:
+        cols = inputs.get('modalities', [])
+        if name in cols: present = inputs['present'][:, cols.index(name)].bool()
+        inputs = inputs['inputs']
+    rows = inputs.get(name)
+    if rows is None: return None, None
+    rows = torch.as_tensor(rows).float()
+    ok = ~rows.isnan().any(1)
+    return rows, ok if present is None else ok & present.to(ok.device)
+
+class MetadataFiLM(nn.Module):
+    "FiLM of a feature map by a metadata row: a `TabularMLP` code -> per-channel scale and shift, zero-initialised (the identity at the start, and where metadata is absent)"
+    def __init__(self, channels:int, # channels of the modulated map
+                 n_numeric:int, # numeric (standardised) metadata columns, first in each row
+                 cardinalities:Sequence[int]=(), # codes of each categorical column (0 = unknown included: `TabularPreprocessor.cardinalities`)
+                 dim:int=32, # size of the metadata code
+                 hidden:int=64): # hidden width of the `TabularMLP`
+        super().__init__()
+        self.encoder = TabularMLP(n_numeric, cardinalities, dim, hidden, dropout=0.)
+        self.film = nn.Linear(dim, 2 * channels)
+        nn.init.zeros_(self.film.weight); nn.init.zeros_(self.film.bias)
+        self.n_features = n_numeric + len(cardinalities)
+
+    def forward(self, h:torch.Tensor, # (B, C, H, W) features
+                rows:torch.Tensor|None, # (B, F) metadata rows (None: absent for every sample)
+                present:torch.Tensor|None=None, # (B,) False: that sample's row is absent (it may hold anything, NaN included)
+               ) -> torch.Tensor:
+        "h * (1 + gamma) + beta where the metadata is present, h unchanged where it is absent"
+        if rows is None: return h
+        present = torch.ones(len(rows), dtype=torch.bool, device=h.device) if present is None else present.to(h.device)
+        rows = torch.where(present[:, None], rows.to(h.device), torch.zeros_like(rows, device=h.device))
+        gamma, beta = (self.film(self.encoder(rows).pooled) * present[:, None].float()).chunk(2, 1)
+        return h * (1 + gamma[..., None, None]) + beta[..., None, None]
+
+
 # %% ../nbs/07b_segmentation.ipynb #ce88d2d9
 def _batch_inputs(inputs:Mapping, present, modalities:list) -> tuple:
     "(modality -> images, presence (B, M) in `modalities` order) from a batch dict or a plain mapping"
@@ -214,7 +272,9 @@ class MultiModalDeepLab(nn.Module):
                  base:str|None=None, # baseline-first: the fused maps start as exactly this modality's
                  decoder:str='plus', # 'plus' (DeepLabV3+: low-level skip) or 'v3' (ASPP head only)
                  aspp_channels:int=64, # ASPP and decoder width (torchvision's DeepLabHead uses 256)
-                 rates:Sequence[int]=(2, 4, 6)): # ASPP atrous rates (at stride 16: a 4x4 map for a 64 px crop)
+                 rates:Sequence[int]=(2, 4, 6), # ASPP atrous rates (at stride 16: a 4x4 map for a 64 px crop)
+                 metadata:Mapping|None=None, # FiLM of the ASPP output by the `metadata` input: `MetadataFiLM` options (n_numeric, cardinalities, dim, hidden); None: images only
+                ):
         super().__init__()
         self.channels, self.class_names = {m: int(c) for m, c in modalities.items()}, list(class_names)
         if fusion is None and len(self.channels) > 1: raise ValueError("fusion=None works for one modality only; choose e.g. 'map_concat'")
@@ -222,7 +282,8 @@ class MultiModalDeepLab(nn.Module):
         if decoder not in ('plus', 'v3'): raise ValueError(f"decoder must be 'plus' or 'v3', got {decoder!r}")
         self.base, self.decoder_kind = base, decoder
         self.config = dict(modalities=dict(self.channels), class_names=self.class_names, backbone=backbone, fusion=fusion, base=base,
-                           decoder=decoder, aspp_channels=aspp_channels, rates=list(rates))
+                           decoder=decoder, aspp_channels=aspp_channels, rates=list(rates),
+                           metadata=None if metadata is None else {k: list(v) if k == 'cardinalities' else v for k, v in metadata.items()})
         self.backbones = nn.ModuleDict({m: SegBackbone(c, backbone) for m, c in self.channels.items()})
         lc, hc = next(iter(self.backbones.values())).channels
         fcfg = None if fusion is None else ({'name': fusion} if isinstance(fusion, str) else dict(fusion))
@@ -230,6 +291,7 @@ class MultiModalDeepLab(nn.Module):
             FUSIONS.build({'dim': d, **({'base': base} if base else {}), **fcfg}, modalities=list(self.channels), dims={m: d for m in self.channels}) for d in (lc, hc))
         self.tap, self.low_tap = nn.Identity(), nn.Identity()  # the fused high- and low-level maps: where Grad-CAM looks
         self.aspp = ASPP(hc, list(rates), aspp_channels)
+        self.film = None if metadata is None else MetadataFiLM(aspp_channels, **metadata)
         skip = 24 if decoder == 'plus' else 0
         self.low_proj = nn.Sequential(nn.Conv2d(lc, skip, 1, bias=False), nn.BatchNorm2d(skip), nn.ReLU()) if skip else None
         conv = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
@@ -239,7 +301,12 @@ class MultiModalDeepLab(nn.Module):
     @property
     def modalities(self) -> list: return list(self.channels)
 
-    def forward(self, inputs:Mapping, # modality -> (B, C, H, W) in [0, 1], or a batch dict from `collate`
+    @property
+    def inputs(self) -> list:
+        "The image modalities, then `metadata` when the model is conditioned on it: everything that can be left out"
+        return [*self.channels, *(['metadata'] if self.film is not None else [])]
+
+    def forward(self, inputs:Mapping, # modality -> (B, C, H, W) in [0, 1] (and `metadata` -> (B, F) rows), or a batch dict from `collate`
                 present:torch.Tensor|None=None, # (B, M) presence in `modalities` order (default: present when given)
                ) -> torch.Tensor:
         "Class logits (B, K, H, W) at the input size"
@@ -249,6 +316,7 @@ class MultiModalDeepLab(nn.Module):
         if self.fusions is None: low, high = next(iter(feats.values()))
         else: low, high = (f({m: v[i] for m, v in feats.items()}, present).fused for i, f in enumerate(self.fusions))
         h = self.aspp(self.tap(high))
+        if self.film is not None: h = self.film(h, *_metadata_input(inputs, 'metadata'))
         if self.low_proj is not None: h = torch.cat([F.interpolate(h, size=low.shape[-2:], mode='bilinear', align_corners=False), self.low_proj(self.low_tap(low))], 1)
         return F.interpolate(self.decoder(h), size=(H, W), mode='bilinear', align_corners=False)
 
@@ -388,14 +456,10 @@ def segmentation_scores(cm:np.ndarray, # a (K, K) confusion matrix (`confusion`,
             'per_class': {str(n): {'iou': None if not s else float(i), 'dice': None if not s else float(d), 'pixels': int(cm[k].sum())}
                           for k, (n, s, i, d) in enumerate(zip(names, seen, iou, dice))}}
 
-def bootstrap_ci(cms:np.ndarray, # (N, K, K) one confusion matrix per image
-                 stat:Callable=lambda cm: segmentation_scores(cm)['miou'], # statistic of a summed confusion matrix
-                 n_boot:int=1000, seed:int=0, level:float=.95) -> tuple:
-    "(low, high) percentile interval of `stat` over images resampled with replacement (the images, not the pixels, are the samples)"
-    cms, rng = np.asarray(cms), np.random.default_rng(seed)
-    vals = [stat(cms[rng.integers(0, len(cms), len(cms))].sum(0)) for _ in range(n_boot)]
-    a = (1 - level) / 2
-    return float(np.nanquantile(vals, a)), float(np.nanquantile(vals, 1 - a))
+def pooled_miou(cms:np.ndarray, # (N, K, K) one confusion matrix per image
+               ) -> float:
+    "mIoU of the images' summed confusion matrix: the statistic `bootstrap_ci` resamples images for"
+    return segmentation_scores(np.asarray(cms).sum(0))['miou']
 
 # %% ../nbs/07b_segmentation.ipynb #4df701f8
 def window_starts(length:int, window:int, stride:int) -> list:
@@ -410,7 +474,7 @@ def _blend_weight(h:int, w:int, blend:str) -> torch.Tensor:
 
 @torch.no_grad()
 def sliding_window(model:Callable, # (modality -> (B, C, h, w) images, present (B, M)) -> (B, K, h, w) logits, e.g. a `MultiModalDeepLab`
-                   images:Mapping[str, torch.Tensor], # modality -> (C, H, W) image, all the same size
+                   images:Mapping[str, torch.Tensor], # modality -> (C, H, W) image, all the same size (and `metadata` -> (F,) row: the same for every window)
                    window:int|tuple=64, # window size (h, w) in px
                    overlap:float=.25, # share of a window shared with the next one
                    batch_size:int=8, # windows per forward pass
@@ -420,7 +484,7 @@ def sliding_window(model:Callable, # (modality -> (B, C, h, w) images, present (
                   ) -> torch.Tensor:
     "Class probabilities (K, H, W) of one image from overlapping windows; exactly the whole-image softmax when it fits one window"
     wh, ww = (window, window) if isinstance(window, int) else window
-    ref = next(iter(images.values()))
+    ref = next(v for v in images.values() if v.ndim == 3)
     H, W, device = ref.shape[-2], ref.shape[-1], next(model.parameters()).device
     x = {m: v.to(device).float()[None] for m, v in images.items()}
     pres = None if present is None else torch.as_tensor(present).bool().view(1, -1).to(device)
@@ -430,7 +494,7 @@ def sliding_window(model:Callable, # (modality -> (B, C, h, w) images, present (
     weight, total, norm = _blend_weight(h, w, blend), None, torch.zeros(H, W)
     for i in tqdm(range(0, len(boxes), batch_size), disable=not progress, desc='windows', leave=False):
         part = boxes[i:i + batch_size]
-        crops = {m: torch.cat([v[..., y:y + h, x0:x0 + w] for y, x0 in part]) for m, v in x.items()}
+        crops = {m: torch.cat([v[..., y:y + h, x0:x0 + w] for y, x0 in part]) if v.ndim == 4 else v.expand(len(part), -1) for m, v in x.items()}
         probs = model(crops, None if pres is None else pres.expand(len(part), -1)).softmax(1).cpu()
         if total is None: total = torch.zeros(probs.shape[1], H, W)
         for (y, x0), p in zip(part, probs):
@@ -481,16 +545,20 @@ def fit_segmenter(model:MultiModalDeepLab, # the model to train
     return learn
 
 # %% ../nbs/07b_segmentation.ipynb #ec6f9d1a
+def model_inputs(model:nn.Module) -> list:
+    "What can be removed from a segmenter's input: `MultiModalDeepLab.inputs`, or the `modalities` of any other model"
+    return list(getattr(model, 'inputs', model.modalities))
+
 @torch.no_grad()
 def score_segmenter(model:MultiModalDeepLab, # the model (eval mode is set and restored)
                     ds:SegmentationDataset, # the split (unaugmented)
                     window:int=64, overlap:float=.25, blend:str='gaussian', batch_size:int=16, # `sliding_window` settings
-                    drop:Sequence[str]=(), # modalities removed at test time
+                    drop:Sequence[str]=(), # modalities (or `metadata`) removed at test time
                     progress:bool=False) -> np.ndarray:
     "(N, K, K) confusion matrices, one per image of `ds`, of the model's arg-max prediction"
-    was, K, mods = model.training, len(ds.class_names), model.modalities
-    unknown = [m for m in drop if m not in mods]
-    if unknown: raise KeyError(f"cannot drop {unknown}: the model takes {mods}")
+    was, K, mods, ins = model.training, len(ds.class_names), model.modalities, model_inputs(model)
+    unknown = [m for m in drop if m not in ins]
+    if unknown: raise KeyError(f"cannot drop {unknown}: the model takes {ins}")
     model.eval()
     try:
         cms = []
@@ -498,6 +566,7 @@ def score_segmenter(model:MultiModalDeepLab, # the model (eval mode is set and r
             s = ds[i]
             images = {m: (torch.zeros_like(v) if m in drop else v) for m, v in s.inputs.items() if m in mods}
             present = torch.tensor([m in images and m not in drop for m in mods])
+            if 'metadata' in ins and 'metadata' in s.inputs and 'metadata' not in drop: images['metadata'] = s.inputs['metadata']
             p = sliding_window(model, images, window, overlap, batch_size, blend, present)
             cms.append(confusion(p.argmax(0), s.target, K))
     finally: model.train(was)
@@ -508,8 +577,8 @@ def segmentation_report(cms:np.ndarray, # (N, K, K) per-image confusion matrices
                         n_boot:int=1000, seed:int=0) -> dict:
     "Scores of the summed confusion matrix (per-class IoU/Dice, mIoU with its bootstrap interval over images, pixel accuracy) and the confusion matrix"
     sc = segmentation_scores(cms.sum(0), class_names)
-    lo, hi = bootstrap_ci(cms, n_boot=n_boot, seed=seed) if n_boot else (None, None)
-    return {**sc, 'miou_low': lo, 'miou_high': hi, 'images': int(len(cms)), 'confusion': cms.sum(0).tolist()}
+    ci = bootstrap_ci(pooled_miou, cms, n_boot=n_boot, seed=seed) if n_boot else {'low': None, 'high': None}
+    return {**sc, 'miou_low': ci['low'], 'miou_high': ci['high'], 'images': int(len(cms)), 'confusion': cms.sum(0).tolist()}
 
 def background_report(cms:np.ndarray, class_names:Sequence[str], n_boot:int=1000, seed:int=0) -> dict:
     "The trivial baseline on the same images: every pixel predicted background (class 0)"
@@ -530,10 +599,11 @@ def best_constant(cms:np.ndarray) -> tuple:
 SEGMENTATION_CONFIG = {
     'kind': 'segmentation', 'name': 'segmentation', 'seed': 0, 'runs_dir': 'runs',
     'data': {'root': 'data', 'sample': None, 'modalities': None, 'class_names': None, 'train': 'train', 'valid': 'val', 'test': 'test',
-             'scans': None, 'batch_size': 16, 'augment': True, 'masks': 'masks', 'metadata': 'metadata.csv', 'group_column': 'battery_id', 'id_column': 'sample_id'},
+             'scans': None, 'batch_size': 16, 'augment': True, 'masks': 'masks', 'metadata': 'metadata.csv', 'group_column': 'battery_id', 'id_column': 'sample_id',
+             'numeric': [], 'categorical': []},
     'baseline': {'modality': None, 'modalities': None, 'epochs': 10, 'weights': None},
     'model': {'backbone': 'mobilenet_v3_small', 'fusion': 'map_concat', 'base': None, 'init': 'all', 'decoder': 'plus', 'aspp_channels': 64,
-              'rates': [2, 4, 6], 'weights': None},
+              'rates': [2, 4, 6], 'weights': None, 'metadata': None},
     'loss': {'name': 'dice_ce'},
     'training': SEGMENTATION_TRAINING,
     'evaluation': {'split': 'test', 'window': 64, 'overlap': 0.25, 'blend': 'gaussian', 'n_boot': 1000},
@@ -565,6 +635,9 @@ def resolve_segmentation_config(cfg:Mapping) -> dict:
     if bad: raise KeyError(f"baseline/model modality {bad[0]!r} is not one of data.modalities {list(d['modalities'])}")
     if 'base' not in (cfg.get('model') or {}) and len(d['modalities']) > 1: m['base'] = b['modality']  # baseline first unless `model.base: null`
     if m['init'] not in ('all', 'base', 'none'): raise ValueError(f"model.init must be 'all', 'base' or 'none', got {m['init']!r}")
+    if m['metadata'] is not None:
+        m['metadata'] = merge_section({'dim': 32, 'hidden': 64}, m['metadata'] or {}, 'model.metadata.')
+        if not (d['numeric'] or d['categorical']): raise ValueError("model.metadata conditions the model on metadata columns: name them in data.numeric / data.categorical")
     if t['stages']: t['epochs'] = int(sum(s['epochs'] for s in t['stages']))
     if not d['valid'] and t['monitor'].startswith('valid'): t['monitor'] = 'train_loss'
     return plain_data(out)
@@ -588,7 +661,8 @@ def run_splits(cfg:Mapping, # a resolved segmentation config
     names = sorted(set(names), key=names.index)
     if augment and names[0] != d['train']: raise ValueError("the training split comes first when it is augmented")
     return segmentation_splits(segmentation_data_root(d), d['modalities'], d['class_names'], names, augment, cfg['seed'],
-                               masks=d['masks'], metadata=d['metadata'], group_column=d['group_column'], id_column=d['id_column'])
+                               masks=d['masks'], metadata=d['metadata'], group_column=d['group_column'], id_column=d['id_column'],
+                               numeric=d['numeric'], categorical=d['categorical'])
 
 @register_verb('segmentation', 'splits')
 def run_segmentation_splits(run:RunFolder) -> dict:
@@ -598,13 +672,17 @@ def run_segmentation_splits(run:RunFolder) -> dict:
 # %% ../nbs/07b_segmentation.ipynb #44966300
 def build_segmenter(cfg:Mapping, # a resolved segmentation config
                     modalities:Mapping[str, int]|None=None, # default: every modality of the data (a baseline: one)
+                    tabular:TabularPreprocessor|None=None, # the training split's (`.tabular`): the metadata layout `model.metadata` needs
                    ) -> MultiModalDeepLab:
     "The model a config describes (for `modalities`), initialised from the config's seed, with local backbone weights (`model.weights: {modality: file}`) loaded by key matching"
     m, mods = cfg['model'], dict(modalities or cfg['data']['modalities'])
     seed_everything(cfg['seed'])  # the same weights for the same config, whatever ran before in the process
-    one = len(mods) == 1
+    one, meta = len(mods) == 1, None
+    if m['metadata'] is not None and modalities is None:  # the fused model; single-modality baselines see images only
+        if tabular is None: raise ValueError("model.metadata: pass the training split's fitted metadata layout (`tabular=splits[train].tabular`)")
+        meta = {'n_numeric': len(tabular.numeric), 'cardinalities': tabular.cardinalities, **m['metadata']}
     model = MultiModalDeepLab(mods, cfg['data']['class_names'], m['backbone'], None if one else m['fusion'], None if one else m['base'],
-                              m['decoder'], m['aspp_channels'], m['rates'])
+                              m['decoder'], m['aspp_channels'], m['rates'], meta)
     for k, path in (m['weights'] or {}).items():
         if k in mods: load_state_dict_matching(model.backbones[k].features, path, verbose=False)  # nothing is downloaded: a local file
     return model
@@ -642,8 +720,8 @@ def evaluation_table(model:MultiModalDeepLab, # the fused model
     kw = dict(window=window, overlap=overlap, blend=blend)
     full = score_segmenter(model, ds, **kw)
     rows = {'fused: all modalities': segmentation_report(full, ds.class_names, n_boot, seed)}
-    if len(model.modalities) > 1:
-        for m in model.modalities: rows[f'fused without {m}'] = segmentation_report(score_segmenter(model, ds, drop=[m], **kw), ds.class_names, n_boot, seed)
+    if len(model_inputs(model)) > 1:
+        for m in model_inputs(model): rows[f'fused without {m}'] = segmentation_report(score_segmenter(model, ds, drop=[m], **kw), ds.class_names, n_boot, seed)
     for name, b in (baselines or {}).items(): rows[name] = segmentation_report(score_segmenter(b, ds, **kw), ds.class_names, n_boot, seed)
     rows['all background'] = background_report(full, ds.class_names, n_boot, seed)
     return rows
@@ -696,7 +774,7 @@ def run_segmentation(config:str|Path|Mapping='configs/inspection_segmentation.ya
     leak = check_splits({s: splits[s] for s in (d['train'], d['valid'], d['test']) if s}, content=False)
     if not leak.ok: raise ValueError(f"{segmentation_data_root(d)}: samples or groups ({d['group_column']}) are shared between splits, so test scores would not be held out:\n{leak!r}")
     baselines = train_segmentation_baselines(cfg, splits, run_dir, cbs)
-    model, base = build_segmenter(cfg), cfg['model']['base'] or cfg['baseline']['modality']
+    model, base = build_segmenter(cfg, tabular=splits[d['train']].tabular), cfg['model']['base'] or cfg['baseline']['modality']
     if base in baselines and cfg['model']['init'] != 'none': model.load_single(run_dir/baselines[base]['checkpoint'], None if cfg['model']['init'] == 'all' else [base])
     t1 = time.perf_counter()
     learn = fit_segmenter(model, splits[d['train']], splits.get(d['valid']), cfg['training'], cfg['loss'], d['batch_size'], run_dir, cbs, cfg['seed'])
@@ -819,11 +897,11 @@ class SegmentationExportError(RuntimeError):
     "An exported segmenter whose logits differ from PyTorch's by more than the tolerance"
 
 class SegmenterGraph(nn.Module):
-    "A segmenter with flat tensor arguments (one image batch per modality, in order, then `present`) returning logits"
+    "A segmenter with flat tensor arguments (one image batch per modality, in order, then `present`, then `metadata` rows if it takes them; a NaN row is absent) returning logits"
     def __init__(self, model:MultiModalDeepLab): super().__init__(); self.model = model
     def forward(self, *args):
-        *xs, present = args
-        return self.model(dict(zip(self.model.modalities, xs)), present)
+        n = len(self.model.modalities)
+        return self.model({**dict(zip(self.model.modalities, args[:n])), **({'metadata': args[n + 1]} if len(args) > n + 1 else {})}, args[n])
 
 def segmenter_inputs(model:MultiModalDeepLab, size:tuple, n:int=2, seed:int=0) -> tuple:
     "Seeded random images per modality and a `present` mask in which sample i lacks modality i (when there are several)"
@@ -832,17 +910,23 @@ def segmenter_inputs(model:MultiModalDeepLab, size:tuple, n:int=2, seed:int=0) -
     present = torch.ones(n, len(xs), dtype=torch.bool)
     if len(xs) > 1:
         for i in range(min(n - 1, len(xs))): present[i, i] = False
-    return xs + (present,)
+    if model.film is None: return xs + (present,)
+    rows = torch.randn(n, model.film.n_features, generator=g)
+    rows[-1] = float('nan')  # the last sample lacks its metadata
+    return xs + (present, rows)
 
-def _run_file(path:Path, fmt:str, inputs:tuple) -> torch.Tensor:
+def _run_file(path:Path, fmt:str, inputs:tuple, names:Sequence[str]) -> torch.Tensor:
     if fmt == 'onnx':
         sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-        return torch.from_numpy(sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), inputs)})[0])
+        used = {i.name for i in sess.get_inputs()}  # an input the graph does not read (one modality's `present`) is left out of it
+        return torch.from_numpy(sess.run(None, {n: x.numpy() for n, x in zip(names, inputs) if n in used})[0])
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', FutureWarning)  # torch 2.14 marks TorchScript deprecated
         module = torch.jit.load(str(path), map_location='cpu').eval()
     with torch.no_grad(): return module(*inputs)
 
+
+# %% ../nbs/07b_segmentation.ipynb #a1f0c013
 def export_segmenter(model:MultiModalDeepLab, # the model (moved to the CPU)
                      out, # folder for segmenter.onnx / segmenter.pt and segmenter.json
                      size:tuple=(64, 64), # (H, W) the graph takes: the sliding window
@@ -851,7 +935,7 @@ def export_segmenter(model:MultiModalDeepLab, # the model (moved to the CPU)
     "Write the segmenter (dynamic batch), check each file against PyTorch on other inputs and batch size; format -> {path, max_abs_diff: {'logits': ...}}"
     bad = [f for f in formats if f not in SEG_FORMATS]
     if bad: raise ValueError(f"format must be one of {list(SEG_FORMATS)}, got {bad[0]!r}")
-    graph, out, names = SegmenterGraph(model.cpu()).eval(), Path(out), [*model.modalities, 'present']
+    graph, out, names = SegmenterGraph(model.cpu()).eval(), Path(out), [*model.modalities, 'present', *(['metadata'] if model.film is not None else [])]
     example, check = segmenter_inputs(model, size), segmenter_inputs(model, size, n=len(model.modalities) + 2, seed=1)
     with torch.no_grad(): ref = graph(*check)
     res = {}
@@ -865,14 +949,15 @@ def export_segmenter(model:MultiModalDeepLab, # the model (moved to the CPU)
                 if f == 'torchscript': torch.jit.save(torch.jit.trace(graph, example, check_trace=False), str(tmp))
                 else: torch.onnx.export(graph, example, str(tmp), input_names=names, output_names=['logits'], opset_version=opset,
                                         dynamo=False, dynamic_axes={n: {0: 'batch'} for n in [*names, 'logits']})
-            diff = float((_run_file(tmp, f, check) - ref).abs().max())
+            diff = float((_run_file(tmp, f, check, names) - ref).abs().max())
             if not diff <= atol: raise SegmentationExportError(f"{path}: its logits differ from PyTorch's by up to {diff:.3g} (allowed {atol}); not written, do not deploy it")
             os.replace(tmp, path)
         finally:
             if tmp.exists(): tmp.unlink()
         res[f] = {'path': path, 'max_abs_diff': {'logits': diff}}
     write_json({'formats': {f: r['path'].name for f, r in res.items()}, 'max_abs_diff': {f: r['max_abs_diff'] for f, r in res.items()}, 'atol': atol,
-                'inputs': [{'name': m, 'shape': ['batch', c, *size]} for m, c in model.channels.items()] + [{'name': 'present', 'shape': ['batch', len(model.channels)]}],
+                'inputs': [{'name': m, 'shape': ['batch', c, *size]} for m, c in model.channels.items()] + [{'name': 'present', 'shape': ['batch', len(model.channels)]}]
+                          + ([{'name': 'metadata', 'shape': ['batch', model.film.n_features], 'absent': 'a row of NaN'}] if model.film is not None else []),
                 'outputs': [{'name': 'logits', 'shape': ['batch', len(model.class_names), *size]}], 'class_names': model.class_names,
                 'postprocess': 'arg-max over classes; images larger than the window: mmfusion.segmentation.sliding_window'}, out/'segmenter.json')
     return res
@@ -961,10 +1046,8 @@ def segmentation_predictor(run:RunFolder, checkpoint:str='best', data_root=None,
 # %% ../nbs/07b_segmentation.ipynb #fb2e3968
 def _paired_gain(a:np.ndarray, b:np.ndarray, n_boot:int, seed:int) -> tuple:
     "mIoU(a) - mIoU(b) over the same images, and its percentile interval with images resampled in pairs"
-    f = lambda x: segmentation_scores(x.sum(0))['miou']
-    rng = np.random.default_rng(seed)
-    boots = [f(a[i]) - f(b[i]) for i in (rng.integers(0, len(a), len(a)) for _ in range(n_boot))]
-    return f(a) - f(b), float(np.nanquantile(boots, .025)), float(np.nanquantile(boots, .975))
+    ci = bootstrap_ci(lambda x, y: pooled_miou(x) - pooled_miou(y), a, b, n_boot=n_boot, seed=seed)
+    return ci['value'], ci['low'], ci['high']
 
 def segmentation_contribution(model:MultiModalDeepLab, # the fused model
                               ds:SegmentationDataset, # the split to diagnose on
@@ -976,7 +1059,8 @@ def segmentation_contribution(model:MultiModalDeepLab, # the fused model
     full, findings, rows = score_segmenter(model, ds, **kw), [], {}
     verdict = lambda lo, hi: 'contributes' if lo > min_gain else 'hurts' if hi < 0 else 'ignored' if -negligible <= lo and hi <= negligible else 'inconclusive'
     severity = {'contributes': 'ok', 'hurts': 'problem', 'ignored': 'problem', 'inconclusive': 'warning'}
-    for m in (model.modalities if len(model.modalities) > 1 else []):
+    ins = model_inputs(model)
+    for m in (ins if len(ins) > 1 else []):
         g, lo, hi = rows[f'without {m}'] = _paired_gain(full, score_segmenter(model, ds, drop=[m], **kw), n_boot, seed)
         v = verdict(lo, hi); sev = severity[v]
         say = {'contributes': f"{m} contributes: removing it costs {g:.3f} mIoU (95% CI {lo:.3f} to {hi:.3f})",
@@ -984,7 +1068,7 @@ def segmentation_contribution(model:MultiModalDeepLab, # the fused model
                'ignored': f"the model ignores {m}: removing it changes mIoU by {-g:+.3f} (95% CI of the cost {lo:.3f} to {hi:.3f}, within +-{negligible})",
                'inconclusive': f"{m}'s contribution is inconclusive: {g:.3f} mIoU (95% CI {lo:.3f} to {hi:.3f}); diagnose on more images"}[v]
         findings.append(Finding('segmentation_contribution', sev, say, {'verdict': v, 'gain': g, 'low': lo, 'high': hi, 'images': len(ds)},
-                                [] if sev == 'ok' else [f"raise {m}'s learning rate (`training.lr_mult: {{backbones.{m}: 5.0}}`) or the fusion's (`{{fusions: 10.0}}`)",
+                                [] if sev == 'ok' else [f"raise {m}'s learning rate (`training.lr_mult: {{{'film' if m == 'metadata' else 'backbones.' + m}: 5.0}}`) or the fusion's (`{{fusions: 10.0}}`)",
                                                         "train longer after the baseline-first start (`training.epochs`)"], m))
     for name, b in (baselines or {}).items():
         g, lo, hi = rows[f'versus {name}'] = _paired_gain(full, score_segmenter(b, ds, **kw), n_boot, seed)

@@ -20,9 +20,10 @@ from mmfusion.config import RunFolder
 from mmfusion.data import DataError, Sample, read_image
 from mmfusion.sample_data import make_battery_seg_data
 from mmfusion.training import Callback
-from mmfusion.segmentation import (SEG_EXPORT_ATOL, SEG_LOSSES, DiceLoss, build_segmenter, resolve_segmentation_config, run_segmentation, segmentation_contribution, MaskAugment, MultiModalDeepLab, PixelFocal, bootstrap_ci, confusion,
+from mmfusion.segmentation import (SEG_EXPORT_ATOL, SEG_LOSSES, DiceLoss, build_segmenter, resolve_segmentation_config, run_segmentation, segmentation_contribution, MaskAugment, MultiModalDeepLab, PixelFocal, confusion,
                                    fit_segmenter, mask_class_weights, read_mask, rle_mask, segmentation_folders, segmentation_scores,
-                                   segmentation_splits, sliding_window)
+                                   segmentation_splits, sliding_window, pooled_miou, score_segmenter, export_segmenter)
+from mmfusion.evaluation import bootstrap_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'MPLBACKEND': 'Agg', 'PYTHONHASHSEED': '0', 'HF_HUB_OFFLINE': '1'}
@@ -154,9 +155,11 @@ def test_metrics_match_sklearn_on_flattened_pixels():
 def test_bootstrap_interval_is_over_images():
     "Identical images: no spread; two very different images: a wide interval containing the pooled value"
     same = np.stack([confusion(np.eye(4).argmax(0), np.arange(4), 4)] * 6)
-    assert bootstrap_ci(same, n_boot=50) == (1.0, 1.0)
+    ci = bootstrap_ci(pooled_miou, same, n_boot=50)
+    assert (ci['value'], ci['low'], ci['high']) == (1.0, 1.0, 1.0)
     good, bad = confusion(np.arange(4), np.arange(4), 4), confusion(np.zeros(4, int), np.arange(4), 4)
-    lo, hi = bootstrap_ci(np.stack([good, bad] * 4), n_boot=300)
+    ci = bootstrap_ci(pooled_miou, np.stack([good, bad] * 4), n_boot=300)
+    lo, hi = ci['low'], ci['high']
     pooled = segmentation_scores(np.stack([good, bad] * 4).sum(0))['miou']
     assert lo < pooled < hi and hi - lo > .2
 
@@ -244,6 +247,91 @@ def test_contribution_verdicts_on_planted_truth(splits):
     assert f['density'].evidence['verdict'] == 'contributes' and f['density'].severity == 'ok', f['density'].summary
     assert f['ct'].evidence['verdict'] == 'ignored' and f['ct'].severity == 'problem' and 'ignores ct' in f['ct'].summary
 
+
+
+# ---------------------------------------------------------------- metadata (FiLM)
+META = {'n_numeric': 1, 'dim': 8, 'hidden': 16}
+
+
+def planted_meta(n:int, seed:int):
+    "Bright discs whose class (1 or 2) is the sign of a metadata value: the image alone cannot tell them apart"
+    g, (yy, xx) = np.random.default_rng(seed), np.mgrid[:64, :64]
+    flag = g.choice([-1., 1.], n)
+    discs = [np.hypot(yy - cy, xx - cx) < r for cy, cx, r in zip(*g.uniform(20, 44, (2, n)), g.uniform(10, 16, n))]
+    ims = np.stack([.2 + .6 * d + .05 * g.standard_normal((64, 64)) for d in discs])
+    masks = np.stack([np.where(d, 1 if f > 0 else 2, 0) for d, f in zip(discs, flag)])
+    return torch.tensor(ims, dtype=torch.float32)[:, None], torch.tensor(masks), torch.tensor(flag, dtype=torch.float32)[:, None]
+
+
+def fit_planted(metadata, steps=60, bs=8, seed=0):
+    torch.manual_seed(seed)
+    m = MultiModalDeepLab({'ct': 1}, ['background', 'a', 'b'], fusion=None, aspp_channels=16, metadata=metadata)
+    opt, loss_fn, g = torch.optim.AdamW(m.parameters(), 5e-3), SEG_LOSSES.build({'name': 'dice_ce'}), torch.Generator().manual_seed(seed)
+    x, y, f = planted_meta(64, 1)
+    for _ in range(steps):
+        i = torch.randint(0, len(x), (bs,), generator=g)
+        loss = loss_fn(m({'ct': x[i], 'metadata': f[i]}), y[i]); opt.zero_grad(); loss.backward(); opt.step()
+    return m.eval()
+
+
+def test_film_finds_a_class_that_only_the_metadata_tells():
+    "Planted: the disc's class is the metadata's sign. Image only: about half the disc is wrong; with FiLM it is found, beyond bootstrap noise"
+    xt, yt, ft = planted_meta(32, 2)
+    cms = {}
+    for name, meta in (('image', None), ('film', META)):
+        model = fit_planted(meta)
+        with torch.no_grad(): p = model({'ct': xt, 'metadata': ft}).argmax(1)
+        cms[name] = np.stack([confusion(p[k], yt[k], 3) for k in range(len(p))])
+    disc = lambda c: np.trace(c.sum(0)[1:, 1:]) / c.sum(0)[1:].sum()  # share of disc pixels given their right class
+    assert disc(cms['film']) > .85 and disc(cms['image']) < .75, (disc(cms['film']), disc(cms['image']))
+    gain = bootstrap_ci(lambda a, b: pooled_miou(a) - pooled_miou(b), cms['film'], cms['image'], n_boot=300)
+    assert gain['low'] > .2, gain
+    with torch.no_grad(): p = model({'ct': xt}).argmax(1)  # the FiLM model with the metadata removed at test time loses the gain: it uses it
+    assert pooled_miou(np.stack([confusion(p[k], yt[k], 3) for k in range(len(p))])) < pooled_miou(cms['film']) - .2
+
+
+def test_film_starts_as_identity_and_absent_metadata_is_finite():
+    torch.manual_seed(0)
+    plain = MultiModalDeepLab({'ct': 1}, ['background', 'a', 'b'], fusion=None, aspp_channels=16).eval()
+    meta = MultiModalDeepLab({'ct': 1}, ['background', 'a', 'b'], fusion=None, aspp_channels=16, metadata=META).eval()
+    meta.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.rand(3, 1, 64, 64)
+    rows = torch.tensor([[2.], [float('nan')], [float('inf')]])
+    with torch.no_grad():
+        assert torch.allclose(meta({'ct': x[:2], 'metadata': rows[:2].clone()}), plain({'ct': x[:2]}), atol=1e-6)  # zero-initialised FiLM
+        nn.init.normal_(meta.film.film.weight); nn.init.normal_(meta.film.film.bias)
+        batch = {'inputs': {'ct': x, 'metadata': rows.clone()}, 'present': torch.tensor([[True, True], [True, True], [True, False]]), 'modalities': ['ct', 'metadata']}
+        out = meta(batch)
+        assert out.isfinite().all()  # NaN row and a row marked absent (holding inf) are both left out
+        assert torch.allclose(out[1:], plain({'ct': x[1:]}), atol=1e-6) and not torch.allclose(out[0], plain({'ct': x[:1]})[0], atol=1e-3)
+        assert torch.allclose(meta({'ct': x}), plain({'ct': x}), atol=1e-6)  # no metadata at all
+
+
+def test_metadata_columns_through_the_config_data_and_export(seg, tmp_path):
+    "data.numeric / data.categorical give a `metadata` row (fitted on train); model.metadata builds FiLM; a sample without a row has it absent; export takes the rows"
+    root = tmp_path/'m'/'battery_seg'
+    shutil.copytree(seg, root)
+    meta = (root/'metadata.csv').read_text().splitlines()
+    dropped = next(l.split(',')[0] for l in meta[1:] if l.split(',')[1] == 'test')
+    (root/'metadata.csv').write_text('\n'.join(l for l in meta if l.split(',')[0] != dropped) + '\n')
+    with pytest.raises(ValueError, match='data.numeric / data.categorical'): resolve_segmentation_config({'model': {'metadata': {}}})
+    cfg = resolve_segmentation_config({'data': {'root': str(root.parent), 'sample': 'battery_seg', 'numeric': ['crop_y'], 'categorical': ['supplier']},
+                                       'model': {'aspp_channels': 16, 'metadata': {'dim': 8}}})
+    from mmfusion.segmentation import run_splits
+    sp = run_splits(cfg)
+    tab = sp['train'].tabular
+    assert tab.state['mean'][0] == pytest.approx(np.mean([int(l.split(',')[4]) for l in meta[1:] if l.split(',')[1] == 'train']))
+    test = sp['test']
+    assert 'metadata' not in test[[r.id for r in test.records].index(dropped)].inputs and 'metadata' in test[0 if test.records[0].id != dropped else 1].inputs
+    with pytest.raises(ValueError, match='tabular'): build_segmenter(cfg)
+    model = build_segmenter(cfg, tabular=tab)
+    assert model.config['metadata'] == {'n_numeric': 1, 'cardinalities': tab.cardinalities, 'dim': 8, 'hidden': 64} and model.inputs == ['ct', 'density', 'metadata']
+    torch.manual_seed(1); nn.init.normal_(model.film.film.weight, std=.3)
+    cms, without = score_segmenter(model, test, drop=[]), score_segmenter(model, test, drop=['metadata'])
+    assert cms.shape == without.shape and not np.array_equal(cms, without)  # the rows reach the model through the sliding windows
+    exp = export_segmenter(model, tmp_path/'exp', formats=['onnx', 'torchscript'])
+    assert max(r['max_abs_diff']['logits'] for r in exp.values()) <= SEG_EXPORT_ATOL
+    assert [i['name'] for i in json.loads((tmp_path/'exp'/'segmenter.json').read_text())['inputs']] == ['ct', 'density', 'present', 'metadata']
 
 def test_a_battery_in_two_splits_is_refused_before_training(seg, tmp_path):
     root = tmp_path/'leaky'/'battery_seg'
