@@ -15,7 +15,7 @@ import albumentations as A
 from .core import Registry, write_text_atomic
 from .data import (READERS, AlignedAugment, ArrayRow, MultiModalDataset, Record, class_folders, content_hash, manifest_dataset,
                            paired_folders, sequence_dataset, split_file_datasets, tiny_dataset)
-from .encoders import HF_FAMILIES, encoder_preprocessing
+from .encoders import HF_FAMILIES, build_seeded, encoder_preprocessing, state_hash
 from .sample_data import sample_splits
 from .model import run_checkpoint
 from .training import OPTIMIZERS, balanced_class_weights
@@ -224,7 +224,7 @@ def resolve_fused_config(cfg:Mapping) -> dict:
         raise ValueError("model needs 'encoders' (modality -> encoder config), a 'fusion' and a 'head' (or kind: anomaly with a 'scorer')")
     cfg['data']['readers'] = checkpoint_readers(cfg['model']['encoders'], cfg['data']['readers'])
     if cfg['data']['embeddings']:
-        cfg['model']['encoders'] = cached_encoders(cfg['model']['encoders'], cfg['data']['embeddings'], cfg['data']['readers'])
+        cfg['model']['encoders'] = cached_encoders(cfg['model']['encoders'], cfg['data']['embeddings'], cfg['data']['readers'], cfg['seed'])
         cached, aug = list(read_embedding_index(cfg['data']['embeddings'])['modalities']), cfg['data']['augment']
         touched = cached if aug and not (isinstance(aug, Mapping) and aug.get('modalities')) else [m for m in cached if aug and m in aug['modalities']]
         if touched: raise ValueError(f"data.augment would augment {touched}, but they are read from the embedding cache, computed once from unaugmented "
@@ -331,24 +331,23 @@ def hold_out(ds:MultiModalDataset, # the split to take samples from
 EMBEDDINGS_INDEX = 'index.json'  # the cache's index (samples, content hashes, encoders, weight hashes); one safetensors file per modality
 
 class StaleEmbeddingsError(ValueError):
-    "An embedding cache made from other inputs, readers, encoder or weights than the config's now; the message names what changed"
+    "An embedding cache made from other inputs, readers, encoder or weights than the config's now, or re-made since a run trained on it; the message names what changed"
 
 def read_embedding_index(cache_dir) -> dict:
     "The index of an embedding cache, or a FileNotFoundError saying how to make one"
     f = Path(cache_dir)/EMBEDDINGS_INDEX
     if not f.is_file(): raise FileNotFoundError(f"data.embeddings: {cache_dir} holds no {EMBEDDINGS_INDEX}; make the cache first: mmfusion embed CONFIG --out {cache_dir}")
-    return json.loads(f.read_text())
+    index = json.loads(f.read_text())
+    if index.get('format', 1) < 2: raise StaleEmbeddingsError(f"embedding cache {cache_dir} was made by an older mmfusion, which hashed checkpoint "
+                                                              f"files instead of the weights: re-run `mmfusion embed CONFIG --out {cache_dir}`")
+    return index
 
-def weights_hash(enc:Mapping) -> str|None:
-    "sha1 over the files of an encoder config's local checkpoint directory (an image set's inner one); None without one"
-    if enc.get('name') == 'image_set' and isinstance(enc.get('encoder'), Mapping): return weights_hash(enc['encoder'])
-    src = enc.get('weights') or enc.get('pretrained')
-    d = Path(src).expanduser() if src else None
-    if d is None or not d.is_dir(): return None
-    h = hashlib.sha1()
-    for f in sorted(p for p in d.rglob('*') if p.is_file()):
-        with open(f, 'rb') as fh: h.update(f.relative_to(d).as_posix().encode() + hashlib.file_digest(fh, 'sha1').digest())
-    return h.hexdigest()
+def weights_hash(enc:Mapping, # an encoder config (an image set's inner encoder is the one hashed)
+                 seed:int=0, # the run's seed: weights built from a config (no checkpoint) are drawn from it
+                ) -> str:
+    "sha1 of the weights an encoder config builds, checkpoint or not (`mmfusion.encoders.state_hash` of `build_seeded(enc, seed)`)"
+    if enc.get('name') == 'image_set' and isinstance(enc.get('encoder'), Mapping): return weights_hash(enc['encoder'], seed)
+    return state_hash(build_seeded(enc, seed))
 
 def frozen_part(enc:Mapping) -> tuple|None:
     "(config of the frozen pretrained encoder a cache can hold, 'views' for an image set's per-view vectors or 'pooled'), else None"
@@ -365,15 +364,20 @@ def _cached_form(enc:Mapping) -> bool:
 def cached_encoders(encoders:Mapping, # `model.encoders` as written
                     cache_dir, # `data.embeddings`
                     readers:Mapping|None=None, # the resolved `data.readers`
+                    seed:int=0, # the config's seed (random weights are drawn from it)
                    ) -> dict:
     "`model.encoders` for training on the cache: each cached frozen encoder becomes `precomputed`; refused when made with another encoder, reader or weights"
     index, out = read_embedding_index(cache_dir), copy.deepcopy(dict(encoders))
     for m, entry in index['modalities'].items():
         if m not in out: raise KeyError(f"embedding cache {cache_dir} holds modality {m!r}, which model.encoders lacks ({list(out)})")
         if _cached_form(out[m]): continue  # a stored run's config: already rewritten
-        part, now = frozen_part(out[m]), weights_hash(out[m])
+        part = frozen_part(out[m])
         why = [f"model.encoders.{m} is not the frozen encoder it was made with ({part[0] if part else out[m]} vs {entry['encoder']})"] if not part or part[0] != entry['encoder'] else []
-        why += [f"the weights of model.encoders.{m} changed (sha1 {now} vs {entry['weights_hash']})"] if now is not None and now != entry['weights_hash'] else []
+        if not why and (now := weights_hash(part[0], seed)) != entry['weights_hash']:
+            ids, src = [i for i, s in index['samples'].items() if m in s], part[0].get('weights') or part[0].get('pretrained')
+            how = f"loaded from {src}" if src else f"random weights drawn from seed {seed} (the cache's: seed {index.get('seed')})"
+            why.append(f"the weights of model.encoders.{m} changed ({part[0]['name']}, {how}; sha1 {now[:12]} now vs {entry['weights_hash'][:12]} "
+                       f"in the cache): the embeddings of its {len(ids)} samples ({', '.join(ids[:6])}{' ...' if len(ids) > 6 else ''}) were made by other weights")
         why += [f"data.readers.{m} changed ({(readers or {}).get(m)} vs {entry['reader']})"] if (readers or {}).get(m) != entry['reader'] else []
         if why: raise StaleEmbeddingsError(f"embedding cache {cache_dir} is stale: {'; '.join(why)}. Re-run `mmfusion embed CONFIG --out {cache_dir}`")
         pre = {'name': 'precomputed', 'in_dim': entry['dim']}
@@ -438,6 +442,27 @@ def new_run_dir(runs_dir, # where run folders go
     d.mkdir(parents=True, exist_ok=True)
     return d
 
+_RUN_CACHE = 'embedding_cache.json'  # in a run trained on `data.embeddings`: that cache and its identity when the run was trained
+
+def _cache_identity(cache_dir) -> dict:
+    "Modality -> what its cached embeddings are a function of: encoder, reader, weights, shape, and its samples' input hashes (their sha1)"
+    index, ident = read_embedding_index(cache_dir), {}
+    for m, e in index['modalities'].items():
+        inputs = sorted((i, s[m]['hash']) for i, s in index['samples'].items() if m in s)
+        ident[m] = {**{k: e[k] for k in ('encoder', 'reader', 'weights_hash', 'shape')}, 'samples': len(inputs),
+                    'inputs': hashlib.sha1(json.dumps(inputs).encode()).hexdigest()}
+    return ident
+
+def _cache_changes(then:Mapping, now:Mapping) -> list:
+    "What differs between two identities of a cache, in words"
+    out = [f"{m}: {'no longer cached' if m in then else 'newly cached'}" for m in sorted(set(then) ^ set(now))]
+    for m in sorted(set(then) & set(now)):
+        a, b = then[m], now[m]
+        if a['weights_hash'] != b['weights_hash']: out.append(f"{m}: other encoder weights (sha1 {a['weights_hash'][:12]} then, {b['weights_hash'][:12]} now)")
+        if a['inputs'] != b['inputs']: out.append(f"{m}: other inputs (the content hashes of its {a['samples']} samples then and {b['samples']} now differ)")
+        out += [f"{m}: another {k} ({a[k]} then, {b[k]} now)" for k in ('encoder', 'reader', 'shape') if a[k] != b[k]]
+    return out
+
 class RunFolder:
     "A run folder as every command sees it: its config and kind, checkpoints, history and metrics"
     def __init__(self, path): # a run folder (or a `RunFolder`)
@@ -446,11 +471,22 @@ class RunFolder:
         if not f.is_file(): raise FileNotFoundError(f"{self.path} is not a run folder: it has no config.yaml (run folders are written by `mmfusion train`)")
         self.config = load_config(f)
         self.kind = run_kind(self.config, str(f))
+        if (self.path/_RUN_CACHE).is_file(): self._check_cache()
+
+    def _check_cache(self):
+        cache = (self.config.get('data') or {}).get('embeddings')
+        changes = _cache_changes(json.loads((self.path/_RUN_CACHE).read_text())['identity'], _cache_identity(cache))
+        if changes: raise StaleEmbeddingsError(
+            f"run {self.path} was trained on the embedding cache {cache}, which has been re-made since: {'; '.join(changes)}. The run's model "
+            f"learned from the old embeddings and would now be fed others: re-make the cache with the encoders, weights and inputs the run was "
+            f"trained on (`mmfusion embed CONFIG --out {cache}`), or train again on the cache as it is (`mmfusion train CONFIG data.embeddings={cache}`)")
 
     @classmethod
     def create(cls, cfg:Mapping) -> RunFolder:
-        "A new run folder under `cfg['runs_dir']` holding the resolved `cfg` as config.yaml (written atomically)"
+        "A new run folder under `cfg['runs_dir']` holding the resolved `cfg` as config.yaml (written atomically), and the identity of its embedding cache"
         d = new_run_dir(cfg['runs_dir'], cfg['name'])
+        if cache := (cfg.get('data') or {}).get('embeddings'):  # what the run trains on: opening it later refuses a cache re-made since
+            write_text_atomic(d/_RUN_CACHE, json.dumps({'cache': str(cache), 'identity': _cache_identity(cache)}, indent=1))
         write_text_atomic(d/'config.yaml', yaml.safe_dump(plain_data(dict(cfg)), sort_keys=False))
         return cls(d)
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07c_embed.ipynb #dce354af
 from __future__ import annotations
-import hashlib, time
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
 import torch
@@ -12,20 +12,14 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from .core import atomic_write, seed_everything, write_json
 from .data import content_hash
-from .encoders import ENCODERS
-from .config import (EMBEDDINGS_INDEX, apply_overrides, build_splits, frozen_part, load_config, read_embedding_index, register_command,
-                             resolve_config, weights_hash)
+from .encoders import build_seeded, state_hash
+from .config import (EMBEDDINGS_INDEX, StaleEmbeddingsError, apply_overrides, build_splits, frozen_part, load_config, read_embedding_index,
+                             register_command, resolve_config)
 
 # %% auto #0
 __all__ = ['cacheable_encoders', 'embed', 'save_tiny_checkpoints', 'uncached_config', 'restore_encoders', 'embed_command']
 
 # %% ../nbs/07c_embed.ipynb #7aee7f71
-def _state_hash(module:torch.nn.Module) -> str:
-    "sha1 of a module's tensors (for randomly initialised encoders, which have no checkpoint files)"
-    h = hashlib.sha1()
-    for k, v in sorted(module.state_dict().items()): h.update(k.encode() + v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
 def cacheable_encoders(cfg:Mapping) -> dict:
     "modality -> (frozen encoder config, 'views' or 'pooled') of a resolved config; refused where a cache could not reproduce the model"
     parts = {m: p for m, e in cfg['model']['encoders'].items() if (p := frozen_part(e))}
@@ -66,13 +60,14 @@ def embed(config:str|Path|Mapping, # a config whose model has frozen pretrained 
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     seed_everything(cfg['seed'])
     splits = build_splits({**cfg['data'], 'augment': None, 'cache': False}, cfg['seed'])
-    index = {'format': 1, 'modalities': {}, 'samples': {}, 'splits': {s: len(ds) for s, ds in splits.items()}}
+    index = {'format': 2, 'seed': cfg['seed'], 'modalities': {}, 'samples': {}, 'splits': {s: len(ds) for s, ds in splits.items()}}
     for m, (e, kind) in parts.items():
-        t0, enc = time.perf_counter(), ENCODERS.build(e).to(device).eval()
+        t0, enc = time.perf_counter(), build_seeded(e, cfg['seed'])  # the weights a run with this seed builds
+        weights, enc = state_hash(enc), enc.to(device).eval()
         emb, rows = _embed_modality(enc, splits, m, kind, device, batch_size, progress)
         atomic_write(out/f'{m}.safetensors', lambda tmp: save_file({'embeddings': emb.contiguous()}, str(tmp)))
         index['modalities'][m] = {'encoder': e, 'kind': kind, 'reader': (cfg['data']['readers'] or {}).get(m), 'file': f'{m}.safetensors',
-                                  'weights': e.get('weights') or e.get('pretrained'), 'weights_hash': weights_hash(e) or _state_hash(enc),
+                                  'weights': e.get('weights') or e.get('pretrained'), 'weights_hash': weights,
                                   'dim': enc.out_dim, 'shape': list(emb.shape[1:]), 'rows': len(emb), 'seconds': round(time.perf_counter() - t0, 2)}
         for i, r in rows.items(): index['samples'].setdefault(i, {})[m] = r
         del enc
@@ -107,9 +102,14 @@ def uncached_config(cfg:Mapping) -> dict:
 
 def restore_encoders(model:torch.nn.Module, # a `MultiModalModel` trained on an embedding cache
                      cache_dir) -> torch.nn.Module: # the cache it was trained on (`data.embeddings`)
-    "Put the frozen encoders the cache was made with back in front of `model` (in place), so it reads files again"
-    for m, e in read_embedding_index(cache_dir)['modalities'].items():
-        enc = ENCODERS.build(e['encoder']).freeze()
+    "Put the frozen encoders the cache was made with back in front of `model` (in place), so it reads files again; refused if their weights changed since"
+    index = read_embedding_index(cache_dir)
+    for m, e in index['modalities'].items():
+        enc = build_seeded(e['encoder'], index['seed']).freeze()
+        if (now := state_hash(enc)) != e['weights_hash']:
+            raise StaleEmbeddingsError(f"the {m} encoder of embedding cache {cache_dir} ({e['weights'] or 'random weights, seed ' + str(index['seed'])}) now "
+                                       f"builds other weights than the cache was made with (sha1 {now[:12]} vs {e['weights_hash'][:12]}): a model trained "
+                                       "on the cache would read files through another encoder. Put the original weights back, or re-make the cache and retrain")
         if e['kind'] == 'views': model.encoders[m].encoder = enc
         else: model.encoders[m] = enc
     return model

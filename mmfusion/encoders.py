@@ -5,7 +5,7 @@
 # %% ../nbs/01_encoders.ipynb #8271039d
 from __future__ import annotations
 from .core import Registry  # first: it sets YOLO_OFFLINE before ultralytics is imported
-import inspect, math, pickle, warnings, zlib
+import hashlib, inspect, json, math, pickle, warnings, zlib
 from functools import partial
 from collections import defaultdict
 from copy import deepcopy
@@ -24,7 +24,8 @@ __all__ = ['ENCODERS', 'COMMON_PREFIXES', 'CHECKPOINTS', 'DEFAULT_PROCESSORS', '
            'PrecomputedEmbedding', 'Standardized', 'ImageSetEncoder', 'StateDictReport', 'load_state_dict_matching',
            'adapt_in_channels', 'TorchvisionCNN', 'load_yolo_model', 'YOLOBackbone', 'PretrainedUnavailableError',
            'load_hf_model', 'default_processor', 'load_processor', 'reader_preprocessing', 'processor_normalization',
-           'HFEncoder', 'Dinov2Encoder', 'ASTEncoder', 'VJEPA2Encoder', 'check_preprocessing', 'encoder_preprocessing']
+           'HFEncoder', 'Dinov2Encoder', 'ASTEncoder', 'VJEPA2Encoder', 'check_preprocessing', 'encoder_preprocessing',
+           'state_hash', 'build_seeded']
 
 # %% ../nbs/01_encoders.ipynb #3d059afc
 class EncoderOutput(NamedTuple):
@@ -830,3 +831,27 @@ TINY_CONFIGS = {
     'vjepa2': {'name': 'vjepa2', 'config': TINY_VJEPA2},
     'standardize': {'name': 'standardize', 'encoder': {'name': 'series_cnn', 'in_channels': 4, 'dim': 16}, 'mean': [0.] * 4, 'std': [2.] * 4},
 }  # name -> tiny config of every registered encoder
+
+# %% ../nbs/01_encoders.ipynb #c4d2e8f3
+_UNHASHED = ('transformers_version', 'dtype', 'torch_dtype', 'architectures')  # config keys that do not change what the weights compute
+
+def state_hash(module:nn.Module) -> str:
+    "sha1 of a module's weights: every `state_dict` tensor (name, dtype, shape, bytes; in name order) and its transformers configs"
+    h = hashlib.sha1()
+    for k, v in sorted(module.state_dict().items()):
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k} {v.dtype} {tuple(v.shape)}\n".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy())
+    for k, m in module.named_modules():
+        if isinstance(c := getattr(m, 'config', None), transformers.PretrainedConfig):
+            kept = {a: b for a, b in c.to_dict().items() if not a.startswith('_') and a not in _UNHASHED}
+            h.update(f"{k} {json.dumps(kept, sort_keys=True, default=str)}\n".encode())
+    return h.hexdigest()
+
+def build_seeded(cfg:Mapping, # an encoder config
+                 seed:int=0, # the run's seed
+                ) -> Encoder:
+    "Build an encoder config with torch seeded by `seed` (a transformers model from a config gets a run's random weights), then restore the random state"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ENCODERS.build(cfg)

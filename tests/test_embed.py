@@ -91,6 +91,63 @@ def test_a_changed_input_or_weights_make_the_cache_stale(setup):
     finally: cfg.write_text(text)
 
 
+def test_one_changed_number_in_a_checkpoint_makes_the_cache_stale(setup):
+    "The weights' identity is a hash of the tensors as loaded: one value of one tensor, same files otherwise, is another encoder"
+    from safetensors.torch import load_file, save_file
+    tmp, ck, over = setup
+    f = ck['ast']/'model.safetensors'
+    original = f.read_bytes()
+    tensors = load_file(f)
+    k = sorted(tensors)[0]
+    tensors[k].view(-1)[0] += 1e-3
+    save_file(tensors, f, metadata={'format': 'pt'})
+    try:
+        with pytest.raises(StaleEmbeddingsError, match=r"the weights of model.encoders.audio changed \(ast, loaded from .*ast-tiny.*: the embeddings of its \d+ samples \(samples/"):
+            resolve_config(apply_overrides(load_config(CFG), [*over, f'data.embeddings={tmp/"cache"}']))
+    finally: f.write_bytes(original)
+    resolve_config(apply_overrides(load_config(CFG), [*over, f'data.embeddings={tmp/"cache"}']))  # the original checkpoint: accepted again
+
+
+def test_a_changed_seed_makes_a_cache_of_random_weights_stale(tmp_path):
+    "A frozen encoder with random weights (from a config, no checkpoint) is identified by the weights its seed draws: another seed is refused, naming it and the samples"
+    from mmfusion.embed import embed
+    from mmfusion.encoders import TINY_DINOV2
+    dino = json.dumps({'name': 'image_set', 'encoder': {'name': 'dinov2', 'config': TINY_DINOV2, 'freeze': True}, 'aggregation': 'mean'})
+    over = [f'data.root={ROOT/"data"}', f'runs_dir={tmp_path/"runs"}', f'model.encoders.images={dino}']
+    cfg = str(ROOT/'configs'/'weld.yaml')
+    index = embed(cfg, tmp_path/'cache', [*over, 'seed=0'], device='cpu', progress=False)
+    resolve_config(apply_overrides(load_config(cfg), [*over, 'seed=0', f'data.embeddings={tmp_path/"cache"}']))  # the same seed: accepted
+    first = next(i for i, s in index['samples'].items() if 'images' in s)  # the message lists the samples in the cache's order
+    with pytest.raises(StaleEmbeddingsError, match=rf"the weights of model.encoders.images changed \(dinov2, random weights drawn from seed 1 "
+                                                   rf"\(the cache's: seed 0\).*embeddings of its 96 samples \({first}, "):
+        resolve_config(apply_overrides(load_config(cfg), [*over, 'seed=1', f'data.embeddings={tmp_path/"cache"}']))
+
+
+def test_a_run_refuses_a_cache_remade_after_it_was_trained(setup):
+    "A cache-trained run records the cache's identity; once the cache is re-made with other weights, evaluate (CLI and Python) and serve refuse, naming the run, the cache and what changed"
+    from mmfusion.deploy import Predictor
+    tmp, ck, over = setup
+    cache = tmp/'cache_remade'
+    assert main(['embed', CFG, *over, '--out', str(cache), '--device', 'cpu']) in (None, 0)
+    run = train(CFG, [*over, f'data.embeddings={cache}'], verbose=False)
+    other = save_tiny_checkpoints(tmp/'other_weights', seed=1)  # DINOv2 of the same architecture, other weights
+    remade = [o for o in over if not o.startswith('model.encoders.images.encoder.weights=')] + [f'model.encoders.images.encoder.weights={other["dinov2"]}']
+    assert main(['embed', CFG, *remade, '--out', str(cache), '--device', 'cpu']) in (None, 0)
+    want = rf"run {run.dir} was trained on the embedding cache {cache}, which has been re-made since: images: other encoder weights"
+    with pytest.raises(SystemExit, match=want): main(['evaluate', str(run.dir)])
+    with pytest.raises(StaleEmbeddingsError, match=want): evaluate(run.dir)
+    with pytest.raises(StaleEmbeddingsError, match=want): diagnose(run.dir)
+    with pytest.raises(StaleEmbeddingsError, match=want): Predictor.from_run(run.dir)
+    assert main(['embed', CFG, *over, '--out', str(cache), '--device', 'cpu']) in (None, 0)  # re-made as it was: the same identity
+    assert 0 <= evaluate(run.dir)['headline']['value'] <= 1
+    text = (ck['ast']/'config.json').read_text()  # the cache as it was, but a checkpoint changed under it: serving refuses too
+    (ck['ast']/'config.json').write_text(text.replace('"hidden_act": "gelu"', '"hidden_act": "relu"'))
+    try:
+        with pytest.raises(StaleEmbeddingsError, match=r"the audio encoder of embedding cache .* now builds other weights than the cache was made with"):
+            Predictor.from_run(run.dir)
+    finally: (ck['ast']/'config.json').write_text(text)
+
+
 def test_cached_run_equals_the_run_with_the_frozen_encoder_in_the_loop(tmp_path):
     "Same seed, same epochs, nothing augmented: training on the cache gives the in-loop run's losses and metrics (tiny frozen DINOv2)"
     from mmfusion.embed import embed
