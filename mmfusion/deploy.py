@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy, json, warnings
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from fastcore.basics import patch
 from pathlib import Path
 from typing import Mapping, Sequence
 import numpy as np, onnxruntime as ort, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
@@ -56,12 +57,7 @@ class ModalitySpec:
               ) -> torch.Tensor:
         "The training tensor for one sample's input, or a `DataError` naming the modality and what is wrong"
         where = f"modality {self.name!r}" + (f" ({label})" if label else '')
-        if self.tabular is not None and isinstance(value, Mapping):
-            t = self.tabular
-            missing = [c for c in t['numeric'] + t['categorical'] if c not in value]
-            if missing: raise DataError(where, f"row lacks column(s) {missing}; expected {t['numeric'] + t['categorical']}")
-            prep = TabularPreprocessor(t['numeric'], t['categorical']); prep.state = t['state']
-            x = prep.transform(pd.DataFrame([{c: value[c] for c in t['numeric'] + t['categorical']}]).astype(str), where)[0]
+        if self.tabular is not None and isinstance(value, Mapping): x = self.decode_rows([value], where)[0]
         elif isinstance(value, (str, Path)) or (isinstance(value, (list, tuple)) and value and isinstance(value[0], (str, Path))):
             if self.reader is None: raise DataError(where, "takes an array, not a file")
             try: x = FILE_READERS[self.reader](value, **self.reader_kwargs)
@@ -77,6 +73,18 @@ class ModalitySpec:
             raise DataError(where, f"has shape {tuple(x.shape)}, expected ({', '.join(dims)})")
         if not torch.isfinite(x).all(): raise DataError(where, f"contains {int((~torch.isfinite(x)).sum())} NaN/inf values")
         return x
+
+    def decode_rows(self, rows:Sequence[Mapping], # tabular rows, each a dict column -> value
+                    where:str|None=None, # what to call the input in errors (default: the modality)
+                   ) -> torch.Tensor:
+        "Tabular rows -> (N, columns) training tensor, encoded as one table (one pass for a whole batch); a row lacking a column raises a `DataError`"
+        where, t = where or f"modality {self.name!r}", self.tabular
+        cols = t['numeric'] + t['categorical']
+        for row in rows:
+            missing = [c for c in cols if c not in row]
+            if missing: raise DataError(where, f"row lacks column(s) {missing}; expected {cols}")
+        prep = TabularPreprocessor(t['numeric'], t['categorical']); prep.state = t['state']
+        return prep.transform(pd.DataFrame([[str(row[c]) for c in cols] for row in rows], columns=cols), where)  # each cell as its own text: a column's other rows never change how it reads
 
 # %% ../nbs/08_deploy.ipynb #4e9361f1
 def _reader_of(modality) -> tuple:
@@ -245,11 +253,22 @@ class Predictor:
         one = isinstance(inputs, Mapping)
         items = [inputs] if one else list(inputs)
         ids = [str(i) for i in (ids if ids is not None else range(len(items)))]
-        batch = self.collate([self.prepare(x, i) for x, i in zip(items, ids)])
+        batch = self.collate(self.prepare_batch(items, ids))
         res = self.results(self.outputs(batch), batch)
         return res[0] if one else res
 
     def __repr__(self): return f"Predictor(modalities={self.modalities}, outputs={self.kinds}, classes={self.class_names})"
+
+# %% ../nbs/08_deploy.ipynb #9a7c5e31
+@patch
+def prepare_batch(self:Predictor, inputs:Sequence[Mapping], # several samples' inputs, as `prepare` takes them
+                  ids:Sequence[str], # one id per sample
+                 ) -> list:
+    "`prepare` for several samples, with each tabular modality's rows encoded together as one table; the samples equal those of `prepare` one at a time"
+    tables = {m: [x[m] for x in inputs if isinstance(x.get(m), Mapping)] for m, s in self.specs.items() if s.tabular is not None}
+    encoded = {m: iter(self.specs[m].decode_rows(rows)) for m, rows in tables.items() if rows}  # then checked by `decode` as arrays
+    return [self.prepare({m: next(encoded[m]) if m in encoded and isinstance(v, Mapping) else v for m, v in x.items()}, i)
+            for x, i in zip(inputs, ids)]
 
 # %% ../nbs/08_deploy.ipynb #5980d7e2
 class AnomalyPredictor:

@@ -74,6 +74,34 @@ def test_bad_inputs_name_the_problem(predictors, tmp_path):
         assert msg in str(e.value), (inputs, str(e.value))
 
 
+
+def test_a_batch_is_prepared_and_answered_as_each_sample_alone(predictors):
+    "prepare_batch encodes a batch's metadata rows as one table: every sample equals `prepare` alone, every answer `predict` alone, in the batch's order"
+    p = predictors['inspection']
+    cells = [l.split('\t')[0].split('/')[-1].rsplit('.', 1)[0] for l in (DATA/'inspection'/'test.txt').read_text().splitlines()][:8]
+    rows = pd.read_csv(DATA/'inspection'/'metadata.csv', dtype=str).set_index('sample_id')
+    inputs = [{'image': str(DATA/'inspection'/'images'/f'{c}.png'), 'metadata': rows.loc[c].to_dict()} for c in cells]
+    inputs[1]['metadata'] = {k: (float(v) if k in ('capacity_mah', 'voltage', 'weight_g') else v) for k, v in inputs[1]['metadata'].items()}  # numbers, not text
+    inputs[2]['metadata'] = {**inputs[2]['metadata'], 'supplier': 'never seen'}  # an unknown category: code 0
+    inputs[3] = {'image': inputs[3]['image']}  # metadata absent
+    inputs[4]['metadata'] = p.specs['metadata'].decode(inputs[4]['metadata']).tolist()  # an encoded row, as an array
+    alone = [p.prepare(x, c) for x, c in zip(inputs, cells)]
+    together = p.prepare_batch(inputs, cells)
+    assert [s.id for s in together] == cells
+    for a, t in zip(alone, together):
+        assert a.inputs.keys() == t.inputs.keys() and all(torch.equal(a.inputs[m], t.inputs[m]) for m in a.inputs), a.id
+    assert together[2].inputs['metadata'][3] == 0 and 'metadata' not in together[3].inputs
+    # the rows differ, so a row given to another sample would be caught above; so do the answers, below
+    meta = [s.inputs['metadata'] for s in together if 'metadata' in s.inputs]
+    assert all(not torch.equal(a, b) for i, a in enumerate(meta) for b in meta[i + 1:])
+    batch, single = p.predict(inputs, cells), [p.predict(x, [c]) for x, c in zip(inputs, cells)]
+    assert len({tuple(s.probabilities.values()) for s in single}) == len(single)
+    for b, s in zip(batch, single):
+        assert (b.id, b.label, b.missing) == (s.id, s.label, s.missing)
+        assert np.allclose(list(b.probabilities.values()), list(s.probabilities.values()), atol=1e-6), b.id
+    with pytest.raises(DataError) as e: p.prepare_batch([inputs[0], {'metadata': {'voltage': 3.6}}], ['good', 'bad'])
+    assert "lacks column(s) ['capacity_mah'" in str(e.value)
+
 def test_preprocessing_json_replaces_the_training_data(runs, predictors, tmp_path):
     p = predictors['inspection']
     p.write_preprocessing(runs['inspection'])
