@@ -14,17 +14,18 @@ import yaml
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 from .core import write_json, write_text_atomic
-from .config import KindError, apply_overrides, load_config, plain_data, register_command, resolve_config, run_kind
+from .config import apply_overrides, kind_verb, load_config, plain_data, register_command, resolve_config, run_kind
 from .training import Callback, monitor_mode
 from .evaluation import write_figure
 from .runs import evaluate, train
 
 # %% auto #0
-__all__ = ['PARAM_TYPES', 'PARAM_FIELDS', 'SPACE_KEYS', 'VALID_SPLITS', 'HEARTBEAT', 'PRUNERS', 'SpaceError', 'Param',
-           'parse_param', 'SearchSpace', 'load_space', 'config_value', 'check_param', 'Search', 'prepare_search',
-           'trial_config', 'OptunaReport', 'objective', 'open_storage', 'storage_name', 'fail_dead_trials', 'counted',
+__all__ = ['PARAM_TYPES', 'PARAM_FIELDS', 'SPACE_KEYS', 'HEARTBEAT', 'PRUNERS', 'SpaceError', 'Param', 'parse_param',
+           'SearchSpace', 'load_space', 'config_value', 'check_param', 'Search', 'prepare_search', 'trial_config',
+           'OptunaReport', 'objective', 'best_of', 'open_storage', 'storage_name', 'fail_dead_trials', 'counted',
            'over_budget', 'run_worker', 'trial_reason', 'TrialProgress', 'trials_table', 'markdown_table',
-           'study_plots', 'write_best', 'default_values', 'TuneResult', 'tune']
+           'study_plots', 'write_best', 'default_values', 'TuneResult', 'mean_interval', 'retrain',
+           'compare_to_default', 'tune']
 
 # %% ../nbs/12_tune.ipynb #f81a8346
 class SpaceError(ValueError):
@@ -134,9 +135,6 @@ def load_space(src:str|Path|Mapping) -> SearchSpace:
     return SearchSpace(params, dict(raw.get('set') or {}), raw.get('metric'), where)
 
 # %% ../nbs/12_tune.ipynb #7965d9dc
-VALID_SPLITS = {'fused': lambda cfg: cfg['data']['valid'], 'anomaly': lambda cfg: cfg['data']['valid'],
-                'detection': lambda cfg: 'val'}  # kind -> (resolved config -> the name of the split that validates its runs, or None)
-
 def config_value(cfg:Mapping, key:str):
     "The value at a dotted key of a (resolved) config (list items by index); `KeyError` naming the first missing part"
     node, path = cfg, []
@@ -183,9 +181,8 @@ def prepare_search(config:str|Path|Mapping, # a YAML config of any kind, or a ma
     where = 'the config' if isinstance(config, Mapping) else str(config)
     cfg = apply_overrides(apply_overrides(load_config(config), overrides), sp.overrides)
     kind = run_kind(cfg, where)
-    if kind not in VALID_SPLITS: raise KindError(f"tune does not know which split validates {kind} runs; kinds it tunes: {list(VALID_SPLITS)}")
     resolved = resolve_config(cfg)
-    valid = VALID_SPLITS[kind](resolved)
+    valid = kind_verb(kind, 'valid_split')(resolved)
     if not valid: raise ValueError(
         f"{where} has no validation split (data.valid is null): a search must choose on validation data, never on the test split "
         f"whose score it then reports. Hold one out of the training split, e.g. in the space file:\n"
@@ -212,17 +209,19 @@ def trial_config(search:Search, # the checked search
     return apply_overrides(search.config, ov)
 
 class OptunaReport(Callback):
-    "Report `metric` to an Optuna trial after every epoch; stop the run (as a normal stop, checkpoints kept) when the trial should be pruned"
+    "Report `metric` to an Optuna trial after every epoch (numbered on across a run's phases); once it should be pruned, stop the run as a normal stop (checkpoints kept), later phases before they start"
     order = 55  # after Checkpoint (50) has saved the epoch, before ProgressCB (60)
     def __init__(self, trial:optuna.Trial, # the trial being run
                  metric:str): # a history column, e.g. 'valid_accuracy'
-        self.trial, self.metric, self.pruned = trial, metric, None
+        self.trial, self.metric, self.pruned, self.step = trial, metric, None, 0
+    def before_fit(self, learn):
+        if self.pruned: learn.stop_reason = self.pruned  # a kind that trains in phases (baselines, then the fused model)
     def after_epoch(self, learn):
         if self.metric not in learn.row: raise KeyError(f"the run's history has no {self.metric!r} to optimise; it has {sorted(learn.row)}")
-        value = float(learn.row[self.metric])
-        self.trial.report(value, learn.epoch + 1)
+        value, self.step = float(learn.row[self.metric]), self.step + 1
+        self.trial.report(value, self.step)
         if self.trial.should_prune():
-            self.pruned = f"pruned after epoch {learn.epoch + 1} ({self.metric} {value:.4g})"
+            self.pruned = f"pruned after epoch {self.step} ({self.metric} {value:.4g})"
             learn.stop_reason = self.pruned
 
 # %% ../nbs/12_tune.ipynb #a4a49a7f
@@ -244,13 +243,20 @@ def objective(trial:optuna.Trial, # the trial Optuna asks for
         run = train(trial_config(search, values, Path(study_dir)/'trials', name), cbs=[report], verbose=False)
         trial.set_user_attr('run_dir', str(run.dir)); trial.set_user_attr('epochs', len(run.history))
         if report.pruned: raise optuna.TrialPruned(report.pruned)
-        seen = [float(r[search.metric]) for r in run.history if pd.notna(r.get(search.metric))]
-        if not seen: raise ValueError(f"{search.metric} was never a finite number in {run.dir}/history.csv")
+        return best_of(run.history, search.metric, search.direction, f"{run.dir}/history.csv")
     except optuna.TrialPruned: raise
     except Exception as e:
         trial.set_user_attr('error', f"{type(e).__name__}: {e}"[:1000])
         raise
-    return min(seen) if search.direction == 'minimize' else max(seen)
+
+def best_of(history:Sequence[Mapping], # a run's history, a row per epoch
+            metric:str, direction:str, # the column, and 'minimize' or 'maximize'
+            where:str='the history', # for the message
+           ) -> float:
+    "The best finite value of `metric` over a run's epochs: what a trial scores (the epoch its best checkpoint holds)"
+    seen = [float(r[metric]) for r in history if pd.notna(r.get(metric))]
+    if not seen: raise ValueError(f"{metric} was never a finite number in {where}")
+    return min(seen) if direction == 'minimize' else max(seen)
 
 # %% ../nbs/12_tune.ipynb #18cb8832
 HEARTBEAT = {'heartbeat_interval': 30, 'grace_period': 120}  # RDB storages: a trial without a heartbeat for 2 minutes is failed (and retried once)
@@ -428,6 +434,7 @@ class TuneResult:
     study: optuna.Study
     table: pd.DataFrame  # one row per trial (`trials_table`)
     summary: dict  # what summary.json holds
+    search: Search|None = None  # the checked search
     def __repr__(self):
         b, d = self.summary['best'], self.summary['default']
         vs = f" vs the config's own values {d['value']:.4g}" if d else ''
@@ -459,6 +466,51 @@ def _run_workers(job:Mapping, workers:int, progress:TrialProgress, study:optuna.
         raise
     return [p.returncode for p in procs if p.returncode]
 
+# %% ../nbs/12_tune.ipynb #cd0002cd
+def mean_interval(values:Sequence[float], # one value per seed
+                  level:float=0.95, # the interval's coverage
+                 ) -> dict:
+    "The mean and its Student-t interval over independent values (no interval from a single one)"
+    from scipy import stats
+    v = pd.Series(values, dtype=float)
+    m, n = float(v.mean()), len(v)
+    if n < 2 or v.std(ddof=1) == 0: return {'mean': m, 'low': m if n > 1 else None, 'high': m if n > 1 else None, 'n': n}
+    h = float(stats.t.ppf((1 + level) / 2, n - 1) * v.std(ddof=1) / n ** 0.5)
+    return {'mean': m, 'low': m - h, 'high': m + h, 'n': n}
+
+def retrain(search:Search, # the checked search
+            values:Mapping, # key -> value (e.g. a trial's params; {} for the config's own values)
+            seeds:Sequence[int], # training seeds
+            out:str|Path, # the folder for the runs
+            name:str, # runs are named NAME-seedS
+           ) -> list:
+    "Train the search's config with `values` once per seed, each scored as a trial is (`best_of` over its epochs); the values"
+    runs = [train(trial_config(search, {**values, 'seed': seed}, out, f"{name}-seed{seed}"), verbose=False) for seed in seeds]
+    return [best_of(r.history, search.metric, search.direction, str(r.dir)) for r in runs]
+
+def compare_to_default(res:TuneResult, # a finished search
+                       seeds:Sequence[int]=(1, 2, 3), # training seeds the search did not use (its trials all ran on the config's seed)
+                       verbose:bool=True, # print the verdict
+                      ) -> dict:
+    "Re-train the best trial's values and the config's own on new seeds, scored as trials are: per-seed values, means and the paired difference with 95% intervals"
+    s, best = res.search, res.study.best_trial
+    got = {name: retrain(s, values, seeds, res.dir/'compare', name) for name, values in (('best', best.params), ('default', {}))}
+    rows = [{'seed': seed, 'best': b, 'default': d} for seed, b, d in zip(seeds, got['best'], got['default'])]
+    sign = 1 if s.direction == 'maximize' else -1
+    diff = mean_interval([sign * (r['best'] - r['default']) for r in rows])  # > 0: the best trial's values are better
+    verdict = ('better' if diff['low'] is not None and diff['low'] > 0 else 'worse' if diff['high'] is not None and diff['high'] < 0
+               else 'not shown different')
+    cmp = {'metric': s.metric, 'split': s.valid, 'seeds': list(seeds), 'best_params': best.params, 'runs': rows,
+           'best': mean_interval([r['best'] for r in rows]), 'default': mean_interval([r['default'] for r in rows]),
+           'difference': diff, 'verdict': verdict}
+    res.summary['comparison'] = cmp
+    write_json(res.summary, res.dir/'summary.json')
+    if verbose:
+        ci = lambda d: f"{d['mean']:.4g}" + (f" (95% CI {d['low']:.4g} to {d['high']:.4g})" if d['low'] is not None else '')
+        print(f"re-trained on {len(rows)} new seed(s), {s.metric} on {s.valid!r}: best values {ci(cmp['best'])}, the config's own {ci(cmp['default'])}; "
+              f"{'gain' if sign > 0 else 'reduction'} {ci(diff)}: {verdict}")
+    return cmp
+
 # %% ../nbs/12_tune.ipynb #43133ff2
 def _finish(study:optuna.Study, search:Search, out:Path, evaluate_best:bool, seconds:float, storage, say) -> TuneResult:
     "Write trials.csv/.md, plots, best.yaml and summary.json (and evaluate the best run on test when asked)"
@@ -486,7 +538,7 @@ def _finish(study:optuna.Study, search:Search, out:Path, evaluate_best:bool, sec
         summary['test'] = {'split': split, 'trial': best.number, 'run_dir': best.user_attrs['run_dir'], 'metric': h['name'], 'value': h['value'], 'report': out/'best_test'}
         say(f"evaluated the best trial ONCE on the test split {split!r} (never used to choose it): {h['name']} = {h['value']:.4f}; report in {out/'best_test'}")
     write_json(summary, out/'summary.json')
-    return TuneResult(out, study, table, summary)
+    return TuneResult(out, study, table, summary, search)
 
 # %% ../nbs/12_tune.ipynb #1cc5bb55
 def tune(config:str|Path|Mapping, # a YAML config of any kind the search starts from
@@ -502,6 +554,7 @@ def tune(config:str|Path|Mapping, # a YAML config of any kind the search starts 
          seed:int=0, # sampler seed (worker i uses seed + i)
          overrides:Sequence[str]=(), # `key=value` config overrides
          baseline:bool=True, # queue the config's own values as the first trial
+         compare_seeds:int=0, # then re-train the best values and the config's own on this many new seeds (`compare_to_default`)
          verbose:bool=True, # one line per finished trial, and the summary
          bar:bool|None=None, # a progress bar over trials (None: when stderr is a terminal)
         ) -> TuneResult:
@@ -525,7 +578,9 @@ def tune(config:str|Path|Mapping, # a YAML config of any kind the search starts 
     try: failed = _run_workers(job, workers, progress, study)
     finally: progress.update(study); progress.close()
     if failed: say(f"warning: {len(failed)} worker process(es) exited with an error (codes {failed}); the study holds what they finished")
-    return _finish(study, search, out, evaluate_best, time.perf_counter() - t0, storage, say)
+    res = _finish(study, search, out, evaluate_best, time.perf_counter() - t0, storage, say)
+    if compare_seeds: compare_to_default(res, [search.resolved['seed'] + 1 + i for i in range(compare_seeds)], verbose)
+    return res
 
 # %% ../nbs/12_tune.ipynb #a0393004
 def _tune_arguments(p):
@@ -541,9 +596,11 @@ def _tune_arguments(p):
     p.add_argument('--pruner', default='median', choices=list(PRUNERS))
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE', help='override a config value')
+    p.add_argument('--compare-seeds', type=int, default=0, metavar='N',
+                   help="then re-train the best values and the config's own on N new seeds: both with 95%% intervals, and their difference")
     p.add_argument('--quiet', action='store_true', help='print nothing but errors')
 
 @register_command('tune', 'search hyperparameters with Optuna: every trial a run folder scored on validation; table, plots, best.yaml', _tune_arguments)
 def _tune(a):
     tune(a.config, a.space, a.trials, a.workers, a.storage, a.timeout, a.evaluate_best, a.out, a.study_name, a.pruner, a.seed, a.overrides,
-         verbose=not a.quiet)
+         compare_seeds=a.compare_seeds, verbose=not a.quiet)

@@ -255,3 +255,35 @@ def test_train_nproc_2_matches_one_process(tmp_path):
 def test_the_shipped_spaces_check_against_their_configs(config, space, valid, metric):
     s = prepare_search(ROOT/'configs'/config, ROOT/'configs'/space)
     assert (s.valid, s.metric, s.direction) == (valid, metric, 'maximize')
+
+
+def test_each_kind_names_its_validation_split_and_segmentation_is_tunable():
+    "tune asks the kind (its `valid_split` verb, registered in the kind's own notebook): segmentation validates on data.valid"
+    space = {'params': {'training.lr': {'type': 'float', 'low': 1.0e-3, 'high': 1.0e-2, 'log': True}}}
+    s = prepare_search(ROOT/'configs'/'inspection_segmentation.yaml', space)
+    assert (s.kind, s.valid, s.metric, s.direction) == ('segmentation', 'val', 'valid_miou', 'maximize')
+    with pytest.raises(ValueError, match='no validation split'):
+        prepare_search(ROOT/'configs'/'inspection_segmentation.yaml', {**space, 'set': {'data.valid': None}})
+
+
+def test_compare_to_default_retrains_both_on_new_seeds_and_finds_a_planted_gain(tmp_path):
+    "The config's own lr (1e-6) leaves the validation loss where it starts; the search's best (1e-2) lowers it on every new seed"
+    good, bad = 1.0e-2, 1.0e-6
+    space = {'params': {'training.lr': {'choices': [good, bad]}}, 'set': {**TINY, 'training.epochs': 4, 'training.lr': bad}, 'metric': 'valid_loss'}
+    out = tmp_path/'study'
+    out.mkdir()
+    study = optuna.create_study(study_name='smoke', direction='minimize',
+                                storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out/'study.journal'))))
+    study.enqueue_trial({'training.lr': good})
+    res = tune(SMOKE, space, trials=2, out=out, pruner='none', verbose=False, compare_seeds=3)  # trial 1: the config's own values
+    assert res.table['default'].tolist() == [False, True] and res.summary['best']['params'] == {'training.lr': good}
+    cmp = json.loads((out/'summary.json').read_text())['comparison']
+    assert cmp['seeds'] == [1, 2, 3] and cmp['metric'] == 'valid_loss'  # seeds other than the config's (0), on which the trials ran
+    for r in cmp['runs']:
+        for name, lr in (('best', good), ('default', bad)):
+            run = RunFolder(out/'compare'/f"{name}-seed{r['seed']}")
+            assert run.config['seed'] == r['seed'] and run.config['training']['lr'] == lr and run.metrics['split'] == 'valid'
+            assert run.history['valid_loss'].min() == pytest.approx(r[name])
+    assert all(r['best'] < r['default'] for r in cmp['runs'])
+    assert cmp['difference']['mean'] == pytest.approx(sum(r['default'] - r['best'] for r in cmp['runs']) / 3)  # a loss: lower is better
+    assert cmp['difference']['low'] > 0 and cmp['verdict'] == 'better'
