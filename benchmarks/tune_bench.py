@@ -1,7 +1,20 @@
-"""mmfusion tune, side by side in one run: 2 workers vs 1 (trials per hour) and median pruning vs none (epochs trained for
-the same number of trials), with the best validation value each study reached. Writes benchmarks/results/tune_bench.json.
+"""mmfusion tune, side by side in one run: 2 workers vs 1 (trials and epochs per hour) and pruning vs none (epochs trained
+for the same number of trials), with the best validation value each study reached and how much of a difference
+between those best values is noise. Writes benchmarks/results/tune_bench.json.
 
-    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/tune_bench.py            # weld, 12 trials a study (~15 min on 2 quiet cores)
+The command to run (on quiet cores: nothing else running; about 30-40 min on 2 cores):
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg .venv/bin/python benchmarks/tune_bench.py --trials 16 --contention "quiet: nothing else running"
+
+The recipe, so the two comparisons measure one thing each:
+- workers: '1 worker, no pruning' vs '2 workers, no pruning'. Without pruning every trial trains all its epochs, so the
+  ratio of trials per hour is the parallel speed-up alone (with pruning on, each arm would prune other trials).
+- pruning: each pruner (median, Hyperband) vs '1 worker, no pruning', one worker each, the same seed, space and number of
+  trials: the epochs trained, and the best validation value reached.
+- noise: the best values of the studies are compared by re-training each study's best values on --noise-seeds seeds no
+  trial used (identical values are trained once) and taking, per seed, the pruned study's best minus the unpruned one's:
+  the mean with its 95% interval. "Equal within noise" means that interval contains 0.
+A smoke check of the script itself (the tiny in-memory data, a minute): add --smoke.
 """
 import argparse, datetime, json, os, platform, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -10,16 +23,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('MPLBACKEND', 'Agg')
 from mmfusion.core import write_json
-from mmfusion.tune import tune
+from mmfusion.config import build_splits
+from mmfusion.tune import mean_interval, prepare_search, retrain, tune
 
-STUDIES = {'1 worker, median pruning': {'workers': 1, 'pruner': 'median'},
-           '2 workers, median pruning': {'workers': 2, 'pruner': 'median'},
-           '1 worker, no pruning': {'workers': 1, 'pruner': 'none'}}  # name -> tune arguments; the same seed, space and budget
+OFF = '1 worker, no pruning'
+SMOKE_SPACE = {'params': {'training.lr': {'type': 'float', 'low': 1.0e-4, 'high': 3.0e-2, 'log': True},
+                          'model.head.dropout': {'type': 'float', 'low': 0.0, 'high': 0.5}},
+               'set': {'training.epochs': 6, 'data.tiny.n': 24, 'data.batch_size': 12}, 'metric': 'valid_loss'}  # --smoke: seconds a trial
 
 
 def commit() -> str:
     try: return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError: return 'unknown'
+
+
+def studies(pruners) -> dict:
+    "name -> tune arguments: the unpruned reference, the same on 2 workers, and one study per pruner"
+    return {OFF: {'workers': 1, 'pruner': 'none'}, '2 workers, no pruning': {'workers': 2, 'pruner': 'none'},
+            **{f"1 worker, {p} pruning": {'workers': 1, 'pruner': p} for p in pruners}}
 
 
 def run_study(name:str, kw:dict, a, out:Path) -> dict:
@@ -29,44 +50,78 @@ def run_study(name:str, kw:dict, a, out:Path) -> dict:
     s = res.summary
     return {'workers': kw['workers'], 'pruner': kw['pruner'], 'trials': len(res.table), 'states': s['trials'],
             'wall_seconds': round(wall, 1), 'trials_per_hour': round(len(res.table) / wall * 3600, 1), 'epochs_total': s['epochs_total'],
+            'epochs_per_hour': round(s['epochs_total'] / wall * 3600, 1),
             'best_value': s['best']['value'], 'best_trial': s['best']['trial'], 'best_params': s['best']['params'],
             'default_value': s['default']['value'] if s['default'] else None}
+
+
+def noise(results:dict, search, seeds, out:Path) -> dict:
+    "Each study's best values re-trained on new seeds (identical values once); per pruned study, its best minus the unpruned one's per seed"
+    trained = {}
+    for name, r in results.items():
+        key = json.dumps(r['best_params'], sort_keys=True)
+        if key not in trained: trained[key] = retrain(search, r['best_params'], seeds, out/'noise', f"best-{len(trained)}")
+    sign = 1 if search.direction == 'maximize' else -1
+    ref = trained[json.dumps(results[OFF]['best_params'], sort_keys=True)]
+    res = {'seeds': list(seeds), 'retrained': {n: trained[json.dumps(r['best_params'], sort_keys=True)] for n, r in results.items()}}
+    for name, r in results.items():
+        if r['pruner'] == 'none': continue
+        mine = res['retrained'][name]
+        d = mean_interval([sign * (m - o) for m, o in zip(mine, ref)])  # > 0: the pruned study's best values are better
+        res[name] = {'difference': d, 'equal_within_noise': d['low'] is None or d['low'] <= 0 <= d['high'],
+                     'same_best_values': r['best_params'] == results[OFF]['best_params']}
+    return res
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--config', default=str(ROOT/'configs'/'weld.yaml')); p.add_argument('--space', default=str(ROOT/'configs'/'weld_space.yaml'))
-    p.add_argument('--trials', type=int, default=12); p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--trials', type=int, default=16, help='trials in every study (the same in every arm)')
+    p.add_argument('--pruners', nargs='+', default=['median', 'hyperband'], choices=['median', 'hyperband'])
+    p.add_argument('--noise-seeds', type=int, default=3, help='seeds the best values of each study are re-trained on (0: none)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--smoke', action='store_true', help='the tiny in-memory data (configs/smoke.yaml), to check the script; results not written to --out')
     p.add_argument('--out', default=str(ROOT/'benchmarks'/'results'/'tune_bench.json'))
     p.add_argument('--contention', default='', help='a note on other load on the machine during the run')
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix='tune_bench-'))
+    if a.smoke: a.config, a.space, a.out = str(ROOT/'configs'/'smoke.yaml'), SMOKE_SPACE, str(work/'tune_bench.json')
     load_before = os.getloadavg()
-    results = {name: run_study(name, kw, a, work) for name, kw in STUDIES.items()}
-    one, two, off = (results[n] for n in STUDIES)
-    from mmfusion.tune import prepare_search
-    from mmfusion.config import build_splits
+    results = {name: run_study(name, kw, a, work) for name, kw in studies(a.pruners).items()}
     search = prepare_search(a.config, a.space)
+    seeds = [search.resolved['seed'] + 1 + i for i in range(a.noise_seeds)]
+    nz = noise(results, search, seeds, work) if seeds else None
     n_valid = len(build_splits({**search.resolved['data'], 'cache': False}, search.resolved['seed'])[search.valid])
+    one, two, off = results[OFF], results['2 workers, no pruning'], results[OFF]
     out = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), 'commit': commit(),
            'machine': {'platform': platform.platform(), 'python': platform.python_version(), 'cpus': os.cpu_count(),
                        'load_average_before': [round(x, 2) for x in load_before], 'load_average_after': [round(x, 2) for x in os.getloadavg()],
                        'contention': a.contention or 'not noted'},
            'recipe': {'command': ' '.join([Path(sys.executable).name, *sys.argv]), 'config': os.path.relpath(a.config, ROOT),
-                      'space': os.path.relpath(a.space, ROOT), 'trials_per_study': a.trials, 'seed': a.seed,
-                      'metric': search.metric, 'validation_samples': n_valid, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS')},
+                      'space': a.space if isinstance(a.space, dict) else os.path.relpath(a.space, ROOT), 'trials_per_study': a.trials,
+                      'seed': a.seed, 'metric': search.metric, 'direction': search.direction, 'validation_samples': n_valid,
+                      'noise_seeds': seeds, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS')},
            'studies': results,
-           'workers_2_vs_1': {'trials_per_hour_ratio': round(two['trials_per_hour'] / one['trials_per_hour'], 2), 'goal': 1.6},
-           'pruning_on_vs_off': {'epochs_on': one['epochs_total'], 'epochs_off': off['epochs_total'],
-                                 'epochs_saved_fraction': round(1 - one['epochs_total'] / off['epochs_total'], 3), 'goal': 0.4,
-                                 'best_on': one['best_value'], 'best_off': off['best_value'],
-                                 'best_difference_in_validation_samples': round((one['best_value'] - off['best_value']) * n_valid, 2),
-                                 'noise_note': f"the validation accuracy moves in steps of 1/{n_valid}; one sample is the resolution"}}
+           'workers_2_vs_1': {'compared': f"'{OFF}' vs '2 workers, no pruning' (every trial trains all its epochs)",
+                              'trials_per_hour_ratio': round(two['trials_per_hour'] / one['trials_per_hour'], 2),
+                              'epochs_per_hour_ratio': round(two['epochs_per_hour'] / one['epochs_per_hour'], 2), 'goal': 1.6},
+           'pruning_on_vs_off': {name: {'epochs_on': r['epochs_total'], 'epochs_off': off['epochs_total'],
+                                        'epochs_saved_fraction': round(1 - r['epochs_total'] / off['epochs_total'], 3), 'goal': 0.4,
+                                        'best_on': r['best_value'], 'best_off': off['best_value'],
+                                        'noise': nz[name] if nz else None}
+                                 for name, r in results.items() if r['pruner'] != 'none'},
+           'noise': nz}
     write_json(out, a.out)
-    print(f"\n2 workers vs 1: {out['workers_2_vs_1']['trials_per_hour_ratio']}x trials/hour ({two['trials_per_hour']} vs {one['trials_per_hour']}; goal >= 1.6)")
-    pr = out['pruning_on_vs_off']
-    print(f"pruning: {pr['epochs_on']} vs {pr['epochs_off']} epochs for {a.trials} trials = {pr['epochs_saved_fraction']:.0%} saved (goal >= 40%); "
-          f"best {pr['best_on']:.4f} vs {pr['best_off']:.4f} ({pr['best_difference_in_validation_samples']:+} validation samples)")
+    w = out['workers_2_vs_1']
+    print(f"\n2 workers vs 1 (no pruning): {w['trials_per_hour_ratio']}x trials/hour ({two['trials_per_hour']} vs {one['trials_per_hour']}), "
+          f"{w['epochs_per_hour_ratio']}x epochs/hour; goal >= {w['goal']}")
+    for name, pr in out['pruning_on_vs_off'].items():
+        d = (pr['noise'] or {}).get('difference')
+        nz_text = (f"; re-trained on {len(seeds)} new seeds, pruned best minus unpruned best {d['mean']:+.4g}"
+                   + (f" (95% CI {d['low']:+.4g} to {d['high']:+.4g})" if d['low'] is not None else '')
+                   + (': equal within noise' if pr['noise']['equal_within_noise'] else ': different')) if d else ''
+        print(f"{name}: {pr['epochs_on']} vs {pr['epochs_off']} epochs for {a.trials} trials = {pr['epochs_saved_fraction']:.0%} saved "
+              f"(goal >= {pr['goal']:.0%}); best in the study {pr['best_on']:.4f} vs {pr['best_off']:.4f}{nz_text}")
     print(f"results: {a.out}")
     shutil.rmtree(work, ignore_errors=True)
 
