@@ -34,7 +34,8 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from mmfusion.core import write_json, write_text_atomic
 from mmfusion.sample_data import SEGMENTATION_CEILINGS_MARK
 from mmfusion.segmentation import (best_constant, confusion, load_segmenter, run_segmentation, run_splits, score_segmenter, segmentation_config,
-                                   segmentation_scores)
+                                   pooled_miou, segmentation_scores)
+from mmfusion.evaluation import bootstrap_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT/'benchmarks'/'results'/'segmentation.json'
@@ -87,10 +88,8 @@ def ceilings(splits:dict, names:list, per_image:int=600) -> dict:
 # ---------------------------------------------------------------- 2. + 3. trained models
 def paired(a:np.ndarray, b:np.ndarray, n_boot:int=2000) -> dict:
     "mIoU(a) - mIoU(b) on the same images with a paired percentile bootstrap interval over images"
-    f = lambda x: segmentation_scores(x.sum(0))['miou']
-    rng = np.random.default_rng(SEED)
-    boots = [f(a[i]) - f(b[i]) for i in (rng.integers(0, len(a), len(a)) for _ in range(n_boot))]
-    return {'difference': f(a) - f(b), 'low': float(np.quantile(boots, .025)), 'high': float(np.quantile(boots, .975))}
+    ci = bootstrap_ci(lambda x, y: pooled_miou(x) - pooled_miou(y), a, b, n_boot=n_boot, seed=SEED)
+    return {'difference': ci['value'], 'low': ci['low'], 'high': ci['high']}
 
 
 def stage_summary(history:list, floors:dict) -> dict:

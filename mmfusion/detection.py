@@ -28,7 +28,7 @@ from ultralytics.utils.ops import xywh2xyxy
 
 from .config import DEFAULT_CONFIG, KindError, RunFolder, apply_overrides, load_config, plain_data, register_verb
 from .data import image_frames, IMAGE_EXTS, NIGHT_MODALITIES, AlignedAugment, batch_to, detection_augment, paired_folders, read_image
-from .evaluation import bootstrap_ci
+from .evaluation import ablation_verdict, bootstrap_ci
 from .diagnosis import CHECKS, DETECTION_CHECKS, REMEDIES, Diagnosis, Finding, diagnose, remedies
 from .encoders import YOLOBackbone, adapt_in_channels
 from .fusion import FUSIONS
@@ -46,9 +46,9 @@ __all__ = ['DETECTION_TRAINING', 'DETECTION_CONFIG', 'GATE_METRICS', 'DETECTION_
            'resolve_detection_config', 'detection_config', 'train_single_detector', 'load_single_detector', 'GateError',
            'phase1_gate', 'baseline_gate', 'train_detection_baselines', 'build_fused_detector', 'score_detection_run',
            'DetectionRun', 'run_detection', 'run_detection_splits', 'detector_cams', 'plot_detector_cams',
-           'metric_difference', 'ablation_verdict', 'detection_contribution', 'diagnose_detection_run',
-           'evaluate_detection_run', 'predict_detection_run', 'DetectorGraph', 'ExportMismatchError', 'detector_inputs',
-           'export_detector', 'run_frame_size', 'export_detection_run']
+           'metric_difference', 'detection_contribution', 'diagnose_detection_run', 'evaluate_detection_run',
+           'predict_detection_run', 'DetectorGraph', 'ExportMismatchError', 'detector_inputs', 'export_detector',
+           'run_frame_size', 'export_detection_run']
 
 # %% ../nbs/07_detection.ipynb #9a19d80b
 def _read_yolo_checkpoint(path) -> DetectionModel:
@@ -985,15 +985,6 @@ def metric_difference(a:Sequence[Mapping], # per-image records of one model (`va
     diff = lambda idx: detection_metrics([a[i] for i in idx], names)[metric] - detection_metrics([b[i] for i in idx], names)[metric]
     return bootstrap_ci(diff, np.arange(len(a)), n_boot=n_boot, level=level, seed=seed)
 
-def ablation_verdict(low:float, high:float, # the interval of the metric's drop when a modality is removed
-                     min_gain:float=0.0, # the drop must surely exceed this to count as a contribution
-                     negligible:float=0.01, # an interval within +-this is 'ignored'
-                    ) -> str:
-    "'contributes' only when the drop's interval lies above `min_gain` (it excludes 0), 'hurts' when below 0, 'ignored' when within +-`negligible`, else 'inconclusive'"
-    if low > min_gain: return 'contributes'
-    if high < 0: return 'hurts'
-    if -negligible <= low and high <= negligible: return 'ignored'
-    return 'inconclusive'
 
 # %% ../nbs/07_detection.ipynb #99a34169
 def _single_modality(model:nn.Module) -> str|None:

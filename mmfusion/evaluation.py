@@ -28,9 +28,10 @@ __all__ = ['KNN_METRICS', 'SCORERS', 'THRESHOLD_METHODS', 'TASKS', 'Predictions'
            'knn_predict', 'knn_evaluate', 'plot_embeddings', 'ReconstructionScorer', 'ConvAutoencoder', 'build_scorer',
            'load_scorer', 'fit_autoencoder', 'anomaly_scores', 'normal_class_index', 'threshold_settings',
            'select_threshold', 'anomaly_metrics', 'plot_anomaly_scores', 'check_prediction_spread',
-           'regression_metrics', 'plot_regression', 'Task', 'headline_metric', 'bootstrap_ci', 'modality_ablation',
-           'plot_ablation', 'measure_speed', 'write_figure', 'scalar_metrics', 'write_report', 'evaluate_predictions',
-           'evaluate_model', 'rebuild_splits', 'evaluate_fused_run', 'evaluate_run', 'evaluate_anomaly_run']
+           'regression_metrics', 'plot_regression', 'Task', 'headline_metric', 'bootstrap_ci', 'ablation_verdict',
+           'modality_ablation', 'plot_ablation', 'measure_speed', 'write_figure', 'scalar_metrics', 'write_report',
+           'evaluate_predictions', 'evaluate_model', 'rebuild_splits', 'evaluate_fused_run', 'evaluate_run',
+           'evaluate_anomaly_run']
 
 # %% ../nbs/05_evaluation.ipynb #6787f83d
 @dataclass
@@ -663,6 +664,18 @@ def _take(a, idx):
     if not isinstance(a, Predictions): return a[idx]
     sel = lambda x: None if x is None else {k: v[idx] for k, v in x.items()} if isinstance(x, Mapping) else x[idx]
     return Predictions(sel(a.targets), sel(a.outputs), [a.ids[i] for i in idx], sel(a.fused))
+
+# %% ../nbs/05_evaluation.ipynb #b2c0a002
+def ablation_verdict(low:float, high:float, # the interval of the metric's drop when a modality is removed
+                     min_gain:float=0.0, # the drop must surely exceed this to count as a contribution
+                     negligible:float=0.01, # an interval within +-this is 'ignored'
+                    ) -> str:
+    "'contributes' only when the drop's interval lies above `min_gain` (it excludes 0), 'hurts' when below 0, 'ignored' when within +-`negligible`, else 'inconclusive'"
+    if low > min_gain: return 'contributes'
+    if high < 0: return 'hurts'
+    if -negligible <= low and high <= negligible: return 'ignored'
+    return 'inconclusive'
+
 
 # %% ../nbs/05_evaluation.ipynb #4d9c7eec
 def modality_ablation(model:nn.Module, # a model with the library's call; `model.modalities` lists its modalities

@@ -26,7 +26,7 @@ from .fusion import FUSIONS
 from .model import MultiModalModel, load_checkpoint, run_checkpoint
 from .training import Learner, OPTIMIZERS, training_callbacks
 from .config import DEFAULT_CONFIG, KindError, RunFolder, apply_overrides, load_config, merge_section, plain_data, register_verb
-from .evaluation import bootstrap_ci
+from .evaluation import ablation_verdict, bootstrap_ci
 from .diagnosis import Diagnosis, Finding
 
 # %% auto #0
@@ -1057,12 +1057,11 @@ def segmentation_contribution(model:MultiModalDeepLab, # the fused model
                               **kw) -> list: # `score_segmenter` settings (window, overlap, blend)
     "Each modality's mIoU contribution (removed at test time) and the fused model against each trained baseline, with paired bootstrap intervals: [Finding]"
     full, findings, rows = score_segmenter(model, ds, **kw), [], {}
-    verdict = lambda lo, hi: 'contributes' if lo > min_gain else 'hurts' if hi < 0 else 'ignored' if -negligible <= lo and hi <= negligible else 'inconclusive'
     severity = {'contributes': 'ok', 'hurts': 'problem', 'ignored': 'problem', 'inconclusive': 'warning'}
     ins = model_inputs(model)
     for m in (ins if len(ins) > 1 else []):
         g, lo, hi = rows[f'without {m}'] = _paired_gain(full, score_segmenter(model, ds, drop=[m], **kw), n_boot, seed)
-        v = verdict(lo, hi); sev = severity[v]
+        v = ablation_verdict(lo, hi, min_gain, negligible); sev = severity[v]
         say = {'contributes': f"{m} contributes: removing it costs {g:.3f} mIoU (95% CI {lo:.3f} to {hi:.3f})",
                'hurts': f"{m} hurts: removing it raises mIoU by {-g:.3f} (95% CI of the cost {lo:.3f} to {hi:.3f})",
                'ignored': f"the model ignores {m}: removing it changes mIoU by {-g:+.3f} (95% CI of the cost {lo:.3f} to {hi:.3f}, within +-{negligible})",

@@ -7,7 +7,7 @@ from sklearn import metrics as skm
 
 from mmfusion.data import MultiModalDataset, tiny_dataset
 from mmfusion.sample_data import sample_splits
-from mmfusion.evaluation import (ConvAutoencoder, NonFiniteError, Predictions, anomaly_metrics, atomic_write, bootstrap_ci,
+from mmfusion.evaluation import (ConvAutoencoder, NonFiniteError, Predictions, ablation_verdict, anomaly_metrics, atomic_write, bootstrap_ci,
                                  classification_metrics, collect, evaluate_model, evaluate_predictions, fit_autoencoder,
                                  headline_metric, knn_predict, mask_modalities, measure_speed, modality_ablation,
                                  regression_metrics, select_threshold, write_json, write_report, TASKS, threshold_settings,
@@ -193,6 +193,17 @@ def test_bootstrap_is_seeded():
     acc = lambda a, b: (a == b).mean()
     assert bootstrap_ci(acc, y, p, n_boot=300, seed=1) == bootstrap_ci(acc, y, p, n_boot=300, seed=1)
     assert bootstrap_ci(acc, y, p, n_boot=300, seed=1) != bootstrap_ci(acc, y, p, n_boot=300, seed=2)
+
+
+
+def test_ablation_verdict_follows_the_interval_not_the_point():
+    "A drop counts only when its whole interval clears min_gain; an interval at 0 within +-negligible is 'ignored'; one straddling 0 widely is 'inconclusive'"
+    assert ablation_verdict(0.001, 0.2) == 'contributes' and ablation_verdict(0.001, 0.2, min_gain=0.01) == 'inconclusive'
+    assert ablation_verdict(-0.3, -0.001) == 'hurts'
+    assert ablation_verdict(-0.009, 0.009) == 'ignored' and ablation_verdict(-0.009, 0.011) == 'inconclusive'
+    assert ablation_verdict(-0.02, 0.02, negligible=0.05) == 'ignored'
+    import mmfusion.detection as det, mmfusion.segmentation as seg
+    assert det.ablation_verdict is ablation_verdict and seg.ablation_verdict is ablation_verdict  # one home, imported where used
 
 
 class ImageOnly(nn.Module):
