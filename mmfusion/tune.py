@@ -396,7 +396,7 @@ def study_plots(study:optuna.Study, # a study with complete trials
                      ('parallel_coordinates', ovm.plot_parallel_coordinate)):
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+                for w in (optuna.exceptions.ExperimentalWarning, UserWarning): warnings.simplefilter('ignore', w)  # API notes; a one-param study's flat axes
                 ax = fn(study)
             fig = (ax.flat[0] if hasattr(ax, 'flat') else ax).figure
             fig.set_size_inches(7, 4)
