@@ -12,7 +12,15 @@ concurrency 1) in label or by more than `--atol` in a probability. Without RUN_D
 
     .venv/bin/python benchmarks/serve_load.py [RUN_DIR] [--scenario inspection|weld] [--requests 160] [--levels 1 8] [--max-batch 8]
 
-The figures are in benchmarks/results/serve_load.json (date, commit, machine, recipe); nothing measured is typed here.
+The run that writes benchmarks/results/serve_load.json (from the repository root, on cores nothing else is using; it
+trains its own 2-epoch inspection run first):
+
+    HF_HUB_OFFLINE=1 PYTHONHASHSEED=0 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_load.py --scenario inspection --requests 160 --rounds 4 --levels 1 8 --max-batch 8 --max-wait-ms 2 --max-concurrency 2
+
+Each multipart body is encoded once before the timing (a load generator on other machines would not spend these cores
+on it); the CPU seconds the server process and the client spend per request at each level are recorded with the
+throughput, so a result says which side the cores went to. The figures are in benchmarks/results/serve_load.json (date,
+commit, machine, recipe); nothing measured is typed here.
 """
 import argparse, asyncio, json, os, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -35,6 +43,21 @@ def rss_mib(pid:int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cpu_seconds(pid:int) -> float:
+    "User + system CPU time of a process so far, from /proc"
+    fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def encoded(reqs:list) -> list:
+    "(body, content type, sample id) of each multipart request, encoded once"
+    out = []
+    for files, data in reqs:
+        r = httpx.Request('POST', f'http://{HOST}/predict/files', files=files, data=data)
+        out.append((r.read(), r.headers['content-type'], data['id']))
+    return out
+
+
 def payloads(scenario:str, n:int=8) -> list:
     "(files, data) of one multipart request per test sample (up to n)"
     d = ROOT/'data'
@@ -54,22 +77,23 @@ def payloads(scenario:str, n:int=8) -> list:
     return out
 
 
-async def level(url:str, reqs:list, concurrency:int, n:int) -> tuple:
-    "Send `n` requests (cycling over `reqs`) with `concurrency` in flight; (counts, answers by sample id, latencies in s)"
+async def level(url:str, bodies:list, concurrency:int, n:int, server_pid:int|None=None) -> tuple:
+    "Send `n` requests (cycling over the `encoded` bodies) with `concurrency` in flight; (counts and CPU seconds, answers by sample id, latencies in s)"
     lat, errors, answers, todo = [], [], {}, iter(range(n))
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         async def worker():
             for i in todo:
-                files, data = reqs[i % len(reqs)]
+                body, ctype, sid = bodies[i % len(bodies)]
                 t0 = time.perf_counter()
-                r = await client.post('/predict/files', files=files, data=data)
+                r = await client.post('/predict/files', content=body, headers={'content-type': ctype})
                 lat.append(time.perf_counter() - t0)
                 if r.status_code != 200: errors.append(f"{r.status_code}: {r.text[:200]}")
-                else: answers.setdefault(data['id'], []).append(r.json())
-        t0 = time.perf_counter()
+                else: answers.setdefault(sid, []).append(r.json())
+        s0, c0, t0 = cpu_seconds(server_pid) if server_pid else 0., time.process_time(), time.perf_counter()
         await asyncio.gather(*[worker() for _ in range(concurrency)])
         wall = time.perf_counter() - t0
-    return ({'requests': n, 'errors': len(errors), 'seconds': wall, 'req_per_s': round(n / wall, 2), 'first_error': errors[0] if errors else ''}, answers, lat)
+        cpu = {'server_cpu_s': cpu_seconds(server_pid) - s0 if server_pid else None, 'client_cpu_s': time.process_time() - c0}
+    return ({'requests': n, 'errors': len(errors), 'seconds': wall, 'req_per_s': round(n / wall, 2), 'first_error': errors[0] if errors else '', **cpu}, answers, lat)
 
 
 def differences(answers:dict, reference:dict) -> tuple:
@@ -87,7 +111,7 @@ def differences(answers:dict, reference:dict) -> tuple:
 
 
 def model_costs(run_dir:str, reqs:list, max_batch:int, reps:int=5) -> dict:
-    "Where a request's model-side time goes, in this process (1 thread): decoding its inputs (`prepare`, per request whatever the batch) and the forward pass at batch 1 and `max_batch`"
+    "Where a request's model-side time goes, in this process (1 thread): decoding its inputs alone (`prepare`) and in a batch (`prepare_batch`), the forward pass at batch 1 and `max_batch`"
     import torch
     from mmfusion.deploy import load_predictor
     torch.set_num_threads(1)
@@ -108,7 +132,9 @@ def model_costs(run_dir:str, reqs:list, max_batch:int, reps:int=5) -> dict:
         for _ in range(reps): f()
         return (time.perf_counter() - t0) / reps * 1000
     one, many = p.collate(samples[:1]), p.collate((samples * max_batch)[:max_batch])
-    return {'prepare_ms_per_request': round(ms(lambda: [p.prepare(x, 'r') for x in inputs]) / len(inputs), 2),
+    batch = (inputs * max_batch)[:max_batch]
+    return {'prepare_ms_alone': round(ms(lambda: [p.prepare(x, 'r') for x in inputs]) / len(inputs), 2),
+            f'prepare_ms_per_request_batch_{max_batch}': round(ms(lambda: p.prepare_batch(batch, [str(i) for i in range(len(batch))])) / max_batch, 2),
             'forward_ms_batch_1': round(ms(lambda: p.outputs(one)), 2),
             f'forward_ms_per_request_batch_{max_batch}': round(ms(lambda: p.outputs(many)) / max_batch, 2)}
 
@@ -132,7 +158,7 @@ def main():
     ap.add_argument('--scenario', default='inspection', choices=['inspection', 'weld'])
     ap.add_argument('--requests', type=int, default=160, help='requests per concurrency level')
     ap.add_argument('--levels', type=int, nargs='+', default=[1, 8])
-    ap.add_argument('--rounds', type=int, default=2, help='the requests of a level are sent in this many turns, alternating the servers')
+    ap.add_argument('--rounds', type=int, default=4, help='the requests of a level are sent in this many turns, alternating the servers')
     ap.add_argument('--max-batch', type=int, default=8, help='the batching server\'s --max-batch (the other runs --max-batch 1)')
     ap.add_argument('--max-wait-ms', type=float, default=2.)
     ap.add_argument('--max-concurrency', type=int, default=2, help="the server's batches (or requests) running at once")
@@ -148,16 +174,17 @@ def main():
                         '--set', f'runs_dir={runs}', '--set', 'training.epochs=2', '--set', 'training.tensorboard=false'], cwd=ROOT, env=env, check=True)
         run_dir = str(Path(runs)/a.scenario)
     reqs, modes = payloads(a.scenario), {'one at a time': 1, 'micro-batching': a.max_batch}
+    bodies = encoded(reqs)
     servers = {m: run_server(run_dir, a.port + k, b, a.max_wait_ms, a.max_concurrency, env) for k, (m, b) in enumerate(modes.items())}
     urls = {m: f'http://{HOST}:{a.port + k}' for k, m in enumerate(modes)}
     parts, answers, rss = {}, {}, {}
     try:
-        for m, url in urls.items(): asyncio.run(level(url, reqs, 1, len(reqs)))  # warm-up: first-call allocations are not load
+        for m, url in urls.items(): asyncio.run(level(url, bodies, 1, len(bodies)))  # warm-up: first-call allocations are not load
         before = {m: rss_mib(s.pid) for m, s in servers.items()}
         for _ in range(a.rounds):  # the two servers take turns at each level, so a change in the machine's load hits both alike
             for c in a.levels:
                 for m, url in urls.items():
-                    row, got, lat = asyncio.run(level(url, reqs, c, a.requests // a.rounds))
+                    row, got, lat = asyncio.run(level(url, bodies, c, a.requests // a.rounds, servers[m].pid))
                     parts.setdefault((m, c), []).append((row, lat))
                     for sid, g in got.items(): answers.setdefault((m, c), {}).setdefault(sid, []).extend(g)
         for m, url in urls.items():
@@ -172,7 +199,8 @@ def main():
         rows.append({'mode': m, 'max_batch': modes[m], 'concurrency': c, 'requests': sum(r['requests'] for r, _ in ps),
                      'errors': sum(r['errors'] for r, _ in ps), 'req_per_s': round(sum(r['requests'] for r, _ in ps) / sum(r['seconds'] for r, _ in ps), 2),
                      'req_per_s_by_round': [r['req_per_s'] for r, _ in ps], 'p50_ms': round(statistics.median(lat) * 1000, 1),
-                     'p95_ms': round(q[18] * 1000, 1), 'first_error': next((r['first_error'] for r, _ in ps if r['first_error']), '')})
+                     'p95_ms': round(q[18] * 1000, 1), 'first_error': next((r['first_error'] for r, _ in ps if r['first_error']), ''),
+                     **{f'{side}_cpu_ms_per_request': round(sum(r[f'{side}_cpu_s'] for r, _ in ps) / sum(r['requests'] for r, _ in ps) * 1000, 2) for side in ('server', 'client')}})
     reference = {sid: got[0] for sid, got in answers[('one at a time', min(a.levels))].items()}
     for r in rows:
         r['label_differences'], r['max_abs_difference'] = differences(answers[(r['mode'], r['concurrency'])], reference)
@@ -184,8 +212,8 @@ def main():
     identical = bool((df.label_differences == 0).all() and (df.max_abs_difference <= a.atol).all())
     result = {**provenance({'scenario': a.scenario, 'run_dir': run_dir, 'requests_per_level': a.requests, 'levels': a.levels,
                              'endpoint': '/predict/files (multipart)', 'samples': [d['id'] for _, d in reqs],
-                             'rounds': a.rounds, 'server': {'max_batch': [1, a.max_batch], 'max_wait_ms': a.max_wait_ms, 'max_concurrency': a.max_concurrency,
-                                        'OMP_NUM_THREADS': 1}, 'client': 'httpx.AsyncClient in the benchmark process, same machine',
+                             'rounds': a.rounds, 'command': ' '.join([Path(sys.executable).name, *sys.argv]), 'server': {'max_batch': [1, a.max_batch], 'max_wait_ms': a.max_wait_ms, 'max_concurrency': a.max_concurrency,
+                                        'OMP_NUM_THREADS': 1}, 'client': 'httpx.AsyncClient in the benchmark process, same machine; multipart bodies encoded once before timing',
                              'identical_means': f'same label and every probability within {a.atol} of the no-batching answer at concurrency {lo}'}),
               'rows': df.drop(columns='first_error').to_dict('records'), 'speedup': {m: {f'c{hi}_over_c{lo}': v, 'by_round': by_round[m]} for m, v in speed.items()},
               'errors': int(df.errors.sum()), 'identical': identical, 'server_memory': rss,

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_serve.ipynb #5bbda35a
 from __future__ import annotations
-import asyncio, collections, contextlib, ipaddress, json, re, socket, tempfile, threading, time, warnings
+import asyncio, collections, contextlib, ipaddress, itertools, json, re, shutil, socket, tempfile, threading, time, warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -186,8 +186,11 @@ RESPONSES = {Prediction: PredictionResponse, Detections: DetectionsResponse, Seg
 _SUFFIX = re.compile(r'^\.[A-Za-z0-9]{1,5}$')
 
 def _save_uploads(items, # (field name, value) pairs of a multipart form, in order
-                  tmp:Path, # the request's temporary folder: the only place files are written
-                  specs) -> dict:
+                  folder:Path, # the server's upload folder: the only place files are written
+                  specs, # modality -> spec (an image set's paths stay a list)
+                  written:list, # the paths written are appended here, for the caller to delete once answered
+                  tag:str='0', # the request's own prefix of the file names
+                 ) -> dict:
     "Multipart fields -> modality -> path, list of paths (image sets) or parsed JSON value"
     fields = {}
     for k, v in items: fields.setdefault(k, []).append(v)
@@ -197,7 +200,8 @@ def _save_uploads(items, # (field name, value) pairs of a multipart form, in ord
             paths = []
             for i, f in enumerate(values):
                 suffix = Path(f.filename or '').suffix
-                p = tmp/f"{n}_{i}{suffix if _SUFFIX.match(suffix) else ''}"  # never a client-chosen name or folder
+                p = folder/f"{tag}_{n}_{i}{suffix if _SUFFIX.match(suffix) else ''}"  # never a client-chosen name or folder
+                written.append(p)
                 with open(p, 'wb') as out:
                     while chunk := f.file.read(1 << 20): out.write(chunk)
                 paths.append(str(p))
@@ -235,13 +239,22 @@ def create_app(predictor:Predictor|AnomalyPredictor|DetectionPredictor, # the mo
                max_wait_ms:float=2., # how long a batch waits for more requests once its first one arrived (while others are in flight)
               ) -> FastAPI:
     "A FastAPI app serving `predictor` over HTTP (JSON and multipart) and WebSocket"
-    app = FastAPI(title=title, description=f"Model taking {predictor.modalities}; outputs {predictor.kinds}")
+    @contextlib.asynccontextmanager
+    async def lifespan(app):  # the upload folder goes when the server stops (uvicorn ends a SIGTERM by re-raising it: no exit handler would run)
+        try: yield
+        finally:
+            if app.state.uploads is not None: shutil.rmtree(app.state.uploads, ignore_errors=True); app.state.uploads = None
+    app = FastAPI(title=title, description=f"Model taking {predictor.modalities}; outputs {predictor.kinds}", lifespan=lifespan)
     answer = RESPONSES[predictor.record]  # the response model of what the predictor returns
     batcher = MicroBatcher(partial(predict_batch, predictor), max_batch, max_wait_ms, max_concurrency, max_queue)
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
     app.add_middleware(InFlight, batcher=batcher)  # the outermost: a request counts from its first byte
     app.state.predictor, app.state.batcher, app.state.max_bytes = predictor, batcher, max_bytes  # max_bytes: the WebSocket limit for uvicorn
     run = batcher.submit  # (inputs, id) -> the answer dict
+    app.state.uploads, tags = None, itertools.count()  # the upload folder of the running server; a request's file-name prefix
+    def upload_folder() -> Path:  # made at the first upload; each request deletes its own files once answered
+        if app.state.uploads is None: app.state.uploads = Path(tempfile.mkdtemp(prefix='mmfusion-upload-'))
+        return app.state.uploads
 
     status = lambda e: 503 if isinstance(e, OverflowError) else 422  # server busy / bad input
     error = lambda e: JSONResponse({'detail': str(e)}, status_code=status(e))
@@ -266,8 +279,10 @@ def create_app(predictor:Predictor|AnomalyPredictor|DetectionPredictor, # the mo
                 sid = form.get('id') if isinstance(form.get('id'), str) else 'request'
                 items = [(k, v) for k, v in form.multi_items() if k != 'id']
                 if not items: raise DataError('form', f"no modality given; the model takes {predictor.modalities}")
-                with tempfile.TemporaryDirectory(prefix='mmfusion-upload-') as tmp:
-                    return await run(_save_uploads(items, Path(tmp), predictor.specs), sid)
+                written = []
+                try: return await run(_save_uploads(items, upload_folder(), predictor.specs, written, str(next(tags))), sid)
+                finally:
+                    for f in written: f.unlink(missing_ok=True)
         except (DataError, OverflowError) as e: return error(e)
 
     @app.websocket('/stream')

@@ -1,5 +1,5 @@
 """The HTTP/WebSocket server on loopback: valid requests answer what the Predictor answers, bad ones get a 4xx naming the problem, and it keeps serving."""
-import asyncio, json, os, tempfile, threading
+import asyncio, json, os, subprocess, sys, tempfile, threading, time
 from pathlib import Path
 
 import httpx, numpy as np, pandas as pd, pytest, torch
@@ -26,7 +26,8 @@ def files_snapshot(*folders) -> set:
 
 
 def uploads_left() -> list:
-    return [p for p in Path(tempfile.gettempdir()).glob('mmfusion-upload-*')]
+    "Files in the servers' upload folders (each request deletes its own once answered)"
+    return sorted(Path(tempfile.gettempdir()).glob('mmfusion-upload-*/*'))
 
 
 @pytest.fixture(scope='module')
@@ -166,7 +167,7 @@ def test_bad_requests_get_a_4xx_naming_the_problem(servers):
         print(f"{name}: {r.status_code} {detail[:160]}")
         assert r.status_code == status, (name, r.status_code, r.text)
         assert words.lower() in detail.lower(), (name, detail)
-    # still serving, nothing written outside temporary folders, and no upload folder left behind
+    # still serving, nothing written outside temporary folders, and no uploaded file left behind
     assert httpx.get(f'{iurl}/health').json()['status'] == 'ok'
     img = DATA/'inspection'/'images'/f'{CELL}.png'
     ok = httpx.post(f'{iurl}/predict/files', files={'image': (img.name, img.read_bytes(), 'image/png')}, data={'id': CELL})
@@ -177,6 +178,30 @@ def test_bad_requests_get_a_4xx_naming_the_problem(servers):
     assert files_snapshot(wdir, idir, ROOT/'data') == watched
     assert uploads_left() == before_uploads
 
+
+
+def test_uploads_live_in_one_folder_that_goes_when_the_server_stops(servers, tmp_path):
+    "`mmfusion serve` in its own process: an upload is written in the server's folder and deleted once answered; SIGTERM (uvicorn re-raises it, no exit handler runs) removes the folder"
+    _, p, run_dir = servers['inspection']
+    port, env = free_port(), {**os.environ, 'TMPDIR': str(tmp_path), 'OMP_NUM_THREADS': '1'}
+    server = subprocess.Popen([sys.executable, '-c', 'from mmfusion.cli import main; main()', 'serve', str(run_dir), '--port', str(port)],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):
+            try:
+                if httpx.get(f'http://127.0.0.1:{port}/health', timeout=1).status_code == 200: break
+            except httpx.TransportError: time.sleep(0.1)
+            assert server.poll() is None, server.stderr.read()[-2000:]
+        img = DATA/'inspection'/'images'/f'{CELL}.png'
+        for _ in range(2):
+            r = httpx.post(f'http://127.0.0.1:{port}/predict/files', files={'image': (img.name, img.read_bytes(), 'image/png')}, data={'id': CELL}, timeout=60)
+            assert r.status_code == 200, r.text
+        close(r.json(), p.predict({'image': str(img)}, ids=[CELL]).to_dict())
+        folders = list(tmp_path.glob('mmfusion-upload-*'))
+        assert len(folders) == 1 and list(folders[0].iterdir()) == [], folders  # one folder for the server, emptied after each request
+    finally:
+        server.terminate(); server.wait(30)
+    assert list(tmp_path.glob('mmfusion-upload-*')) == []
 
 def test_oversize_websocket_message_is_closed_with_1009(servers):
     "A WebSocket message over the limit is refused by the server: the client sees the close (1009, message too big), and the limit is the app's max_bytes"
