@@ -274,6 +274,8 @@ def test_concurrent_requests_are_batched_and_answer_as_one_at_a_time(servers):
         assert rep.status_code == 200, rep.text
         close(rep.json(), p.predict(r['inputs'], [r['id']]).to_dict())
     assert replies[7].json()['missing'] == ['image']
+    answered = [tuple(rep.json()['probabilities'].values()) for rep in replies if rep.status_code == 200]
+    assert len(set(answered)) == len(answered)  # every request answered differently: an answer given to another request would show
 
 
 def test_backpressure_answers_503_when_full(servers):
