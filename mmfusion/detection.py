@@ -45,10 +45,10 @@ __all__ = ['DETECTION_TRAINING', 'DETECTION_CONFIG', 'GATE_METRICS', 'DETECTION_
            'predict_detections', 'manifest_frames', 'detection_frames', 'detection_data_root', 'detection_gate',
            'resolve_detection_config', 'detection_config', 'train_single_detector', 'load_single_detector', 'GateError',
            'phase1_gate', 'baseline_gate', 'train_detection_baselines', 'build_fused_detector', 'score_detection_run',
-           'DetectionRun', 'run_detection', 'run_detection_splits', 'detector_cams', 'plot_detector_cams',
-           'metric_difference', 'detection_contribution', 'diagnose_detection_run', 'evaluate_detection_run',
-           'predict_detection_run', 'DetectorGraph', 'ExportMismatchError', 'detector_inputs', 'export_detector',
-           'run_frame_size', 'export_detection_run']
+           'DetectionRun', 'run_detection', 'run_detection_splits', 'detection_valid_split', 'detector_cams',
+           'plot_detector_cams', 'metric_difference', 'detection_contribution', 'diagnose_detection_run',
+           'evaluate_detection_run', 'predict_detection_run', 'DetectorGraph', 'ExportMismatchError', 'detector_inputs',
+           'export_detector', 'run_frame_size', 'export_detection_run']
 
 # %% ../nbs/07_detection.ipynb #9a19d80b
 def _read_yolo_checkpoint(path) -> DetectionModel:
@@ -903,6 +903,13 @@ def run_detection_splits(run:RunFolder, # a detection run folder
     d = cfg['data']
     return detection_splits(detection_data_root(d), d['imgsz'], d['modalities'], False, cfg['seed'], class_names=d['class_names'])
 
+
+# %% ../nbs/07_detection.ipynb #b7c0a001
+@register_verb('detection', 'valid_split')
+def detection_valid_split(cfg:Mapping, # a resolved detection config
+                         ) -> str:
+    "The split that validates a detection run (each phase's validation, a search's objective): always the `val` folder"
+    return 'val'
 
 # %% ../nbs/07_detection.ipynb #e91aaab1
 class _BackboneMaps(nn.Module):

@@ -37,7 +37,7 @@ __all__ = ['SEG_BACKBONES', 'SEG_LOSSES', 'SEGMENTATION_TRAINING', 'SEGMENTATION
            'confusion', 'segmentation_scores', 'pooled_miou', 'window_starts', 'sliding_window', 'miou', 'build_loss',
            'fit_segmenter', 'model_inputs', 'score_segmenter', 'segmentation_report', 'background_report',
            'best_constant', 'segmentation_data_root', 'resolve_segmentation_config', 'segmentation_config',
-           'run_splits', 'run_segmentation_splits', 'build_segmenter', 'SegmentationRun',
+           'run_splits', 'run_segmentation_splits', 'segmentation_valid_split', 'build_segmenter', 'SegmentationRun',
            'train_segmentation_baselines', 'evaluation_table', 'table_frame', 'score_segmentation_run',
            'run_segmentation', 'evaluate_segmentation_run', 'mask_rle', 'rle_mask', 'mask_overlay', 'write_png',
            'segmentation_frames', 'predict_masks', 'predict_segmentation_run', 'SegmentationExportError',
@@ -175,10 +175,11 @@ def segmentation_splits(root, # dataset root (`root/{split}/{modality,...,masks}
                         splits:Sequence[str]=('train', 'val', 'test'), # split folders
                         augment:bool|MaskAugment=True, # augment the training split (`segmentation_augment`, or your own `MaskAugment`)
                         seed:int=0, # augmentation seed
+                        tabular:TabularPreprocessor|None=None, # a metadata layout fitted before (default: fitted on the first split)
                         **kwargs, # `segmentation_folders` options (masks, metadata, group_column, id_column, numeric, categorical)
                        ) -> dict:
     "Split name -> `SegmentationDataset` (cached), the first split augmented"
-    out, tab = {}, None
+    out, tab = {}, tabular
     for i, s in enumerate(splits):
         aug = (augment if isinstance(augment, MaskAugment) else segmentation_augment(seed, tuple(modalities)) if augment else None) if i == 0 else None
         out[s] = segmentation_folders(root, s, modalities, class_names, transform=aug, tabular=tab, **kwargs).cache()
@@ -660,14 +661,23 @@ def run_splits(cfg:Mapping, # a resolved segmentation config
     names = [n for n in (names or [d[r] for r in ('train', 'valid', 'test', 'scans')]) if n]
     names = sorted(set(names), key=names.index)
     if augment and names[0] != d['train']: raise ValueError("the training split comes first when it is augmented")
-    return segmentation_splits(segmentation_data_root(d), d['modalities'], d['class_names'], names, augment, cfg['seed'],
-                               masks=d['masks'], metadata=d['metadata'], group_column=d['group_column'], id_column=d['id_column'],
-                               numeric=d['numeric'], categorical=d['categorical'])
+    root, kw = segmentation_data_root(d), dict(masks=d['masks'], metadata=d['metadata'], group_column=d['group_column'], id_column=d['id_column'],
+                                               numeric=d['numeric'], categorical=d['categorical'])
+    fitted = (d['numeric'] or d['categorical']) and names[0] != d['train']  # metadata statistics always come from the training split
+    tab = segmentation_folders(root, d['train'], d['modalities'], d['class_names'], **kw).tabular if fitted else None
+    return segmentation_splits(root, d['modalities'], d['class_names'], names, augment, cfg['seed'], tabular=tab, **kw)
 
 @register_verb('segmentation', 'splits')
 def run_segmentation_splits(run:RunFolder) -> dict:
     "Split name -> dataset of a segmentation run's data, unaugmented (what evaluation and diagnosis read)"
     return run_splits(resolve_segmentation_config(run.config))
+
+# %% ../nbs/07b_segmentation.ipynb #a1f0c020
+@register_verb('segmentation', 'valid_split')
+def segmentation_valid_split(cfg:Mapping, # a resolved segmentation config
+                            ) -> str|None:
+    "The split that validates a segmentation run (the fused phase's checkpoints, a search's objective): `data.valid`, or None"
+    return cfg['data']['valid']
 
 # %% ../nbs/07b_segmentation.ipynb #44966300
 def build_segmenter(cfg:Mapping, # a resolved segmentation config
@@ -760,7 +770,7 @@ def run_segmentation(config:str|Path|Mapping='configs/inspection_segmentation.ya
                      overrides:Sequence[str]=(), # `key=value` strings
                      run_dir=None, # default: a new folder `runs_dir/name`
                      resume=None, # not supported (an error says what to do instead)
-                     cbs:Sequence=(), # more `Learner` callbacks (every phase)
+                     cbs:Sequence=(), # more `Learner` callbacks, for the fused phase (as detection: a search's per-epoch report sees the fused model only)
                      verbose:bool=True, # epoch lines
                     ) -> SegmentationRun:
     "Baselines, the baseline-first fused model trained with the `Learner`, and the evaluation with the all-background baseline, from a config"
@@ -773,7 +783,7 @@ def run_segmentation(config:str|Path|Mapping='configs/inspection_segmentation.ya
     splits = run_splits(cfg, augment=d['augment'])
     leak = check_splits({s: splits[s] for s in (d['train'], d['valid'], d['test']) if s}, content=False)
     if not leak.ok: raise ValueError(f"{segmentation_data_root(d)}: samples or groups ({d['group_column']}) are shared between splits, so test scores would not be held out:\n{leak!r}")
-    baselines = train_segmentation_baselines(cfg, splits, run_dir, cbs)
+    baselines = train_segmentation_baselines(cfg, splits, run_dir)
     model, base = build_segmenter(cfg, tabular=splits[d['train']].tabular), cfg['model']['base'] or cfg['baseline']['modality']
     if base in baselines and cfg['model']['init'] != 'none': model.load_single(run_dir/baselines[base]['checkpoint'], None if cfg['model']['init'] == 'all' else [base])
     t1 = time.perf_counter()
@@ -854,6 +864,9 @@ def predict_masks(model:MultiModalDeepLab, # the model
                   progress:bool=False) -> list:
     "One record per frame: its size, missing modalities, pixels per class, the mask as run lengths (and the PNG paths)"
     was, out_dir, records = model.training, None if out_dir is None else Path(out_dir), []
+    if 'metadata' in model_inputs(model):
+        warnings.warn("this model was trained with metadata rows (FiLM); predicting from images alone leaves them absent (FiLM off): "
+                      "expect the image-only quality ('fused without metadata' in its evaluation table)", stacklevel=2)
     model.eval()
     try:
         for i, frame in enumerate(tqdm(frames, disable=not progress, desc='images')):
@@ -866,7 +879,7 @@ def predict_masks(model:MultiModalDeepLab, # the model
             ref = next(iter(imgs.values()))
             full = {m: imgs.get(m, torch.zeros(c, *ref.shape[-2:])) for m, c in model.channels.items()}
             mask = sliding_window(model, full, window, overlap, batch_size, blend, torch.tensor([m in imgs for m in model.modalities])).argmax(0)
-            rec = {'id': fid, 'missing': [m for m in model.modalities if m not in imgs], 'size': list(mask.shape),
+            rec = {'id': fid, 'missing': [m for m in model_inputs(model) if m not in imgs], 'size': list(mask.shape),
                    'pixels': {c: int((mask == k).sum()) for k, c in enumerate(model.class_names)}, 'rle': mask_rle(mask)}
             if out_dir is not None:
                 rec['mask'] = str(write_png(out_dir/f'{fid}_mask.png', mask.numpy().astype(np.uint8 if len(model.class_names) <= 256 else np.uint16)))

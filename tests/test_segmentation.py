@@ -321,8 +321,10 @@ def test_metadata_columns_through_the_config_data_and_export(seg, tmp_path):
     sp = run_splits(cfg)
     tab = sp['train'].tabular
     assert tab.state['mean'][0] == pytest.approx(np.mean([int(l.split(',')[4]) for l in meta[1:] if l.split(',')[1] == 'train']))
-    test = sp['test']
-    assert 'metadata' not in test[[r.id for r in test.records].index(dropped)].inputs and 'metadata' in test[0 if test.records[0].id != dropped else 1].inputs
+    test, k = sp['test'], 0 if sp['test'].records[0].id != dropped else 1
+    assert 'metadata' not in test[[r.id for r in test.records].index(dropped)].inputs and 'metadata' in test[k].inputs
+    alone = run_splits(cfg, names=['test'])['test']  # evaluation loads the test split alone: its rows still use the training split's statistics
+    assert alone.tabular.state == tab.state and torch.equal(alone[k].inputs['metadata'], test[k].inputs['metadata'])
     with pytest.raises(ValueError, match='tabular'): build_segmenter(cfg)
     model = build_segmenter(cfg, tabular=tab)
     assert model.config['metadata'] == {'n_numeric': 1, 'cardinalities': tab.cardinalities, 'dim': 8, 'hidden': 64} and model.inputs == ['ct', 'density', 'metadata']
@@ -332,6 +334,10 @@ def test_metadata_columns_through_the_config_data_and_export(seg, tmp_path):
     exp = export_segmenter(model, tmp_path/'exp', formats=['onnx', 'torchscript'])
     assert max(r['max_abs_diff']['logits'] for r in exp.values()) <= SEG_EXPORT_ATOL
     assert [i['name'] for i in json.loads((tmp_path/'exp'/'segmenter.json').read_text())['inputs']] == ['ct', 'density', 'present', 'metadata']
+    from mmfusion.segmentation import predict_masks
+    with pytest.warns(UserWarning, match='trained with metadata rows'):  # prediction from images alone says what it lacks
+        rec = predict_masks(model, [{m: test[k].inputs[m] for m in ('ct', 'density')}])[0]
+    assert rec['missing'] == ['metadata']
 
 def test_a_battery_in_two_splits_is_refused_before_training(seg, tmp_path):
     root = tmp_path/'leaky'/'battery_seg'
@@ -399,3 +405,42 @@ def test_cli_trains_the_shipped_config_and_the_verbs_run(tmp_path):
         r = cli(verb, folder, *extra)
         assert r.returncode == 0, (verb, r.stderr[-3000:])
     assert (folder/'predictions'/'scan_001_overlay.png').is_file() and (folder/'export'/'segmenter.onnx').is_file()
+
+
+# ---------------------------------------------------------------- Grad-CAM on planted evidence
+def planted_cam(n:int, seed:int):
+    "ct: a bright disc (the only class evidence, labelled 1); density: a bright square away from it (a decoy, never labelled)"
+    g, (yy, xx) = np.random.default_rng(seed), np.mgrid[:64, :64]
+    ct, dens, masks, decoys = [], [], [], []
+    for _ in range(n):
+        cy, cx, r = *g.uniform(14, 50, 2), g.uniform(8, 12)
+        disc = np.hypot(yy - cy, xx - cx) < r
+        while True:
+            sy, sx = g.integers(4, 44, 2)
+            sq = np.zeros((64, 64), bool); sq[sy:sy + 16, sx:sx + 16] = True
+            if not (sq & (np.hypot(yy - cy, xx - cx) < r + 4)).any(): break
+        ct.append(.2 + .6 * disc + .05 * g.standard_normal((64, 64))); dens.append(.2 + .6 * sq + .05 * g.standard_normal((64, 64)))
+        masks.append(disc.astype(int)); decoys.append(sq)
+    t = lambda a: torch.tensor(np.array(a), dtype=torch.float32)[:, None]
+    return t(ct), t(dens), torch.tensor(np.array(masks)), np.array(decoys)
+
+
+def test_grad_cam_per_class_lands_on_the_planted_evidence():
+    "A fused model trained on planted pairs: the defect class's Grad-CAM is higher on the CT disc (the only evidence) than elsewhere on every test image"
+    from mmfusion.segmentation import class_cams
+    torch.manual_seed(0)
+    model = MultiModalDeepLab({'ct': 1, 'density': 1}, ['background', 'defect'], aspp_channels=16)
+    opt, loss_fn, g = torch.optim.AdamW(model.parameters(), 5e-3), SEG_LOSSES.build({'name': 'dice_ce'}), torch.Generator().manual_seed(0)
+    ct, de, y, _ = planted_cam(48, 1)
+    for _ in range(60):
+        i = torch.randint(0, len(ct), (8,), generator=g)
+        loss = loss_fn(model({'ct': ct[i], 'density': de[i]}), y[i]); opt.zero_grad(); loss.backward(); opt.step()
+    ct, de, y, decoy = planted_cam(8, 3)
+    ratios = []
+    for k in range(len(y)):
+        cams = class_cams(model, {'ct': ct[k], 'density': de[k]}, y[k])
+        assert set(cams) == {'background', 'defect'} and all(0 <= c.min() and c.max() <= 1 for c in cams.values())
+        cam, disc = cams['defect'], y[k].numpy() == 1
+        ratios.append(cam[disc].mean() / cam[~disc & ~decoy[k]].mean())  # the decoy is left out: Grad-CAM at the fused maps may light it too (07b shows it)
+    ratios = np.array(ratios)
+    assert (ratios > 1.2).all() and ratios.mean() > 1.5, ratios
