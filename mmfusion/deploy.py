@@ -76,15 +76,21 @@ class ModalitySpec:
 
     def decode_rows(self, rows:Sequence[Mapping], # tabular rows, each a dict column -> value
                     where:str|None=None, # what to call the input in errors (default: the modality)
+                    ids:Sequence[str]|None=None, # the rows' sample ids, named in errors when there are several rows
                    ) -> torch.Tensor:
-        "Tabular rows -> (N, columns) training tensor, encoded as one table (one pass for a whole batch); a row lacking a column raises a `DataError`"
+        "Tabular rows -> (N, columns) training tensor, encoded as one table (one pass for a whole batch); a bad row raises a `DataError` naming its sample"
         where, t = where or f"modality {self.name!r}", self.tabular
-        cols = t['numeric'] + t['categorical']
-        for row in rows:
+        cols, ids = t['numeric'] + t['categorical'], list(ids if ids is not None else range(len(rows)))
+        at = lambda k: where if len(rows) == 1 else f"{where} (sample {ids[k]!r})"
+        for k, row in enumerate(rows):
             missing = [c for c in cols if c not in row]
-            if missing: raise DataError(where, f"row lacks column(s) {missing}; expected {cols}")
+            if missing: raise DataError(at(k), f"row lacks column(s) {missing}; expected {cols}")
         prep = TabularPreprocessor(t['numeric'], t['categorical']); prep.state = t['state']
-        return prep.transform(pd.DataFrame([[str(row[c]) for c in cols] for row in rows], columns=cols), where)  # each cell as its own text: a column's other rows never change how it reads
+        try: return prep.transform(pd.DataFrame([[str(row[c]) for c in cols] for row in rows], columns=cols), where)  # each cell as its own text: a column's other rows never change how it reads
+        except DataError:
+            if len(rows) == 1: raise
+            for k, row in enumerate(rows): self.decode_rows([row], at(k))  # the first bad row raises again, alone, named by its sample
+            raise
 
 # %% ../nbs/08_deploy.ipynb #4e9361f1
 def _reader_of(modality) -> tuple:
@@ -265,8 +271,8 @@ def prepare_batch(self:Predictor, inputs:Sequence[Mapping], # several samples' i
                   ids:Sequence[str], # one id per sample
                  ) -> list:
     "`prepare` for several samples, with each tabular modality's rows encoded together as one table; the samples equal those of `prepare` one at a time"
-    tables = {m: [x[m] for x in inputs if isinstance(x.get(m), Mapping)] for m, s in self.specs.items() if s.tabular is not None}
-    encoded = {m: iter(self.specs[m].decode_rows(rows)) for m, rows in tables.items() if rows}  # then checked by `decode` as arrays
+    tables = {m: [(x[m], i) for x, i in zip(inputs, ids) if isinstance(x.get(m), Mapping)] for m, s in self.specs.items() if s.tabular is not None}
+    encoded = {m: iter(self.specs[m].decode_rows([r for r, _ in rows], ids=[i for _, i in rows])) for m, rows in tables.items() if rows}  # then checked by `decode` as arrays
     return [self.prepare({m: next(encoded[m]) if m in encoded and isinstance(v, Mapping) else v for m, v in x.items()}, i)
             for x, i in zip(inputs, ids)]
 

@@ -100,7 +100,9 @@ def test_a_batch_is_prepared_and_answered_as_each_sample_alone(predictors):
         assert (b.id, b.label, b.missing) == (s.id, s.label, s.missing)
         assert np.allclose(list(b.probabilities.values()), list(s.probabilities.values()), atol=1e-6), b.id
     with pytest.raises(DataError) as e: p.prepare_batch([inputs[0], {'metadata': {'voltage': 3.6}}], ['good', 'bad'])
-    assert "lacks column(s) ['capacity_mah'" in str(e.value)
+    assert "(sample 'bad'): row lacks column(s) ['capacity_mah'" in str(e.value), str(e.value)
+    with pytest.raises(DataError) as e: p.prepare_batch([inputs[0], inputs[1], {'metadata': {**inputs[0]['metadata'], 'voltage': 'oops'}}], ['good', 'fine', 'bad'])
+    assert "(sample 'bad')" in str(e.value) and "column 'voltage' holds 'oops'" in str(e.value), str(e.value)
 
 def test_preprocessing_json_replaces_the_training_data(runs, predictors, tmp_path):
     p = predictors['inspection']
