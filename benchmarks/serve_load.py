@@ -1,6 +1,12 @@
 """Load test of `mmfusion serve` on loopback, with and without micro-batching: requests/s, p50/p95 latency and errors at
 concurrency 1 and 8, whether every answer equals the one-at-a-time answer, server RSS -> benchmarks/results/serve_load.json.
 
+The run that writes benchmarks/results/serve_load.json (from the repository root, on cores nothing else is using; it
+trains its own 2-epoch inspection run first), then the notebook whose prose reads that file:
+
+    HF_HUB_OFFLINE=1 PYTHONHASHSEED=0 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_load.py --scenario inspection --requests 160 --rounds 4 --levels 1 8 --max-batch 8 --max-wait-ms 2 --max-concurrency 2
+    .venv/bin/python .ci/execute_nb.py nbs/10_serve.ipynb
+
 Starts two real servers (`mmfusion serve RUN_DIR --port P --max-batch N`, bound to 127.0.0.1) as subprocesses, one with
 `--max-batch 1` (each request alone, the server before micro-batching) and one with batching, and sends a bounded number
 of multipart requests (a CT image file + its metadata row, cycling over the inspection test cells; or every weld file) at
@@ -11,11 +17,6 @@ error; the script exits non-zero if there is one or if an answer differs from th
 concurrency 1) in label or by more than `--atol` in a probability. Without RUN_DIR it trains a 2-epoch run first.
 
     .venv/bin/python benchmarks/serve_load.py [RUN_DIR] [--scenario inspection|weld] [--requests 160] [--levels 1 8] [--max-batch 8]
-
-The run that writes benchmarks/results/serve_load.json (from the repository root, on cores nothing else is using; it
-trains its own 2-epoch inspection run first):
-
-    HF_HUB_OFFLINE=1 PYTHONHASHSEED=0 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_load.py --scenario inspection --requests 160 --rounds 4 --levels 1 8 --max-batch 8 --max-wait-ms 2 --max-concurrency 2
 
 Each multipart body is encoded once before the timing (a load generator on other machines would not spend these cores
 on it); the CPU seconds the server process and the client spend per request at each level are recorded with the
