@@ -13,15 +13,19 @@ The recipe, so the two comparisons measure one thing each:
   trials: the epochs trained, and the best validation value reached.
 - noise: the best values of the studies are compared by re-training each study's best values on --noise-seeds seeds no
   trial used (identical values are trained once) and taking, per seed, the pruned study's best minus the unpruned one's:
-  the mean with its 95% interval. "Equal within noise" means that interval contains 0.
+  the mean with its 95% interval. "Equal within noise" means the whole interval lies within +-margin (--margin; default
+  one validation sample's worth of accuracy, 1/n_valid); "different" means it excludes 0; otherwise "inconclusive". No
+  interval (fewer than 2 seeds, or the same difference on every seed) gives no verdict (null), except identical best
+  values, which are equal by construction.
 A smoke check of the script itself (the tiny in-memory data, a minute): add --smoke.
 """
-import argparse, datetime, json, os, platform, shutil, subprocess, sys, tempfile, time
+import argparse, json, os, shutil, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT/'benchmarks'))
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('MPLBACKEND', 'Agg')
+from provenance import provenance  # noqa: E402
 from mmfusion.core import write_json
 from mmfusion.config import build_splits
 from mmfusion.tune import mean_interval, prepare_search, retrain, tune
@@ -30,11 +34,6 @@ OFF = '1 worker, no pruning'
 SMOKE_SPACE = {'params': {'training.lr': {'type': 'float', 'low': 1.0e-4, 'high': 3.0e-2, 'log': True},
                           'model.head.dropout': {'type': 'float', 'low': 0.0, 'high': 0.5}},
                'set': {'training.epochs': 6, 'data.tiny.n': 24, 'data.batch_size': 12}, 'metric': 'valid_loss'}  # --smoke: seconds a trial
-
-
-def commit() -> str:
-    try: return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError: return 'unknown'
 
 
 def studies(pruners) -> dict:
@@ -55,7 +54,15 @@ def run_study(name:str, kw:dict, a, out:Path) -> dict:
             'default_value': s['default']['value'] if s['default'] else None}
 
 
-def noise(results:dict, search, seeds, out:Path) -> dict:
+def equal_verdict(d:dict, margin:float, same:bool) -> str|None:
+    "'equal within noise' (the whole interval within +-margin), 'different' (it excludes 0), 'inconclusive', or None without an interval"
+    if same: return 'equal within noise'  # the same best values: the same runs
+    if d['low'] is None: return None
+    if -margin <= d['low'] and d['high'] <= margin: return 'equal within noise'
+    return 'different' if d['low'] > 0 or d['high'] < 0 else 'inconclusive'
+
+
+def noise(results:dict, search, seeds, out:Path, margin:float) -> dict:
     "Each study's best values re-trained on new seeds (identical values once); per pruned study, its best minus the unpruned one's per seed"
     trained = {}
     for name, r in results.items():
@@ -63,13 +70,13 @@ def noise(results:dict, search, seeds, out:Path) -> dict:
         if key not in trained: trained[key] = retrain(search, r['best_params'], seeds, out/'noise', f"best-{len(trained)}")
     sign = 1 if search.direction == 'maximize' else -1
     ref = trained[json.dumps(results[OFF]['best_params'], sort_keys=True)]
-    res = {'seeds': list(seeds), 'retrained': {n: trained[json.dumps(r['best_params'], sort_keys=True)] for n, r in results.items()}}
+    res = {'seeds': list(seeds), 'margin': margin, 'retrained': {n: trained[json.dumps(r['best_params'], sort_keys=True)] for n, r in results.items()}}
     for name, r in results.items():
         if r['pruner'] == 'none': continue
         mine = res['retrained'][name]
         d = mean_interval([sign * (m - o) for m, o in zip(mine, ref)])  # > 0: the pruned study's best values are better
-        res[name] = {'difference': d, 'equal_within_noise': d['low'] is None or d['low'] <= 0 <= d['high'],
-                     'same_best_values': r['best_params'] == results[OFF]['best_params']}
+        same = r['best_params'] == results[OFF]['best_params']
+        res[name] = {'difference': d, 'same_best_values': same, 'verdict': equal_verdict(d, margin, same)}
     return res
 
 
@@ -79,28 +86,29 @@ def main():
     p.add_argument('--trials', type=int, default=16, help='trials in every study (the same in every arm)')
     p.add_argument('--pruners', nargs='+', default=['median', 'hyperband'], choices=['median', 'hyperband'])
     p.add_argument('--noise-seeds', type=int, default=3, help='seeds the best values of each study are re-trained on (0: none)')
+    p.add_argument('--margin', type=float, default=None, help='the equivalence margin of best values (default 1/n_valid)')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--smoke', action='store_true', help='the tiny in-memory data (configs/smoke.yaml), to check the script; results not written to --out')
-    p.add_argument('--out', default=str(ROOT/'benchmarks'/'results'/'tune_bench.json'))
+    p.add_argument('--smoke', action='store_true', help='the tiny in-memory data (configs/smoke.yaml), to check the script (written to --out only if given)')
+    p.add_argument('--out', default=None, help='the JSON (default benchmarks/results/tune_bench.json)')
     p.add_argument('--contention', default='', help='a note on other load on the machine during the run')
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix='tune_bench-'))
-    if a.smoke: a.config, a.space, a.out = str(ROOT/'configs'/'smoke.yaml'), SMOKE_SPACE, str(work/'tune_bench.json')
+    if a.smoke: a.config, a.space, a.out = str(ROOT/'configs'/'smoke.yaml'), SMOKE_SPACE, a.out or str(work/'tune_bench.json')
+    a.out = a.out or str(ROOT/'benchmarks'/'results'/'tune_bench.json')
     load_before = os.getloadavg()
     results = {name: run_study(name, kw, a, work) for name, kw in studies(a.pruners).items()}
     search = prepare_search(a.config, a.space)
     seeds = [search.resolved['seed'] + 1 + i for i in range(a.noise_seeds)]
-    nz = noise(results, search, seeds, work) if seeds else None
     n_valid = len(build_splits({**search.resolved['data'], 'cache': False}, search.resolved['seed'])[search.valid])
+    margin = a.margin if a.margin is not None else 1 / n_valid
+    nz = noise(results, search, seeds, work, margin) if seeds else None
     one, two, off = results[OFF], results['2 workers, no pruning'], results[OFF]
-    out = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), 'commit': commit(),
-           'machine': {'platform': platform.platform(), 'python': platform.python_version(), 'cpus': os.cpu_count(),
-                       'load_average_before': [round(x, 2) for x in load_before], 'load_average_after': [round(x, 2) for x in os.getloadavg()],
-                       'contention': a.contention or 'not noted'},
-           'recipe': {'command': ' '.join([Path(sys.executable).name, *sys.argv]), 'config': os.path.relpath(a.config, ROOT),
-                      'space': a.space if isinstance(a.space, dict) else os.path.relpath(a.space, ROOT), 'trials_per_study': a.trials,
-                      'seed': a.seed, 'metric': search.metric, 'direction': search.direction, 'validation_samples': n_valid,
-                      'noise_seeds': seeds, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS')},
+    out = {**provenance({'command': ' '.join([Path(sys.executable).name, *sys.argv]), 'config': os.path.relpath(a.config, ROOT),
+                         'space': a.space if isinstance(a.space, dict) else os.path.relpath(a.space, ROOT), 'trials_per_study': a.trials,
+                         'seed': a.seed, 'metric': search.metric, 'direction': search.direction, 'validation_samples': n_valid,
+                         'noise_seeds': seeds, 'equivalence_margin': margin, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS')}),
+           'contention': {'note': a.contention or 'not noted', 'load_average_before': [round(x, 2) for x in load_before],
+                          'load_average_after': [round(x, 2) for x in os.getloadavg()]},
            'studies': results,
            'workers_2_vs_1': {'compared': f"'{OFF}' vs '2 workers, no pruning' (every trial trains all its epochs)",
                               'trials_per_hour_ratio': round(two['trials_per_hour'] / one['trials_per_hour'], 2),
@@ -118,8 +126,8 @@ def main():
     for name, pr in out['pruning_on_vs_off'].items():
         d = (pr['noise'] or {}).get('difference')
         nz_text = (f"; re-trained on {len(seeds)} new seeds, pruned best minus unpruned best {d['mean']:+.4g}"
-                   + (f" (95% CI {d['low']:+.4g} to {d['high']:+.4g})" if d['low'] is not None else '')
-                   + (': equal within noise' if pr['noise']['equal_within_noise'] else ': different')) if d else ''
+                   + (f" (95% CI {d['low']:+.4g} to {d['high']:+.4g})" if d['low'] is not None else ' (no interval)')
+                   + f", margin +-{margin:.4g}: {pr['noise']['verdict'] or 'no verdict'}") if d else ''
         print(f"{name}: {pr['epochs_on']} vs {pr['epochs_off']} epochs for {a.trials} trials = {pr['epochs_saved_fraction']:.0%} saved "
               f"(goal >= {pr['goal']:.0%}); best in the study {pr['best_on']:.4f} vs {pr['best_off']:.4f}{nz_text}")
     print(f"results: {a.out}")

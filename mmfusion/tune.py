@@ -470,11 +470,11 @@ def _run_workers(job:Mapping, workers:int, progress:TrialProgress, study:optuna.
 def mean_interval(values:Sequence[float], # one value per seed
                   level:float=0.95, # the interval's coverage
                  ) -> dict:
-    "The mean and its Student-t interval over independent values (no interval from a single one)"
+    "The mean and its Student-t interval over independent values (none from a single value, nor from identical ones: no spread to estimate)"
     from scipy import stats
     v = pd.Series(values, dtype=float)
     m, n = float(v.mean()), len(v)
-    if n < 2 or v.std(ddof=1) == 0: return {'mean': m, 'low': m if n > 1 else None, 'high': m if n > 1 else None, 'n': n}
+    if n < 2 or v.std(ddof=1) == 0: return {'mean': m, 'low': None, 'high': None, 'n': n}
     h = float(stats.t.ppf((1 + level) / 2, n - 1) * v.std(ddof=1) / n ** 0.5)
     return {'mean': m, 'low': m - h, 'high': m + h, 'n': n}
 
@@ -498,8 +498,8 @@ def compare_to_default(res:TuneResult, # a finished search
     rows = [{'seed': seed, 'best': b, 'default': d} for seed, b, d in zip(seeds, got['best'], got['default'])]
     sign = 1 if s.direction == 'maximize' else -1
     diff = mean_interval([sign * (r['best'] - r['default']) for r in rows])  # > 0: the best trial's values are better
-    verdict = ('better' if diff['low'] is not None and diff['low'] > 0 else 'worse' if diff['high'] is not None and diff['high'] < 0
-               else 'not shown different')
+    verdict = ('no interval (one seed, or the same difference on every seed)' if diff['low'] is None else
+               'better' if diff['low'] > 0 else 'worse' if diff['high'] < 0 else 'not shown different')
     cmp = {'metric': s.metric, 'split': s.valid, 'seeds': list(seeds), 'best_params': best.params, 'runs': rows,
            'best': mean_interval([r['best'] for r in rows]), 'default': mean_interval([r['default'] for r in rows]),
            'difference': diff, 'verdict': verdict}
@@ -514,7 +514,7 @@ def compare_to_default(res:TuneResult, # a finished search
 # %% ../nbs/12_tune.ipynb #43133ff2
 def _finish(study:optuna.Study, search:Search, out:Path, evaluate_best:bool, seconds:float, storage, say) -> TuneResult:
     "Write trials.csv/.md, plots, best.yaml and summary.json (and evaluate the best run on test when asked)"
-    trials = study.get_trials()
+    trials = [t for t in study.get_trials() if 'skipped' not in t.user_attrs]  # those skipped over the budget never ran
     table = trials_table(study, search.metric)
     write_text_atomic(out/'trials.csv', table.to_csv(index=False)); write_text_atomic(out/'trials.md', markdown_table(table))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]

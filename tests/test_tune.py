@@ -169,6 +169,7 @@ def _ran_exactly(res, trials, n):
     assert len(ran) == n and all(t.state.is_finished() for t in trials)
     assert all(t.state == TrialState.FAIL and 'run_dir' not in t.user_attrs for t in trials if 'skipped' in t.user_attrs)
     assert len(res.table) == n and sorted(p.name for p in (res.dir/'trials').iterdir()) == sorted(Path(t.user_attrs['run_dir']).name for t in ran)
+    assert sum(res.summary['trials'].values()) == n and sum(json.loads((res.dir/'summary.json').read_text())['trials'].values()) == n
     return ran
 
 def test_two_workers_share_a_study_on_postgresql(tmp_path, postgres):
