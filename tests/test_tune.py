@@ -1,7 +1,7 @@
 "mmfusion tune (Optuna): space errors, the refusal without a validation split, failing trials, resume after a kill, PostgreSQL with 2 workers, and `train --nproc`"
 import json, os, pwd, shutil, signal, socket, subprocess, sys, tempfile, time
 from pathlib import Path
-import optuna, pytest, torch, yaml
+import optuna, pandas as pd, pytest, torch, yaml
 from optuna.trial import TrialState
 from mmfusion.config import RunFolder
 from mmfusion.training import load_checkpoint
@@ -265,6 +265,22 @@ def test_each_kind_names_its_validation_split_and_segmentation_is_tunable():
     assert (s.kind, s.valid, s.metric, s.direction) == ('segmentation', 'val', 'valid_miou', 'maximize')
     with pytest.raises(ValueError, match='no validation split'):
         prepare_search(ROOT/'configs'/'inspection_segmentation.yaml', {**space, 'set': {'data.valid': None}})
+
+
+def test_a_tiny_segmentation_search_runs_on_validation_and_reports_the_fused_phase(tmp_path):
+    "Two trials over the lr of the battery segmenter, shrunk (1 baseline epoch, 2 fused): each scored on 'val', epoch by epoch"
+    space = {'params': {'training.lr': {'type': 'float', 'low': 1.0e-3, 'high': 1.0e-2, 'log': True}},
+             'set': {'baseline.epochs': 1, 'baseline.modalities': ['ct'], 'training.epochs': 2, 'model.aspp_channels': 16,
+                     'evaluation.n_boot': 50, 'diagnosis.n_boot': 50, 'data.batch_size': 8}}
+    res = tune(ROOT/'configs'/'inspection_segmentation.yaml', space, trials=2, out=tmp_path/'study', pruner='none',
+               overrides=[f'runs_dir={tmp_path}', f"data.root={ROOT/'data'}"], verbose=False)
+    assert res.table['state'].tolist() == ['complete', 'complete'] and res.summary['validation_split'] == 'val'
+    for row, t in zip(res.table.itertuples(), res.study.trials):
+        run = RunFolder(row.run_dir)
+        assert run.metrics['split'] == 'val'  # scored on validation, never test
+        fused = pd.DataFrame(run.metrics['history'])['valid_miou'].tolist()
+        assert [t.intermediate_values[s] for s in sorted(t.intermediate_values)] == pytest.approx(fused)  # the fused phase's epochs only
+        assert max(fused) == pytest.approx(row.valid_miou)
 
 
 def test_compare_to_default_retrains_both_on_new_seeds_and_finds_a_planted_gain(tmp_path):
