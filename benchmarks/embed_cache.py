@@ -17,23 +17,15 @@ measures instead what checking a cache's weights costs at real size: for each of
 architecture (random weights, fp32), the seconds to build it (`build_seeded`, what a config with `data.embeddings` does
 once per cached modality when it is resolved) and to hash its weights (`state_hash`); writes benchmarks/results/weights_hash.json.
 """
-import argparse, datetime, json, os, platform, subprocess, sys, tempfile, time
+import argparse, json, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT/'benchmarks'))
+from provenance import provenance  # noqa: E402
+from mmfusion.core import write_json  # noqa: E402
 OUT = ROOT/'benchmarks'/'results'/'embed_cache.json'
 HASH_OUT = ROOT/'benchmarks'/'results'/'weights_hash.json'
-
-
-def machine(threads):
-    import torch
-    cpu = next((l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('model name')), platform.processor())
-    return {'cpu': cpu, 'cpu_count': os.cpu_count(), 'threads': threads, 'torch': torch.__version__, 'load_average_at_end': os.getloadavg()}
-
-
-def write(res, out):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    t = out.with_suffix('.json.tmp'); t.write_text(json.dumps(res, indent=1)); t.replace(out)
 
 
 def weights_hash_cost():
@@ -59,12 +51,11 @@ def main():
     a = ap.parse_args()
     import torch
     torch.set_num_threads(a.threads)
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     if a.weights_hash:
         rows = weights_hash_cost()
-        write({'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), 'commit': commit, 'machine': machine(a.threads),
-               'recipe': 'benchmarks/embed_cache.py --weights-hash: REAL_CONFIGS, random weights, fp32, CPU; build_seeded then state_hash',
-               'encoders': rows}, HASH_OUT)
+        write_json({**provenance({'command': ' '.join(['benchmarks/embed_cache.py'] + sys.argv[1:]),
+                                  'encoders': 'REAL_CONFIGS, random weights, fp32, CPU', 'measured': 'build_seeded, then state_hash'}),
+                    'encoders': rows}, HASH_OUT)
         print(f"wrote {HASH_OUT}"); return
     from mmfusion.encoders import REAL_CONFIGS
     from mmfusion.embed import embed
@@ -82,15 +73,14 @@ def main():
     per_epoch = {k: r.metrics['train_seconds'] / r.metrics['epochs'] for k, r in (('in_loop', loop), ('cached', cached))}
     diffs = {k: abs(loop.metrics['test'][k] - cached.metrics['test'][k]) for k in loop.metrics['test']}
     loss = {k: [round(h['train_loss'], 5) for h in r.history] for k, r in (('in_loop', loop), ('cached', cached))}
-    res = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), 'commit': commit,
-           'machine': machine(a.threads),
-           'recipe': ' '.join(['benchmarks/embed_cache.py'] + sys.argv[1:]) + ': configs/weld.yaml, images = image_set(DINOv2-base real size, '
-                     'random weights, bf16, frozen), same seed and epochs for both runs, no augmentation',
+    res = {**provenance({'command': ' '.join(['benchmarks/embed_cache.py'] + sys.argv[1:]), 'config': 'configs/weld.yaml',
+                         'images': 'image_set(DINOv2-base real size, random weights, bf16, frozen)',
+                         'runs': 'same seed and epochs for both runs, no augmentation'}),
            'epochs': a.epochs, 'embed_seconds': round(embed_s, 1), 'embedded_rows': index['modalities']['images']['rows'],
            'seconds_per_epoch': {k: round(v, 2) for k, v in per_epoch.items()}, 'speedup': round(per_epoch['in_loop'] / per_epoch['cached'], 1),
            'train_loss': loss, 'test_metrics': {'in_loop': loop.metrics['test'], 'cached': cached.metrics['test']},
            'max_abs_metric_difference': max(diffs.values()), 'metric_differences': diffs}
-    write(res, OUT)
+    write_json(res, OUT)
     print(json.dumps({k: res[k] for k in ('embed_seconds', 'seconds_per_epoch', 'speedup', 'max_abs_metric_difference')}), f"\nwrote {OUT}")
 
 

@@ -22,12 +22,12 @@ from .training import OPTIMIZERS, balanced_class_weights
 
 # %% auto #0
 __all__ = ['RUN_VERBS', 'VERB_PHRASES', 'RUN_KINDS', 'COMMANDS', 'DEFAULT_CONFIG', 'ANOMALY_MODEL', 'EMBEDDINGS_INDEX',
-           'KindError', 'RunKind', 'register_verb', 'refuse_verb', 'kind_verb', 'Command', 'register_command',
-           'run_kind', 'plain_data', 'load_config', 'apply_overrides', 'checkpoint_readers', 'merge_section',
-           'resolve_sections', 'resolve_fused_config', 'resolve_config', 'fit_standardizer', 'build_splits',
-           'augmentation', 'hold_out', 'StaleEmbeddingsError', 'read_embedding_index', 'weights_hash', 'frozen_part',
-           'cached_encoders', 'read_cached_row', 'use_embeddings', 'fit_config_to_data', 'new_run_dir', 'RunFolder',
-           'config_splits']
+           'WEIGHTS_LOCATION', 'KindError', 'RunKind', 'register_verb', 'refuse_verb', 'kind_verb', 'Command',
+           'register_command', 'run_kind', 'plain_data', 'load_config', 'apply_overrides', 'checkpoint_readers',
+           'merge_section', 'resolve_sections', 'resolve_fused_config', 'resolve_config', 'fit_standardizer',
+           'build_splits', 'augmentation', 'hold_out', 'StaleEmbeddingsError', 'read_embedding_index', 'weights_hash',
+           'frozen_part', 'encoder_identity', 'cached_encoders', 'read_cached_row', 'use_embeddings',
+           'fit_config_to_data', 'new_run_dir', 'RunFolder', 'config_splits']
 
 # %% ../nbs/04a_config.ipynb #ee3ab2bc
 RUN_VERBS = ('resolve', 'splits', 'valid_split', 'train', 'evaluate', 'diagnose', 'predict', 'export', 'predictor')  # what a kind of run is asked to do
@@ -357,6 +357,13 @@ def frozen_part(enc:Mapping) -> tuple|None:
     if not (e.get('freeze') if e.get('freeze') is not None else (e.get('weights') or e.get('pretrained')) is not None): return None
     return plain_data(dict(e)), 'views' if inner else 'pooled'
 
+WEIGHTS_LOCATION = ('weights', 'pretrained')  # encoder-config keys that say where a checkpoint lies, not what it holds
+
+def encoder_identity(enc:Mapping, # a frozen encoder's config (`frozen_part`'s first item)
+                    ) -> dict:
+    "Which encoder a cache holds: its config less where its checkpoint lies (`WEIGHTS_LOCATION`); the weights themselves are `weights_hash`'s"
+    return {k: v for k, v in enc.items() if k not in WEIGHTS_LOCATION}
+
 # %% ../nbs/04a_config.ipynb #38123a0e
 def _cached_form(enc:Mapping) -> bool:
     return enc.get('name') == 'precomputed' or (enc.get('name') == 'image_set' and (enc.get('encoder') or {}).get('name') == 'precomputed')
@@ -372,7 +379,7 @@ def cached_encoders(encoders:Mapping, # `model.encoders` as written
         if m not in out: raise KeyError(f"embedding cache {cache_dir} holds modality {m!r}, which model.encoders lacks ({list(out)})")
         if _cached_form(out[m]): continue  # a stored run's config: already rewritten
         part = frozen_part(out[m])
-        why = [f"model.encoders.{m} is not the frozen encoder it was made with ({part[0] if part else out[m]} vs {entry['encoder']})"] if not part or part[0] != entry['encoder'] else []
+        why = [f"model.encoders.{m} is not the frozen encoder it was made with ({part[0] if part else out[m]} vs {entry['encoder']})"] if not part or encoder_identity(part[0]) != encoder_identity(entry['encoder']) else []
         if not why and (now := weights_hash(part[0], seed)) != entry['weights_hash']:
             ids, src = [i for i, s in index['samples'].items() if m in s], part[0].get('weights') or part[0].get('pretrained')
             how = f"loaded from {src}" if src else f"random weights drawn from seed {seed} (the cache's: seed {index.get('seed')})"
@@ -449,7 +456,7 @@ def _cache_identity(cache_dir) -> dict:
     index, ident = read_embedding_index(cache_dir), {}
     for m, e in index['modalities'].items():
         inputs = sorted((i, s[m]['hash']) for i, s in index['samples'].items() if m in s)
-        ident[m] = {**{k: e[k] for k in ('encoder', 'reader', 'weights_hash', 'shape')}, 'samples': len(inputs),
+        ident[m] = {'encoder': encoder_identity(e['encoder']), **{k: e[k] for k in ('reader', 'weights_hash', 'shape')}, 'samples': len(inputs),
                     'inputs': hashlib.sha1(json.dumps(inputs).encode()).hexdigest()}
     return ident
 

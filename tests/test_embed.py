@@ -148,6 +148,20 @@ def test_a_run_refuses_a_cache_remade_after_it_was_trained(setup):
     finally: (ck['ast']/'config.json').write_text(text)
 
 
+def test_the_same_weights_in_another_folder_are_the_same_encoder(setup):
+    "A checkpoint copied elsewhere builds the same weights: the cache accepts it, and a run trained on the cache opens after the cache is re-made from the copy"
+    tmp, ck, over = setup
+    moved = tmp/'moved_weights'/'dinov2'
+    shutil.copytree(ck['dinov2'], moved)
+    elsewhere = [o for o in over if not o.startswith('model.encoders.images.encoder.weights=')] + [f'model.encoders.images.encoder.weights={moved}']
+    cache = tmp/'cache_moved'
+    assert main(['embed', CFG, *over, '--out', str(cache), '--device', 'cpu']) in (None, 0)
+    resolve_config(apply_overrides(load_config(CFG), [*elsewhere, f'data.embeddings={cache}']))  # the copy: accepted
+    run = train(CFG, [*over, f'data.embeddings={cache}'], verbose=False)
+    assert main(['embed', CFG, *elsewhere, '--out', str(cache), '--device', 'cpu']) in (None, 0)  # re-made from the copy
+    assert 0 <= evaluate(run.dir)['headline']['value'] <= 1
+
+
 def test_cached_run_equals_the_run_with_the_frozen_encoder_in_the_loop(tmp_path):
     "Same seed, same epochs, nothing augmented: training on the cache gives the in-loop run's losses and metrics (tiny frozen DINOv2)"
     from mmfusion.embed import embed

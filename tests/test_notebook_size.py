@@ -5,7 +5,8 @@ from pathlib import Path
 import nbformat, numpy as np, pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOK_MAX, TOTAL_MAX = 400_000, 4_000_000  # bytes on disk, as git stores them; sources + JSON alone were 1.9 MB of 4.7 MB (27 notebooks)
+NOTEBOOK_MAX, TOTAL_MAX = 400_000, 4_500_000  # bytes on disk, as git stores them. Figures are capped on their own (FIGURES_MAX); the rest is
+# sources, text outputs and JSON, which grow with the library (3.1 MB of 4.0 MB in 27 notebooks once segmentation, tuning and the cache landed)
 FIGURES_MAX = 1_200_000  # embedded images (base64 image/png + image/jpeg) across every notebook: what made notebooks heavy (2.0 MB at 100 dpi)
 _spec = importlib.util.spec_from_file_location('execute_nb', ROOT/'.ci'/'execute_nb.py')
 execute_nb = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(execute_nb)
