@@ -464,7 +464,7 @@ def _cache_changes(then:Mapping, now:Mapping) -> list:
     "What differs between two identities of a cache, in words"
     out = [f"{m}: {'no longer cached' if m in then else 'newly cached'}" for m in sorted(set(then) ^ set(now))]
     for m in sorted(set(then) & set(now)):
-        a, b = then[m], now[m]
+        a, b = ({**x[m], 'encoder': encoder_identity(x[m]['encoder'])} for x in (then, now))  # a run stored before identities left paths out
         if a['weights_hash'] != b['weights_hash']: out.append(f"{m}: other encoder weights (sha1 {a['weights_hash'][:12]} then, {b['weights_hash'][:12]} now)")
         if a['inputs'] != b['inputs']: out.append(f"{m}: other inputs (the content hashes of its {a['samples']} samples then and {b['samples']} now differ)")
         out += [f"{m}: another {k} ({a[k]} then, {b[k]} now)" for k in ('encoder', 'reader', 'shape') if a[k] != b[k]]

@@ -160,6 +160,11 @@ def test_the_same_weights_in_another_folder_are_the_same_encoder(setup):
     run = train(CFG, [*over, f'data.embeddings={cache}'], verbose=False)
     assert main(['embed', CFG, *elsewhere, '--out', str(cache), '--device', 'cpu']) in (None, 0)  # re-made from the copy
     assert 0 <= evaluate(run.dir)['headline']['value'] <= 1
+    f = run.dir/'embedding_cache.json'  # a run stored while identities still held the checkpoint's folder opens too
+    stored = json.loads(f.read_text())
+    stored['identity']['images']['encoder']['weights'] = str(ck['dinov2'])
+    f.write_text(json.dumps(stored))
+    assert 0 <= evaluate(run.dir)['headline']['value'] <= 1
 
 
 def test_cached_run_equals_the_run_with_the_frozen_encoder_in_the_loop(tmp_path):
