@@ -2,7 +2,7 @@
 for the same number of trials), with the best validation value each study reached and how much of a difference
 between those best values is noise. Writes benchmarks/results/tune_bench.json.
 
-The command to run (on quiet cores: nothing else running; about 20-30 min on 2 cores, a weld trial taking 15-30 s at load 2):
+The command to run (on quiet cores: nothing else running; the time a trial takes is in each study's `wall_seconds` and `trials` in benchmarks/results/tune_bench.json):
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg .venv/bin/python benchmarks/tune_bench.py --trials 16 --contention "quiet: nothing else running"
 
