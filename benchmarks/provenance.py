@@ -17,7 +17,7 @@ def provenance(recipe:dict) -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
             'commit': _git('rev-parse', 'HEAD') or None,
-            'uncommitted_changes': bool(_git('status', '--porcelain', '--', 'mmfusion', 'benchmarks', 'configs')),
+            'uncommitted_changes': bool(_git('status', '--porcelain', '--', 'mmfusion', 'benchmarks', 'configs', ':!benchmarks/results')),  # results are outputs, not code
             'machine': {'cpu_cores': os.cpu_count(), 'torch_threads': torch.get_num_threads(), 'gpu': gpu,
                         'load_average_1min': round(os.getloadavg()[0], 2), 'platform': platform.platform(),
                         'python': platform.python_version(), 'torch': torch.__version__},
