@@ -455,11 +455,11 @@ def _start(search:Search, storage, out:Path, name:str, baseline:bool) -> optuna.
     return study
 
 def _run_workers(job:Mapping, workers:int, progress:TrialProgress, study:optuna.Study) -> list:
-    "Run the workers (in this process when there is one, else as `python -c` processes given the job as JSON); the exit codes of those that failed"
-    if workers == 1: run_worker(job, 0, [progress]); return []
+    "Run worker 0 in this process (it shows the progress) and the others as `python -c` processes given the job as JSON; the exit codes of those that failed"
     code = "import json, sys; from mmfusion.tune import run_worker; run_worker(json.loads(sys.argv[1]), int(sys.argv[2]))"
-    procs = [subprocess.Popen([sys.executable, '-c', code, json.dumps(job, default=str), str(i)]) for i in range(workers)]
-    try:
+    procs = [subprocess.Popen([sys.executable, '-c', code, json.dumps(job, default=str), str(i)]) for i in range(1, workers)]
+    try:  # this process is already warm (torch imported, search checked): one process start fewer per study
+        run_worker(job, 0, [progress])
         while any(p.poll() is None for p in procs): progress.update(study); time.sleep(1)
     except BaseException:
         for p in procs: p.terminate()

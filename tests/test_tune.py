@@ -173,10 +173,10 @@ def _ran_exactly(res, trials, n):
     return ran
 
 def test_two_workers_share_a_study_on_postgresql(tmp_path, postgres):
-    space = {**SPACE, 'set': {**TINY, 'training.epochs': 4}}  # 6 trials of ~2 s: the second worker starts (imports) well before the first is done
-    res = tune(SMOKE, space, trials=6, workers=2, storage=postgres, out=tmp_path/'study', study_name='pg', verbose=False)
+    space = {**SPACE, 'set': {**TINY, 'training.epochs': 6}}  # worker 0 runs in this process at once; 10 trials of ~3 s leave the second time to start (import) and join
+    res = tune(SMOKE, space, trials=10, workers=2, storage=postgres, out=tmp_path/'study', study_name='pg', pruner='none', verbose=False)
     trials = optuna.load_study(study_name='pg', storage=postgres).get_trials()  # the study lives in the server
-    ran = _ran_exactly(res, trials, 6)
+    ran = _ran_exactly(res, trials, 10)
     assert len({t.user_attrs['worker'] for t in ran}) == 2  # both worker processes ran trials
     assert res.summary['storage'].startswith('postgresql+psycopg2://postgres@127.0.0.1:')
 
