@@ -192,10 +192,11 @@ def _serve_arguments(v):
     v.add_argument('--max-bytes', type=int, default=16 << 20, help='largest request accepted'); v.add_argument('--max-concurrency', type=int, default=2)
     v.add_argument('--max-batch', type=int, default=None, help='concurrent requests gathered into one forward (1: none; default 8)')
     v.add_argument('--max-wait-ms', type=float, default=None, help='how long a batch waits for more requests (default 2)')
+    v.add_argument('--workers', type=int, default=1, help='server processes sharing the port, each with its own model (default 1)')
 
 @register_command('serve', 'serve a run folder: HTTP (JSON + multipart) and WebSocket API, OpenAPI docs at /docs', _serve_arguments)
 def _serve(a): serve(a.run_dir, a.host, a.port, a.checkpoint, a.data_root, a.max_bytes, a.max_concurrency,
-                     **_optional(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms))
+                     **_optional(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms), workers=a.workers)
 
 def _export_arguments(x):
     _run_arguments(x, 'default: RUN_DIR/export')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_serve.ipynb #5bbda35a
 from __future__ import annotations
-import asyncio, collections, contextlib, ipaddress, itertools, json, re, shutil, socket, tempfile, threading, time, warnings
+import asyncio, collections, contextlib, ipaddress, itertools, json, multiprocessing, multiprocessing.connection, os, re, shutil, signal, socket, sys, tempfile, threading, time, warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
-import uvicorn
+import torch, uvicorn
 from .data import DataError
 from .deploy import Detections, AnomalyPredictor, DetectionPredictor, Prediction, Predictor, load_predictor
 from .segmentation import SegmentationMask
@@ -21,7 +21,7 @@ from .segmentation import SegmentationMask
 # %% auto #0
 __all__ = ['RESPONSES', 'BodyLimit', 'MicroBatcher', 'InFlight', 'predict_batch', 'PredictRequest', 'PredictionResponse',
            'BoxResponse', 'DetectionsResponse', 'RunLength', 'SegmentationMaskResponse', 'model_card', 'create_app',
-           'free_port', 'running_server', 'serve']
+           'free_port', 'running_server', 'listening_socket', 'serve']
 
 # %% ../nbs/10_serve.ipynb #ec707197
 class BodyLimit:
@@ -261,9 +261,10 @@ def create_app(predictor:Predictor|AnomalyPredictor|DetectionPredictor, # the mo
 
     @app.get('/health')
     async def health() -> dict:  # on the event loop, as the batch workers: it reads their counts between their steps
-        "Liveness and what the model takes and returns"
+        "Liveness, what the model takes and returns, the batch sizes run so far and the answering process"
         limits = {'max_bytes': max_bytes, 'max_concurrency': max_concurrency, 'max_queue': max_queue, 'max_batch': max_batch, 'max_wait_ms': max_wait_ms}
-        return {'status': 'ok', **model_card(predictor), 'limits': limits, 'batches': dict(sorted(batcher.sizes.items()))}
+        return {'status': 'ok', **model_card(predictor), 'limits': limits, 'batches': dict(sorted(batcher.sizes.items())),
+                'process': os.getpid()}  # which of `serve`'s processes answered (batches counts that one's)
 
     @app.post('/predict', response_model=answer, responses={413: {}, 422: {}, 503: {}})
     async def predict(req:PredictRequest):
@@ -331,6 +332,66 @@ def running_server(app:FastAPI, # the app (see `create_app`)
         server.should_exit = True
         thread.join(10)
 
+
+# %% ../nbs/10_serve.ipynb #857562da
+def listening_socket(host:str='127.0.0.1', # interface to bind
+                     port:int=0, # TCP port (0: a free one)
+                     shared:bool=False, # SO_REUSEPORT: other sockets with it may bind the same port, and the kernel spreads connections among them
+                    ) -> socket.socket:
+    "A bound, listening TCP socket to hand uvicorn, made with protocol IPPROTO_TCP so that asyncio sets TCP_NODELAY on its connections"
+    if shared and not hasattr(socket, 'SO_REUSEPORT'): raise OSError("several server processes need SO_REUSEPORT, which this system lacks; serve with workers=1")
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared: sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr); sock.listen(2048)
+    except OSError: sock.close(); raise
+    return sock
+
+# %% ../nbs/10_serve.ipynb #44bccbe5
+def _stop_with_parent():
+    "A thread that ends this process (SIGTERM, so uvicorn shuts down cleanly) when its parent is gone, however the parent died"
+    parent = multiprocessing.parent_process()
+    def watch(): multiprocessing.connection.wait([parent.sentinel]); os.kill(os.getpid(), signal.SIGTERM)
+    if parent is not None: threading.Thread(target=watch, daemon=True).start()
+
+def _serve_process(host:str, port:int, run_dir, checkpoint:str, data_root, # see `serve`
+                   app_args:dict, # `create_app`'s limits
+                   log_level:str, # uvicorn's
+                   threads:int, # torch threads of this process
+                  ):
+    "One of `serve`'s processes: its own model and batcher, listening on the shared port once the model is loaded"
+    _stop_with_parent()
+    torch.set_num_threads(threads)
+    app = create_app(load_predictor(run_dir, checkpoint, data_root), **app_args)
+    uvicorn.Server(_config(app, host, port, app_args['max_bytes'], log_level)).run(sockets=[listening_socket(host, port, shared=True)])
+
+def _serve_processes(workers:int, # processes to start
+                     args:tuple, # `_serve_process`'s arguments
+                    ):
+    "Run `workers` server processes until one ends or this process is stopped (Ctrl-C, SIGTERM); then stop them all"
+    spawn = multiprocessing.get_context('spawn')  # a fresh interpreter each: no forked torch or event-loop state
+    procs = [spawn.Process(target=_serve_process, args=args, name=f'mmfusion-serve-{i}') for i in range(workers)]
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)) if main else None  # SIGTERM stops the children too
+    try:
+        for p in procs: p.start()
+        multiprocessing.connection.wait([p.sentinel for p in procs])  # returns when the first one ends
+        failed = [p.exitcode for p in procs if p.exitcode]
+        if failed: raise RuntimeError(f"a server process exited with code {failed[0]} (its error is printed above); the others were stopped")
+    finally:
+        for p in procs:
+            if p.is_alive(): p.terminate()
+        for p in procs:
+            p.join(15)
+            if p.is_alive(): p.kill(); p.join()
+        if main: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+def _cores() -> int:
+    "CPU cores this process may run on"
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
 def serve(run_dir, # a run folder
           host:str='127.0.0.1', # interface to bind (loopback by default)
           port:int=8000, # TCP port
@@ -338,10 +399,21 @@ def serve(run_dir, # a run folder
           data_root=None, # the training data, when the run has no preprocessing.json
           max_bytes:int=16 << 20, max_concurrency:int=2, max_queue:int=16, # see `create_app`
           log_level:str='info',
-          max_batch:int=8, max_wait_ms:float=2.): # see `create_app`
-    "Serve a run folder over HTTP/WebSocket until interrupted (what `mmfusion serve` runs)"
-    if not ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
+          max_batch:int=8, max_wait_ms:float=2., # see `create_app`
+          workers:int=1): # server processes sharing the port, each with its own copy of the model (1: this process)
+    "Serve a run folder over HTTP/WebSocket until interrupted (what `mmfusion serve` runs; with `workers` > 1, call it under `if __name__ == '__main__':` in a script)"
+    if workers < 1: raise ValueError(f"workers must be >= 1, got {workers}")
+    if not ipaddress.ip_address(socket.getaddrinfo(host, None)[0][4][0]).is_loopback:
         warnings.warn(f"serving on {host}: reachable from other machines; there is no authentication")
-    app = create_app(load_predictor(run_dir, checkpoint, data_root), max_bytes, max_concurrency, max_queue, max_batch=max_batch, max_wait_ms=max_wait_ms)
-    print(f"serving {run_dir} on http://{host}:{port} (docs: http://{host}:{port}/docs)", flush=True)
-    uvicorn.Server(_config(app, host, port, max_bytes, log_level)).run()
+    args = dict(max_bytes=max_bytes, max_concurrency=max_concurrency, max_queue=max_queue, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    omp = os.environ.get('OMP_NUM_THREADS', '')
+    threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(1, _cores() // workers)  # the cores shared out, unless set
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    if workers > 1 and not port: raise ValueError("several server processes need a fixed port, not 0")
+    with listening_socket(host, port) as sock:  # a port already taken fails here, before any model loads
+        if workers == 1:
+            app = create_app(load_predictor(run_dir, checkpoint, data_root), **args)
+            print(f"serving {run_dir} on {url} (docs: {url}/docs)", flush=True)
+            return uvicorn.Server(_config(app, host, port, max_bytes, log_level)).run(sockets=[sock])
+    print(f"serving {run_dir} on {url} with {workers} processes of {threads} thread(s) each (docs: {url}/docs)", flush=True)
+    _serve_processes(workers, (host, port, run_dir, checkpoint, data_root, args, log_level, threads))

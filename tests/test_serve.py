@@ -1,5 +1,6 @@
 """The HTTP/WebSocket server on loopback: valid requests answer what the Predictor answers, bad ones get a 4xx naming the problem, and it keeps serving."""
-import asyncio, json, os, subprocess, sys, tempfile, threading, time
+import asyncio, json, os, socket, subprocess, sys, tempfile, threading, time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx, numpy as np, pandas as pd, pytest, torch
@@ -357,3 +358,68 @@ def test_a_batch_that_fails_as_a_whole_is_answered_request_by_request(servers):
         if r['id'] == 'boom': continue
         assert rep.status_code == 200, rep.text
         close(rep.json(), p.predict(r['inputs'], [r['id']]).to_dict())
+
+
+def test_listening_socket_turns_nagle_off_on_its_connections():
+    "asyncio sets TCP_NODELAY only on connections of a socket made with proto IPPROTO_TCP; without it each answer waits ~40 ms for a delayed ACK"
+    from mmfusion.serve import listening_socket
+    async def nodelay(sock):
+        got = asyncio.get_running_loop().create_future()
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport): got.set_result(transport.get_extra_info('socket').getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        _, w = await asyncio.open_connection(*sock.getsockname()[:2])
+        try: return await asyncio.wait_for(got, 10)
+        finally: w.close(); server.close()
+    assert asyncio.run(nodelay(listening_socket())) != 0
+    plain = socket.socket(); plain.bind(('127.0.0.1', 0)); plain.listen()
+    assert asyncio.run(nodelay(plain)) == 0  # the failure listening_socket prevents is real on this machine
+
+
+def test_serve_with_two_processes_answers_from_both_and_stops_them_all(servers, tmp_path):
+    "`mmfusion serve --workers 2`: both processes answer on the one port (connections spread over them), each answer equals the Predictor's, and SIGTERM to the parent ends both"
+    url, p, run_dir = servers['inspection']
+    port, log = free_port(), tmp_path/'serve.log'
+    with open(log, 'w') as out:
+        proc = subprocess.Popen([sys.executable, '-c', 'from mmfusion.cli import main; main()', 'serve', str(run_dir), '--port', str(port), '--workers', '2'],
+                                env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=out, stderr=subprocess.STDOUT, text=True)
+    base, pids = f'http://127.0.0.1:{port}', set()
+    try:
+        t0 = time.time()
+        while len(pids) < 2 and time.time() - t0 < 180:  # each new connection goes to whichever process accepts it first
+            try:
+                with httpx.Client(base_url=base, timeout=30) as c: pids.add(c.get('/health').json()['process'])
+            except httpx.TransportError: pass
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        assert len(pids) == 2 and proc.pid not in pids, pids
+        row, image = inspection_row(), DATA/'inspection'/'images'/f'{CELL}.png'
+        expected = p.predict({'image': str(image), 'metadata': row}, ids=[CELL]).to_dict()
+        def ask(_):
+            with httpx.Client(base_url=base, timeout=60) as c:
+                return c.post('/predict/files', files={'image': (image.name, image.read_bytes(), 'image/png')}, data={'metadata': json.dumps(row), 'id': CELL}).json()
+        with ThreadPoolExecutor(8) as ex: answers = list(ex.map(ask, range(16)))
+        for a in answers: close(a, expected)
+    finally:
+        proc.terminate()
+        try: proc.wait(timeout=60)
+        except subprocess.TimeoutExpired: proc.kill(); raise
+    assert proc.returncode == 0, log.read_text()
+    assert 'with 2 processes' in log.read_text(), log.read_text()
+    for pid in pids:  # no orphan keeps the port
+        with pytest.raises(ProcessLookupError): os.kill(pid, 0)
+
+
+def test_serve_refuses_a_taken_port_before_loading_a_model_and_stops_when_a_process_fails(servers, tmp_path):
+    "A port in use fails at once with the OS's error (not after the models load); a process that cannot start stops the server with an error"
+    from mmfusion.serve import listening_socket
+    run_dir = servers['inspection'][2]
+    with listening_socket() as taken:
+        for workers in (1, 2):
+            with pytest.raises(OSError): serve(run_dir, port=taken.getsockname()[1], workers=workers, log_level='warning')
+    with pytest.raises(ValueError, match='workers must be >= 1'): serve(run_dir, workers=0)
+    with pytest.raises(ValueError, match='fixed port'): serve(run_dir, port=0, workers=2)
+    (tmp_path/'broken').mkdir()
+    (tmp_path/'broken'/'config.yaml').write_text((Path(run_dir)/'config.yaml').read_text())  # a run folder without checkpoints
+    with pytest.raises(RuntimeError, match='a server process exited with code'):
+        serve(tmp_path/'broken', port=free_port(), workers=2, log_level='warning')
