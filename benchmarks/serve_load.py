@@ -25,7 +25,7 @@ Each round must be long enough for a batching server to reach its steady state: 
 concurrency 8 lasts a fraction of a second and measures mostly the ramp-up (connections opening, the first batches
 small), so the defaults send a couple of hundred requests per round and level.
 Each multipart body is encoded once before the timing (a load generator on other machines would not spend these cores
-on it); the CPU seconds the server's processes and the client spend per request at each level are recorded with the
+on it); the CPU seconds the server's processes (the parent of a --workers server included, with the imports of the CLI) and the client spend per request at each level are recorded with the
 throughput, so a result says which side the cores went to. The figures are in benchmarks/results/serve_load.json (date,
 commit, machine, recipe); nothing measured is typed here.
 """
@@ -138,8 +138,8 @@ async def level(url:str, bodies:list, concurrency:int, n:int, server_pid:int|Non
     await asyncio.gather(*[worker() for _ in range(concurrency)])
     wall = time.perf_counter() - t0
     s1 = cpu_by_process(server_pid) if server_pid else {}
-    by = sorted((s1[q] - s0.get(q, 0.) for q in s1), reverse=True)  # each server process's share: with --workers, did both work?
-    cpu = {'server_cpu_s': sum(by) if server_pid else None, 'server_cpu_s_by_process': by, 'client_cpu_s': time.process_time() - c0}
+    ranked = sorted((s1[q] - s0.get(q, 0.) for q in s1), reverse=True)  # the server's processes, busiest first: with --workers, did both work?
+    cpu = {'server_cpu_s': sum(ranked) if server_pid else None, 'server_cpu_s_busiest_first': ranked, 'client_cpu_s': time.process_time() - c0}
     return ({'requests': n, 'errors': len(errors), 'seconds': wall, 'req_per_s': round(n / wall, 2), 'first_error': errors[0] if errors else '', **cpu}, answers, lat)
 
 
@@ -231,7 +231,7 @@ def main():
     urls = {m: f'http://{HOST}:{a.port + k}' for k, m in enumerate(modes)}
     parts, answers, rss = {}, {}, {}
     try:
-        for m, url in urls.items(): asyncio.run(level(url, bodies, max(a.levels), 4 * len(bodies)))  # warm-up (every process): first-call allocations are not load
+        for m, url in urls.items(): asyncio.run(level(url, bodies, max(a.levels), 4 * len(bodies)))  # warm-up over several connections: first-call allocations are not load
         before = {m: pss_mib(s.pid) for m, s in servers.items()}
         for _ in range(a.rounds):  # the two servers take turns at each level, so a change in the machine's load hits both alike
             for c in a.levels:
@@ -241,7 +241,7 @@ def main():
                     for sid, g in got.items(): answers.setdefault((m, c), {}).setdefault(sid, []).extend(g)
         for m, url in urls.items():
             rss[m] = {'after_warmup_mib': round(before[m], 1), 'after_load_mib': round(pss_mib(servers[m].pid), 1),
-                      'batch_sizes_run': httpx.get(f'{url}/health').json()['batches']}  # of the process that answers (one of several with --workers)
+                      'batch_sizes_run': httpx.get(f'{url}/health').json()['batches'], 'batch_sizes_of': 'the process that answered /health (one of several with --workers)'}
     finally:
         for s in servers.values(): s.terminate(); s.wait(10)
     rows = []
@@ -253,8 +253,8 @@ def main():
                      'req_per_s_by_round': [r['req_per_s'] for r, _ in ps], 'p50_ms': round(statistics.median(lat) * 1000, 1),
                      'p95_ms': round(q[18] * 1000, 1), 'first_error': next((r['first_error'] for r, _ in ps if r['first_error']), ''),
                      **{f'{side}_cpu_ms_per_request': round(sum(r[f'{side}_cpu_s'] for r, _ in ps) / sum(r['requests'] for r, _ in ps) * 1000, 2) for side in ('server', 'client')},
-                     'server_cpu_share_by_process': [round(x / max(sum(r['server_cpu_s'] for r, _ in ps), 1e-9), 2)
-                                                     for x in [sum(v) for v in itertools.zip_longest(*[r['server_cpu_s_by_process'] for r, _ in ps], fillvalue=0.)]]})
+                     'server_cpu_share_busiest_first': [round(x / max(sum(r['server_cpu_s'] for r, _ in ps), 1e-9), 2)  # each round's busiest, then next
+                                                        for x in [sum(v) for v in itertools.zip_longest(*[r['server_cpu_s_busiest_first'] for r, _ in ps], fillvalue=0.)]]})
     reference = {sid: got[0] for sid, got in answers[('one at a time', min(a.levels))].items()}
     for r in rows:
         r['label_differences'], r['max_abs_difference'] = differences(answers[(r['mode'], r['concurrency'])], reference)

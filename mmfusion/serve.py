@@ -340,7 +340,8 @@ def listening_socket(host:str='127.0.0.1', # interface to bind
                     ) -> socket.socket:
     "A bound, listening TCP socket to hand uvicorn, made with protocol IPPROTO_TCP so that asyncio sets TCP_NODELAY on its connections"
     if shared and not hasattr(socket, 'SO_REUSEPORT'): raise OSError("several server processes need SO_REUSEPORT, which this system lacks; serve with workers=1")
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)[0]
+    family = socket.AF_INET6 if ':' in host else socket.AF_INET  # 'localhost' binds 127.0.0.1, as uvicorn does
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, socket.IPPROTO_TCP)[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -388,6 +389,14 @@ def _serve_processes(workers:int, # processes to start
             if p.is_alive(): p.kill(); p.join()
         if main: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
+def _port_lock(host:str, port:int):
+    "An open file holding an exclusive lock on `host:port` for this process's life: a second `serve` with workers on it is refused"
+    import fcntl  # POSIX only: imported where used, so the module still imports on Windows (which serves with one process)
+    f = open(Path(tempfile.gettempdir())/f"mmfusion-serve-{re.sub(r'[^A-Za-z0-9.]', '_', host)}-{port}.lock", 'w')
+    try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError: f.close(); raise OSError(f"{host}:{port} is already served by another `mmfusion serve --workers`") from None
+    return f
+
 def _cores() -> int:
     "CPU cores this process may run on"
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
@@ -403,6 +412,7 @@ def serve(run_dir, # a run folder
           workers:int=1): # server processes sharing the port, each with its own copy of the model (1: this process)
     "Serve a run folder over HTTP/WebSocket until interrupted (what `mmfusion serve` runs; with `workers` > 1, call it under `if __name__ == '__main__':` in a script)"
     if workers < 1: raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers > 1 and not sys.platform.startswith('linux'): raise OSError("several server processes need Linux (SO_REUSEPORT spreading connections); serve with workers=1")
     if not ipaddress.ip_address(socket.getaddrinfo(host, None)[0][4][0]).is_loopback:
         warnings.warn(f"serving on {host}: reachable from other machines; there is no authentication")
     args = dict(max_bytes=max_bytes, max_concurrency=max_concurrency, max_queue=max_queue, max_batch=max_batch, max_wait_ms=max_wait_ms)
@@ -410,10 +420,12 @@ def serve(run_dir, # a run folder
     threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(1, _cores() // workers)  # the cores shared out, unless set
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     if workers > 1 and not port: raise ValueError("several server processes need a fixed port, not 0")
-    with listening_socket(host, port) as sock:  # a port already taken fails here, before any model loads
+    lock = _port_lock(host, port) if workers > 1 else contextlib.nullcontext()
+    with lock, listening_socket(host, port) as sock:  # a port already taken fails here, before any model loads
         if workers == 1:
             app = create_app(load_predictor(run_dir, checkpoint, data_root), **args)
             print(f"serving {run_dir} on {url} (docs: {url}/docs)", flush=True)
             return uvicorn.Server(_config(app, host, port, max_bytes, log_level)).run(sockets=[sock])
-    print(f"serving {run_dir} on {url} with {workers} processes of {threads} thread(s) each (docs: {url}/docs)", flush=True)
-    _serve_processes(workers, (host, port, run_dir, checkpoint, data_root, args, log_level, threads))
+        print(f"serving {run_dir} on {url} with {workers} processes of {threads} thread(s) each, listening once each model is loaded (docs: {url}/docs)", flush=True)
+        sock.close()  # the children bind the port themselves; the lock stays held until they have all ended
+        _serve_processes(workers, (host, port, run_dir, checkpoint, data_root, args, log_level, threads))

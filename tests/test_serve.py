@@ -1,5 +1,5 @@
 """The HTTP/WebSocket server on loopback: valid requests answer what the Predictor answers, bad ones get a 4xx naming the problem, and it keeps serving."""
-import asyncio, json, os, socket, subprocess, sys, tempfile, threading, time
+import asyncio, errno, json, os, signal, socket, subprocess, sys, tempfile, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -414,12 +414,39 @@ def test_serve_refuses_a_taken_port_before_loading_a_model_and_stops_when_a_proc
     "A port in use fails at once with the OS's error (not after the models load); a process that cannot start stops the server with an error"
     from mmfusion.serve import listening_socket
     run_dir = servers['inspection'][2]
-    with listening_socket() as taken:
-        for workers in (1, 2):
-            with pytest.raises(OSError): serve(run_dir, port=taken.getsockname()[1], workers=workers, log_level='warning')
-    with pytest.raises(ValueError, match='workers must be >= 1'): serve(run_dir, workers=0)
-    with pytest.raises(ValueError, match='fixed port'): serve(run_dir, port=0, workers=2)
     (tmp_path/'broken').mkdir()
     (tmp_path/'broken'/'config.yaml').write_text((Path(run_dir)/'config.yaml').read_text())  # a run folder without checkpoints
+    with listening_socket() as taken:
+        for workers in (1, 2):  # the broken run would fail its load: the port's error shows the port was checked first
+            with pytest.raises(OSError) as e: serve(tmp_path/'broken', port=taken.getsockname()[1], workers=workers, log_level='warning')
+            assert e.value.errno == errno.EADDRINUSE, e.value
+    with pytest.raises(ValueError, match='workers must be >= 1'): serve(run_dir, workers=0)
+    with pytest.raises(ValueError, match='fixed port'): serve(run_dir, port=0, workers=2)
     with pytest.raises(RuntimeError, match='a server process exited with code'):
         serve(tmp_path/'broken', port=free_port(), workers=2, log_level='warning')
+
+
+def test_a_served_port_is_locked_and_a_killed_process_stops_the_whole_server(servers, tmp_path):
+    "A second `serve --workers` on the same port is refused; when one process dies, the parent stops the other and exits with an error"
+    url, p, run_dir = servers['inspection']
+    port, log = free_port(), tmp_path/'serve.log'
+    with open(log, 'w') as out:
+        proc = subprocess.Popen([sys.executable, '-c', 'from mmfusion.cli import main; main()', 'serve', str(run_dir), '--port', str(port), '--workers', '2'],
+                                env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=out, stderr=subprocess.STDOUT, text=True)
+    pids = set()
+    try:
+        t0 = time.time()
+        while len(pids) < 2 and time.time() - t0 < 180:
+            try: pids.add(httpx.get(f'http://127.0.0.1:{port}/health', timeout=30).json()['process'])
+            except httpx.TransportError: pass
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        assert len(pids) == 2, pids
+        with pytest.raises(OSError, match='already served by another'): serve(run_dir, port=port, workers=2, log_level='warning')
+        victim, other = sorted(pids)
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(timeout=60) != 0, log.read_text()
+    finally:
+        if proc.poll() is None: proc.kill()
+    assert 'a server process exited with code' in log.read_text(), log.read_text()
+    with pytest.raises(ProcessLookupError): os.kill(other, 0)
