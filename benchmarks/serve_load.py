@@ -15,7 +15,9 @@ process, the servers taking turns (`--rounds`), so a change in the machine's loa
 the machine's cores with the servers: on a 2-core machine it takes CPU a server would use, which the JSON records with
 the machine. It is a lean HTTP/1.1 client (one keep-alive connection per concurrent sender, pre-encoded bodies), as a
 load generator should be, so that what is measured is the server. The goal compares the best requests/s at the highest
-concurrency with the best at the lowest, over all servers: a server slow alone cannot flatter its own ratio. Any non-200 answer is an
+concurrency with the best at the lowest, over all servers (a server slow alone cannot flatter its own ratio), over the
+whole run and as the median of the rounds' own ratios (a round's two levels run minutes apart at most, so a drift in
+the machine's speed moves both). Any non-200 answer is an
 error; the script exits non-zero if there is one or if an answer differs from the reference (the no-batching answer at
 concurrency 1) in label or by more than `--atol` in a probability. Without RUN_DIR it trains a 2-epoch run first.
 
@@ -266,6 +268,9 @@ def main():
     top = {c: df[df.concurrency == c].sort_values('req_per_s').iloc[-1] for c in (lo, hi)}  # the fastest server at each level
     best = {'ratio': round(float(top[hi].req_per_s / top[lo].req_per_s), 2), f'c{hi}': {'mode': top[hi]['mode'], 'req_per_s': float(top[hi].req_per_s)},
             f'c{lo}': {'mode': top[lo]['mode'], 'req_per_s': float(top[lo].req_per_s)}}
+    rounds = {c: [max(r) for r in zip(*df[df.concurrency == c].req_per_s_by_round)] for c in (lo, hi)}  # each round's fastest server
+    best['by_round'] = [round(x / y, 2) for x, y in zip(rounds[hi], rounds[lo])]  # paired in time: the machine's drift hits both levels of a round
+    best['median_of_rounds'] = round(statistics.median(best['by_round']), 2)
     identical = bool((df.label_differences == 0).all() and (df.max_abs_difference <= a.atol).all())
     result = {**provenance({'scenario': a.scenario, 'run_dir': run_dir, 'requests_per_level': a.requests, 'levels': a.levels,
                              'endpoint': '/predict/files (multipart)', 'samples': [d['id'] for _, d in reqs],
@@ -276,8 +281,9 @@ def main():
               'rows': df.drop(columns='first_error').to_dict('records'), 'speedup': {m: {f'c{hi}_over_c{lo}': v, 'by_round': by_round[m]} for m, v in speed.items()},
               'errors': int(df.errors.sum()), 'identical': identical, 'server_memory_pss': rss,
               'model_side_costs': model_costs(run_dir, reqs, a.max_batch),
-              'best': best, 'goal': {'c8_over_c1': 3.0, 'compared': f'best requests/s at concurrency {hi} over the best at {lo}, over all servers',
-                                     'met': bool(best['ratio'] >= 3.0 and df.errors.sum() == 0)}}
+              'best': best, 'goal': {'c8_over_c1': 3.0, 'compared': f'best requests/s at concurrency {hi} over the best at {lo}, over all servers: '
+                                                                    'the whole run and the median of its rounds both', 'met': bool(
+                  best['ratio'] >= 3.0 and best['median_of_rounds'] >= 3.0 and df.errors.sum() == 0)}}
     write_json(result, a.out, indent=1)
     print(f"mmfusion serve {run_dir} ({a.scenario}, multipart /predict/files); {os.cpu_count()} CPUs, server OMP_NUM_THREADS=1")
     print(df.drop(columns='first_error').to_string(index=False))
