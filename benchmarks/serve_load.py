@@ -4,7 +4,7 @@ concurrency 1 and 8, whether every answer equals the one-at-a-time answer, serve
 The run that writes benchmarks/results/serve_load.json (from the repository root, on cores nothing else is using; it
 trains its own 2-epoch inspection run first), then the notebook whose prose reads that file:
 
-    HF_HUB_OFFLINE=1 PYTHONHASHSEED=0 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_load.py --scenario inspection --requests 1600 --rounds 8 --levels 1 8 --max-batch 8 --max-wait-ms 2 --max-concurrency 2 --workers 2
+    HF_HUB_OFFLINE=1 PYTHONHASHSEED=0 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_load.py --scenario inspection --requests 3200 --rounds 16 --levels 1 8 --max-batch 8 --max-wait-ms 2 --max-concurrency 2 --workers 2
     .venv/bin/python .ci/execute_nb.py nbs/10_serve.ipynb
 
 Starts three real servers (`mmfusion serve RUN_DIR --port P --max-batch N --workers W`, bound to 127.0.0.1) as
@@ -21,7 +21,7 @@ the machine's speed moves both). Any non-200 answer is an
 error; the script exits non-zero if there is one or if an answer differs from the reference (the no-batching answer at
 concurrency 1) in label or by more than `--atol` in a probability. Without RUN_DIR it trains a 2-epoch run first.
 
-    .venv/bin/python benchmarks/serve_load.py [RUN_DIR] [--scenario inspection|weld] [--requests 1600] [--levels 1 8] [--max-batch 8] [--workers 2]
+    .venv/bin/python benchmarks/serve_load.py [RUN_DIR] [--scenario inspection|weld] [--requests 3200] [--levels 1 8] [--max-batch 8] [--workers 2]
 
 Each round must be long enough for a batching server to reach its steady state: a round of a few dozen requests at
 concurrency 8 lasts a fraction of a second and measures mostly the ramp-up (connections opening, the first batches
@@ -208,9 +208,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('run_dir', nargs='?', help='a run folder (default: train a 2-epoch run of --scenario)')
     ap.add_argument('--scenario', default='inspection', choices=['inspection', 'weld'])
-    ap.add_argument('--requests', type=int, default=1600, help='requests per concurrency level (over all rounds)')
+    ap.add_argument('--requests', type=int, default=3200, help='requests per concurrency level (over all rounds)')
     ap.add_argument('--levels', type=int, nargs='+', default=[1, 8])
-    ap.add_argument('--rounds', type=int, default=8, help='the requests of a level are sent in this many turns, alternating the servers')
+    ap.add_argument('--rounds', type=int, default=16, help='the requests of a level are sent in this many turns, alternating the servers')
     ap.add_argument('--max-batch', type=int, default=8, help='the batching server\'s --max-batch (the other runs --max-batch 1)')
     ap.add_argument('--max-wait-ms', type=float, default=2.)
     ap.add_argument('--max-concurrency', type=int, default=2, help="the server's batches (or requests) running at once")
