@@ -378,9 +378,10 @@ def _serve_processes(workers:int, # processes to start
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)) if main else None  # SIGTERM stops the children too
     try:
         for p in procs: p.start()
-        multiprocessing.connection.wait([p.sentinel for p in procs])  # returns when the first one ends
-        failed = [p.exitcode for p in procs if p.exitcode]
-        if failed: raise RuntimeError(f"a server process exited with code {failed[0]} (its error is printed above); the others were stopped")
+        ended = multiprocessing.connection.wait([p.sentinel for p in procs])  # when the first one ends (nothing else stops one)
+        first = next(p for p in procs if p.sentinel in ended)
+        first.join()  # its sentinel can close a moment before its exit code can be read
+        raise RuntimeError(f"a server process exited with code {first.exitcode} (its error is printed above); the others were stopped")
     finally:
         for p in procs:
             if p.is_alive(): p.terminate()
