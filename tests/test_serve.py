@@ -376,23 +376,31 @@ def test_listening_socket_turns_nagle_off_on_its_connections():
     assert asyncio.run(nodelay(plain)) == 0  # the failure listening_socket prevents is real on this machine
 
 
-def test_serve_with_two_processes_answers_from_both_and_stops_them_all(servers, tmp_path):
-    "`mmfusion serve --workers 2`: both processes answer on the one port (connections spread over them), each answer equals the Predictor's, and SIGTERM to the parent ends both"
-    url, p, run_dir = servers['inspection']
-    port, log = free_port(), tmp_path/'serve.log'
+def serve_two_processes(run_dir, log:Path) -> tuple:
+    "`mmfusion serve RUN --workers 2` on a free port, once each process has answered /health: (process, port, the two pids)"
+    port = free_port()
     with open(log, 'w') as out:
         proc = subprocess.Popen([sys.executable, '-c', 'from mmfusion.cli import main; main()', 'serve', str(run_dir), '--port', str(port), '--workers', '2'],
                                 env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=out, stderr=subprocess.STDOUT, text=True)
-    base, pids = f'http://127.0.0.1:{port}', set()
+    pids, t0 = set(), time.time()
     try:
-        t0 = time.time()
         while len(pids) < 2 and time.time() - t0 < 180:  # each new connection goes to whichever process accepts it first
-            try:
-                with httpx.Client(base_url=base, timeout=30) as c: pids.add(c.get('/health').json()['process'])
+            try: pids.add(httpx.get(f'http://127.0.0.1:{port}/health', timeout=30).json()['process'])
             except httpx.TransportError: pass
             assert proc.poll() is None, log.read_text()
             time.sleep(0.1)
         assert len(pids) == 2 and proc.pid not in pids, pids
+    except BaseException: proc.kill(); raise
+    return proc, port, pids
+
+
+def test_serve_with_two_processes_answers_from_both_and_stops_them_all(servers, tmp_path):
+    "`mmfusion serve --workers 2`: both processes answer on the one port (connections spread over them), each answer equals the Predictor's, and SIGTERM to the parent ends both"
+    url, p, run_dir = servers['inspection']
+    log = tmp_path/'serve.log'
+    proc, port, pids = serve_two_processes(run_dir, log)
+    base = f'http://127.0.0.1:{port}'
+    try:
         row, image = inspection_row(), DATA/'inspection'/'images'/f'{CELL}.png'
         expected = p.predict({'image': str(image), 'metadata': row}, ids=[CELL]).to_dict()
         def ask(_):
@@ -429,19 +437,9 @@ def test_serve_refuses_a_taken_port_before_loading_a_model_and_stops_when_a_proc
 def test_a_served_port_is_locked_and_a_killed_process_stops_the_whole_server(servers, tmp_path):
     "A second `serve --workers` on the same port is refused; when one process dies, the parent stops the other and exits with an error"
     url, p, run_dir = servers['inspection']
-    port, log = free_port(), tmp_path/'serve.log'
-    with open(log, 'w') as out:
-        proc = subprocess.Popen([sys.executable, '-c', 'from mmfusion.cli import main; main()', 'serve', str(run_dir), '--port', str(port), '--workers', '2'],
-                                env={**os.environ, 'OMP_NUM_THREADS': '1'}, stdout=out, stderr=subprocess.STDOUT, text=True)
-    pids = set()
+    log = tmp_path/'serve.log'
+    proc, port, pids = serve_two_processes(run_dir, log)
     try:
-        t0 = time.time()
-        while len(pids) < 2 and time.time() - t0 < 180:
-            try: pids.add(httpx.get(f'http://127.0.0.1:{port}/health', timeout=30).json()['process'])
-            except httpx.TransportError: pass
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.1)
-        assert len(pids) == 2, pids
         with pytest.raises(OSError, match='already served by another'): serve(run_dir, port=port, workers=2, log_level='warning')
         victim, other = sorted(pids)
         os.kill(victim, signal.SIGKILL)
