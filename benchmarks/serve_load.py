@@ -67,11 +67,6 @@ def cpu_by_process(pid:int) -> dict:
     return out
 
 
-def cpu_seconds(pid:int) -> float:
-    "User + system CPU seconds so far of a process and its descendants"
-    return sum(cpu_by_process(pid).values())
-
-
 class Connection:
     "One keep-alive HTTP/1.1 connection that POSTs pre-encoded bodies and reads Content-Length answers: a lean load generator"
     def __init__(self, url:str): self.host, self.port = url.split('//')[1].split(':')[0], int(url.rsplit(':', 1)[1]); self.r = self.w = None

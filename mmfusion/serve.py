@@ -417,8 +417,6 @@ def serve(run_dir, # a run folder
     if not ipaddress.ip_address(socket.getaddrinfo(host, None)[0][4][0]).is_loopback:
         warnings.warn(f"serving on {host}: reachable from other machines; there is no authentication")
     args = dict(max_bytes=max_bytes, max_concurrency=max_concurrency, max_queue=max_queue, max_batch=max_batch, max_wait_ms=max_wait_ms)
-    omp = os.environ.get('OMP_NUM_THREADS', '')
-    threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(1, _cores() // workers)  # the cores shared out, unless set
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     if workers > 1 and not port: raise ValueError("several server processes need a fixed port, not 0")
     lock = _port_lock(host, port) if workers > 1 else contextlib.nullcontext()
@@ -427,6 +425,8 @@ def serve(run_dir, # a run folder
             app = create_app(load_predictor(run_dir, checkpoint, data_root), **args)
             print(f"serving {run_dir} on {url} (docs: {url}/docs)", flush=True)
             return uvicorn.Server(_config(app, host, port, max_bytes, log_level)).run(sockets=[sock])
+        omp = os.environ.get('OMP_NUM_THREADS', '')
+        threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(1, _cores() // workers)  # the cores shared out, unless set
         print(f"serving {run_dir} on {url} with {workers} processes of {threads} thread(s) each, listening once each model is loaded (docs: {url}/docs)", flush=True)
         sock.close()  # the children bind the port themselves; the lock stays held until they have all ended
         _serve_processes(workers, (host, port, run_dir, checkpoint, data_root, args, log_level, threads))

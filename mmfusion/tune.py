@@ -455,7 +455,7 @@ def _start(search:Search, storage, out:Path, name:str, baseline:bool) -> optuna.
     return study
 
 def _run_workers(job:Mapping, workers:int, progress:TrialProgress, study:optuna.Study) -> list:
-    "Run worker 0 in this process (it shows the progress) and the others as `python -c` processes given the job as JSON; the exit codes of those that failed"
+    "Run worker 0 in this process (the progress updates as each of its trials ends, then every second until the others are done) and the others as `python -c` processes given the job as JSON; the exit codes of those that failed"
     code = "import json, sys; from mmfusion.tune import run_worker; run_worker(json.loads(sys.argv[1]), int(sys.argv[2]))"
     procs = [subprocess.Popen([sys.executable, '-c', code, json.dumps(job, default=str), str(i)]) for i in range(1, workers)]
     try:  # this process is already warm (torch imported, search checked): one process start fewer per study
