@@ -4,7 +4,7 @@ concurrency 1 and 8, whether every answer equals the one-at-a-time answer, serve
 The run that writes benchmarks/results/serve_load.json (from the repository root, on cores nothing else is using; it
 trains its own 2-epoch inspection run first), then the notebook whose prose reads that file:
 
-    HF_HUB_OFFLINE=1 PYTHONHASHSEED=0 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_load.py --scenario inspection --requests 3200 --rounds 16 --levels 1 8 --max-batch 8 --max-wait-ms 2 --max-concurrency 2 --workers 2
+    HF_HUB_OFFLINE=1 PYTHONHASHSEED=0 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_load.py --scenario inspection --requests 3200 --rounds 16 --levels 1 8 --max-batch 8 --max-wait-ms 2 --workers 2
     .venv/bin/python .ci/execute_nb.py nbs/10_serve.ipynb
 
 Starts three real servers (`mmfusion serve RUN_DIR --port P --max-batch N --workers W`, bound to 127.0.0.1) as
@@ -183,10 +183,11 @@ def model_costs(run_dir:str, reqs:list, max_batch:int, reps:int=5) -> dict:
             f'forward_ms_per_request_batch_{max_batch}': round(ms(lambda: p.outputs(many)) / max_batch, 2)}
 
 
-def run_server(run_dir:str, port:int, max_batch:int, max_wait_ms:float, max_concurrency:int, env:dict, workers:int=1) -> subprocess.Popen:
-    "`mmfusion serve` in a subprocess, once /health has been answered by each of its `workers` processes"
+def run_server(run_dir:str, port:int, max_batch:int, max_wait_ms:float, max_concurrency:int|None, env:dict, workers:int=1) -> subprocess.Popen:
+    "`mmfusion serve` in a subprocess (`max_concurrency` None: serve's default), once /health has been answered by each of its `workers` processes"
     server = subprocess.Popen([sys.executable, '-c', 'from mmfusion.cli import main; main()', 'serve', run_dir, '--host', HOST, '--port', str(port),
-                               '--max-batch', str(max_batch), '--max-wait-ms', str(max_wait_ms), '--max-concurrency', str(max_concurrency), '--workers', str(workers)],
+                               '--max-batch', str(max_batch), '--max-wait-ms', str(max_wait_ms), '--workers', str(workers),
+                               *(['--max-concurrency', str(max_concurrency)] if max_concurrency is not None else [])],
                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen = set()
     for _ in range(1200):
@@ -208,7 +209,7 @@ def main():
     ap.add_argument('--rounds', type=int, default=16, help='the requests of a level are sent in this many turns, alternating the servers')
     ap.add_argument('--max-batch', type=int, default=8, help='the batching server\'s --max-batch (the other runs --max-batch 1)')
     ap.add_argument('--max-wait-ms', type=float, default=2.)
-    ap.add_argument('--max-concurrency', type=int, default=2, help="the server's batches (or requests) running at once")
+    ap.add_argument('--max-concurrency', type=int, default=None, help="batches (or requests) running at once in each server process (default: serve's, 2 in one process and 1 in each of several)")
     ap.add_argument('--workers', type=int, default=2, help='processes of the third server (batching, `mmfusion serve --workers`)')
     ap.add_argument('--atol', type=float, default=1e-6, help='largest probability difference counted as the same answer')
     ap.add_argument('--port', type=int, default=8765, help="the first server's port; the others listen on the next ones")
@@ -226,7 +227,7 @@ def main():
     bodies = encoded(reqs)
     servers = {m: run_server(run_dir, a.port + k, b, a.max_wait_ms, a.max_concurrency, env, w) for k, (m, (b, w)) in enumerate(modes.items())}
     urls = {m: f'http://{HOST}:{a.port + k}' for k, m in enumerate(modes)}
-    parts, answers, rss = {}, {}, {}
+    parts, answers, rss, concurrency = {}, {}, {}, {}
     try:
         for m, url in urls.items(): asyncio.run(level(url, bodies, max(a.levels), 4 * len(bodies)))  # warm-up over several connections: first-call allocations are not load
         before = {m: pss_mib(s.pid) for m, s in servers.items()}
@@ -237,8 +238,10 @@ def main():
                     parts.setdefault((m, c), []).append((row, lat))
                     for sid, g in got.items(): answers.setdefault((m, c), {}).setdefault(sid, []).extend(g)
         for m, url in urls.items():
+            health = httpx.get(f'{url}/health').json()
             rss[m] = {'after_warmup_mib': round(before[m], 1), 'after_load_mib': round(pss_mib(servers[m].pid), 1),
-                      'batch_sizes_run': httpx.get(f'{url}/health').json()['batches'], 'batch_sizes_of': 'the process that answered /health (one of several with --workers)'}
+                      'batch_sizes_run': health['batches'], 'batch_sizes_of': 'the process that answered /health (one of several with --workers)'}
+            concurrency[m] = health['limits']['max_concurrency']  # what the server resolved, its default included
     finally:
         for s in servers.values(): s.terminate(); s.wait(10)
     rows = []
@@ -269,8 +272,8 @@ def main():
     identical = bool((df.label_differences == 0).all() and (df.max_abs_difference <= a.atol).all())
     result = {**provenance({'scenario': a.scenario, 'run_dir': run_dir, 'requests_per_level': a.requests, 'levels': a.levels,
                              'endpoint': '/predict/files (multipart)', 'samples': [d['id'] for _, d in reqs],
-                             'rounds': a.rounds, 'command': ' '.join([Path(sys.executable).name, *sys.argv]), 'server': {'modes': {m: {'max_batch': b, 'processes': w} for m, (b, w) in modes.items()}, 'max_wait_ms': a.max_wait_ms,
-                                        'max_concurrency': a.max_concurrency, 'OMP_NUM_THREADS': 1},
+                             'rounds': a.rounds, 'command': ' '.join([Path(sys.executable).name, *sys.argv]), 'server': {'modes': {m: {'max_batch': b, 'processes': w, 'max_concurrency_per_process': concurrency[m]} for m, (b, w) in modes.items()},
+                                        'max_wait_ms': a.max_wait_ms, 'OMP_NUM_THREADS': 1},
                              'client': 'asyncio HTTP/1.1 in the benchmark process (one keep-alive connection per concurrent sender), same machine; multipart bodies encoded once before timing',
                              'identical_means': f'same label and every probability within {a.atol} of the no-batching answer at concurrency {lo}'}),
               'rows': df.drop(columns='first_error').to_dict('records'), 'speedup': {m: {f'c{hi}_over_c{lo}': v, 'by_round': by_round[m]} for m, v in speed.items()},

@@ -407,7 +407,9 @@ def serve(run_dir, # a run folder
           port:int=8000, # TCP port
           checkpoint:str='best', # 'best' or 'last'
           data_root=None, # the training data, when the run has no preprocessing.json
-          max_bytes:int=16 << 20, max_concurrency:int=2, max_queue:int=16, # see `create_app`
+          max_bytes:int=16 << 20, # see `create_app`
+          max_concurrency:int|None=None, # batches running at once in each process (default: 2 in one process, 1 in each of several)
+          max_queue:int=16, # see `create_app`
           log_level:str='info',
           max_batch:int=8, max_wait_ms:float=2., # see `create_app`
           workers:int=1): # server processes sharing the port, each with its own copy of the model (1: this process)
@@ -416,6 +418,7 @@ def serve(run_dir, # a run folder
     if workers > 1 and not sys.platform.startswith('linux'): raise OSError("several server processes need Linux (SO_REUSEPORT spreading connections); serve with workers=1")
     if not ipaddress.ip_address(socket.getaddrinfo(host, None)[0][4][0]).is_loopback:
         warnings.warn(f"serving on {host}: reachable from other machines; there is no authentication")
+    if max_concurrency is None: max_concurrency = 2 if workers == 1 else 1  # each of several has its share of the cores already
     args = dict(max_bytes=max_bytes, max_concurrency=max_concurrency, max_queue=max_queue, max_batch=max_batch, max_wait_ms=max_wait_ms)
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     if workers > 1 and not port: raise ValueError("several server processes need a fixed port, not 0")

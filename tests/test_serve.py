@@ -395,7 +395,7 @@ def serve_two_processes(run_dir, log:Path) -> tuple:
 
 
 def test_serve_with_two_processes_answers_from_both_and_stops_them_all(servers, tmp_path):
-    "`mmfusion serve --workers 2`: both processes answer on the one port (connections spread over them), each answer equals the Predictor's, and SIGTERM to the parent ends both"
+    "`mmfusion serve --workers 2`: both processes answer on the one port (connections spread over them), each answer equals the Predictor's, each runs one batch at a time by default, and SIGTERM to the parent ends both"
     url, p, run_dir = servers['inspection']
     log = tmp_path/'serve.log'
     proc, port, pids = serve_two_processes(run_dir, log)
@@ -408,6 +408,7 @@ def test_serve_with_two_processes_answers_from_both_and_stops_them_all(servers, 
                 return c.post('/predict/files', files={'image': (image.name, image.read_bytes(), 'image/png')}, data={'metadata': json.dumps(row), 'id': CELL}).json()
         with ThreadPoolExecutor(8) as ex: answers = list(ex.map(ask, range(16)))
         for a in answers: close(a, expected)
+        assert httpx.get(f'{base}/health', timeout=30).json()['limits']['max_concurrency'] == 1  # each has its share of the cores: one batch at a time
     finally:
         proc.terminate()
         try: proc.wait(timeout=60)
