@@ -4,23 +4,30 @@ between those best values is noise. Writes benchmarks/results/tune_bench.json.
 
 The command to run (on quiet cores: nothing else running; the time a trial takes is in each study's `wall_seconds` and `trials` in benchmarks/results/tune_bench.json):
 
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg .venv/bin/python benchmarks/tune_bench.py --trials 16 --contention "quiet: nothing else running"
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg .venv/bin/python benchmarks/tune_bench.py --trials 16 --noise-seeds 20 --contention "quiet: nothing else running"
 
 The recipe, so the two comparisons measure one thing each:
 - workers: '1 worker, no pruning' vs '2 workers, no pruning'. Without pruning every trial trains all its epochs, so the
   ratio of trials per hour is the parallel speed-up alone (with pruning on, each arm would prune other trials).
 - pruning: each pruner (median, Hyperband) vs '1 worker, no pruning', one worker each, the same seed, space and number of
   trials: the epochs trained, and the best validation value reached.
-- noise: the best values of the studies are compared by re-training each study's best values on --noise-seeds seeds no
-  trial used (identical values are trained once) and taking, per seed, the pruned study's best minus the unpruned one's:
-  the mean with its 95% interval. "Equal within noise" means the whole interval lies within +-margin (--margin; default
-  one validation sample's worth of accuracy, 1/n_valid); "different" means it excludes 0; otherwise "inconclusive". No
-  interval (fewer than 2 seeds, or the same difference on every seed) gives no verdict (null), except identical best
-  values, which are equal by construction.
+- noise: the best values of the studies, and the config's own, are re-trained on --noise-seeds seeds no trial used
+  (identical values are trained once; --noise-processes trainings at a time) and compared per seed: the pruned study's
+  best minus the unpruned one's, the mean with its 95% interval. "Equal within noise" means the whole interval lies
+  within +-margin, and the margin is the noise itself: the standard deviation over the seeds of the unpruned study's
+  best values re-trained, how far one configuration's value moves from one training to the next (--margin sets another;
+  the verdict against one validation sample's worth of accuracy, 1/n_valid, is recorded next to it). "Different" means
+  the interval excludes 0; otherwise "inconclusive". No interval (fewer than 2 seeds, or the same difference on every
+  seed) gives no verdict (null), except identical best values, which are equal by construction.
+- search vs default: the unpruned study's best values minus the config's own, per seed on the same seeds: whether the
+  search found values better than the config's (its best trial beating trial 0 in the study is selection on one seed).
 A smoke check of the script itself (the tiny in-memory data, a minute): add --smoke.
 """
-import argparse, json, os, shutil, sys, tempfile, time
+import argparse, json, multiprocessing, os, shutil, sys, tempfile, time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT/'benchmarks'))
@@ -62,21 +69,45 @@ def equal_verdict(d:dict, margin:float, same:bool) -> str|None:
     return 'different' if d['low'] > 0 or d['high'] < 0 else 'inconclusive'
 
 
-def noise(results:dict, search, seeds, out:Path, margin:float) -> dict:
-    "Each study's best values re-trained on new seeds (identical values once); per pruned study, its best minus the unpruned one's per seed"
-    trained = {}
-    for name, r in results.items():
-        key = json.dumps(r['best_params'], sort_keys=True)
-        if key not in trained: trained[key] = retrain(search, r['best_params'], seeds, out/'noise', f"best-{len(trained)}")
+def retrain_one(config, space, values:dict, seed:int, out:Path, name:str) -> float:
+    "One training of the search's config with `values` on `seed`, scored as a trial is (run in a process of its own)"
+    return retrain(prepare_search(config, space), values, [seed], out, name)[0]
+
+
+def retrain_all(a, configs:dict, seeds, out:Path) -> dict:
+    "name -> values re-trained on every seed, --noise-processes trainings at a time (each in its own process, 1 thread)"
+    jobs = {(n, s): (a.config, a.space, v, s, out, n) for n, v in configs.items() for s in seeds}
+    with ProcessPoolExecutor(a.noise_processes, mp_context=multiprocessing.get_context('spawn')) as ex:
+        done = {k: ex.submit(retrain_one, *j) for k, j in jobs.items()}
+        got = {k: f.result() for k, f in done.items()}
+    return {n: [got[(n, s)] for s in seeds] for n in configs}
+
+
+def noise(results:dict, search, seeds, out:Path, a, one_sample:float) -> dict:
+    "Each study's best values and the config's own re-trained on new seeds (identical values once); per pruned study, its best minus the unpruned one's per seed"
+    keys = {name: json.dumps(r['best_params'], sort_keys=True) for name, r in results.items()}
+    distinct = {k: json.loads(k) for k in dict.fromkeys(keys.values())}
+    named = {f"best-{i}": v for i, v in enumerate(distinct.values())}
+    trained = retrain_all(a, {**named, 'default': {}}, seeds, out/'noise')
+    by_key = {k: trained[f"best-{i}"] for i, k in enumerate(distinct)}
     sign = 1 if search.direction == 'maximize' else -1
-    ref = trained[json.dumps(results[OFF]['best_params'], sort_keys=True)]
-    res = {'seeds': list(seeds), 'margin': margin, 'retrained': {n: trained[json.dumps(r['best_params'], sort_keys=True)] for n, r in results.items()}}
+    ref = by_key[keys[OFF]]
+    spread = mean_interval(ref)
+    sd = float(pd.Series(ref).std(ddof=1)) if len(ref) > 1 else None
+    margin = a.margin if a.margin is not None else sd
+    res = {'seeds': list(seeds), 'margin': margin,
+           'margin_rule': '--margin' if a.margin is not None else "the standard deviation over the seeds of the unpruned study's best values re-trained",
+           'one_sample_margin': one_sample, 'reference_spread': {**spread, 'sd': sd},
+           'retrained': {n: by_key[k] for n, k in keys.items()}, 'default_retrained': trained['default']}
     for name, r in results.items():
         if r['pruner'] == 'none': continue
-        mine = res['retrained'][name]
-        d = mean_interval([sign * (m - o) for m, o in zip(mine, ref)])  # > 0: the pruned study's best values are better
-        same = r['best_params'] == results[OFF]['best_params']
-        res[name] = {'difference': d, 'same_best_values': same, 'verdict': equal_verdict(d, margin, same)}
+        d = mean_interval([sign * (m - o) for m, o in zip(res['retrained'][name], ref)])  # > 0: the pruned study's best values are better
+        same = keys[name] == keys[OFF]
+        res[name] = {'difference': d, 'same_best_values': same, 'verdict': equal_verdict(d, margin, same) if margin else None,
+                     'verdict_one_sample_margin': equal_verdict(d, one_sample, same)}
+    d = mean_interval([sign * (m - o) for m, o in zip(ref, trained['default'])])  # > 0: the search's best values beat the config's own
+    res['search_vs_default'] = {'compared': f"'{OFF}' best values minus the config's own, per seed", 'difference': d,
+                                'verdict': None if d['low'] is None else 'better' if d['low'] > 0 else 'worse' if d['high'] < 0 else 'not shown different'}
     return res
 
 
@@ -86,7 +117,8 @@ def main():
     p.add_argument('--trials', type=int, default=16, help='trials in every study (the same in every arm)')
     p.add_argument('--pruners', nargs='+', default=['median', 'hyperband'], choices=['median', 'hyperband'])
     p.add_argument('--noise-seeds', type=int, default=3, help='seeds the best values of each study are re-trained on (0: none)')
-    p.add_argument('--margin', type=float, default=None, help='the equivalence margin of best values (default 1/n_valid)')
+    p.add_argument('--noise-processes', type=int, default=2, help='re-trainings run at once, a process each')
+    p.add_argument('--margin', type=float, default=None, help="the equivalence margin of best values (default: the seed-to-seed standard deviation of the unpruned study's best values re-trained)")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--smoke', action='store_true', help='the tiny in-memory data (configs/smoke.yaml), to check the script (written to --out only if given)')
     p.add_argument('--out', default=None, help='the JSON (default benchmarks/results/tune_bench.json)')
@@ -100,13 +132,12 @@ def main():
     search = prepare_search(a.config, a.space)
     seeds = [search.resolved['seed'] + 1 + i for i in range(a.noise_seeds)]
     n_valid = len(build_splits({**search.resolved['data'], 'cache': False}, search.resolved['seed'])[search.valid])
-    margin = a.margin if a.margin is not None else 1 / n_valid
-    nz = noise(results, search, seeds, work, margin) if seeds else None
+    nz = noise(results, search, seeds, work, a, 1 / n_valid) if seeds else None
     one, two, off = results[OFF], results['2 workers, no pruning'], results[OFF]
     out = {**provenance({'command': ' '.join([Path(sys.executable).name, *sys.argv]), 'config': os.path.relpath(a.config, ROOT),
                          'space': a.space if isinstance(a.space, dict) else os.path.relpath(a.space, ROOT), 'trials_per_study': a.trials,
                          'seed': a.seed, 'metric': search.metric, 'direction': search.direction, 'validation_samples': n_valid,
-                         'noise_seeds': seeds, 'equivalence_margin': margin, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS')}),
+                         'noise_seeds': seeds, 'noise_processes': a.noise_processes, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS')}),
            'contention': {'note': a.contention or 'not noted', 'load_average_before': [round(x, 2) for x in load_before],
                           'load_average_after': [round(x, 2) for x in os.getloadavg()]},
            'studies': results,
@@ -127,9 +158,14 @@ def main():
         d = (pr['noise'] or {}).get('difference')
         nz_text = (f"; re-trained on {len(seeds)} new seeds, pruned best minus unpruned best {d['mean']:+.4g}"
                    + (f" (95% CI {d['low']:+.4g} to {d['high']:+.4g})" if d['low'] is not None else ' (no interval)')
-                   + f", margin +-{margin:.4g}: {pr['noise']['verdict'] or 'no verdict'}") if d else ''
+                   + f", margin +-{nz['margin']:.4g}: {pr['noise']['verdict'] or 'no verdict'}"
+                   + f" (one validation sample, +-{nz['one_sample_margin']:.4g}: {pr['noise']['verdict_one_sample_margin'] or 'no verdict'})") if d else ''
         print(f"{name}: {pr['epochs_on']} vs {pr['epochs_off']} epochs for {a.trials} trials = {pr['epochs_saved_fraction']:.0%} saved "
               f"(goal >= {pr['goal']:.0%}); best in the study {pr['best_on']:.4f} vs {pr['best_off']:.4f}{nz_text}")
+    if nz:
+        d = nz['search_vs_default']['difference']
+        print(f"search vs default: unpruned best minus the config's own, re-trained on {len(seeds)} new seeds, {d['mean']:+.4g}"
+              + (f" (95% CI {d['low']:+.4g} to {d['high']:+.4g})" if d['low'] is not None else ' (no interval)') + f": {nz['search_vs_default']['verdict'] or 'no verdict'}")
     print(f"results: {a.out}")
     shutil.rmtree(work, ignore_errors=True)
 
