@@ -7,9 +7,10 @@ trains its own 2-epoch inspection run first), then the notebook whose prose read
     HF_HUB_OFFLINE=1 PYTHONHASHSEED=0 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_load.py --scenario inspection --requests 3200 --rounds 16 --levels 1 8 --max-batch 8 --max-wait-ms 2 --workers 2
     .venv/bin/python .ci/execute_nb.py nbs/10_serve.ipynb
 
-Starts three real servers (`mmfusion serve RUN_DIR --port P --max-batch N --workers W`, bound to 127.0.0.1) as
-subprocesses: one with `--max-batch 1` (each request alone, the server before micro-batching), one batching, and one
-batching in `--workers` processes; it sends a bounded number of multipart requests (a CT image file + its metadata row,
+Starts four real servers (`mmfusion serve RUN_DIR --port P --max-batch N --workers W`, bound to 127.0.0.1) as
+subprocesses: one with `--max-batch 1` (each request alone, the server before micro-batching), one batching, one
+batching in `--workers` processes (one batch at a time in each, serve's default there), and the same with two batches
+in flight in each (one process's default: the reason it is not theirs; left out when --max-concurrency sets them all); it sends a bounded number of multipart requests (a CT image file + its metadata row,
 cycling over the inspection test cells; or every weld file) at each concurrency level from an asyncio client in this
 process, the servers taking turns (`--rounds`), so a change in the machine's load hits all alike. The client shares
 the machine's cores with the servers: on a 2-core machine it takes CPU a server would use, which the JSON records with
@@ -210,7 +211,7 @@ def main():
     ap.add_argument('--max-batch', type=int, default=8, help='the batching server\'s --max-batch (the other runs --max-batch 1)')
     ap.add_argument('--max-wait-ms', type=float, default=2.)
     ap.add_argument('--max-concurrency', type=int, default=None, help="batches (or requests) running at once in each server process (default: serve's, 2 in one process and 1 in each of several)")
-    ap.add_argument('--workers', type=int, default=2, help='processes of the third server (batching, `mmfusion serve --workers`)')
+    ap.add_argument('--workers', type=int, default=2, help='processes of the multi-process servers (batching, `mmfusion serve --workers`)')
     ap.add_argument('--atol', type=float, default=1e-6, help='largest probability difference counted as the same answer')
     ap.add_argument('--port', type=int, default=8765, help="the first server's port; the others listen on the next ones")
     ap.add_argument('--out', default=str(OUT))
@@ -223,9 +224,11 @@ def main():
                         '--set', f'runs_dir={runs}', '--set', 'training.epochs=2', '--set', 'training.tensorboard=false'], cwd=ROOT, env=env, check=True)
         run_dir = str(Path(runs)/a.scenario)
     reqs = payloads(a.scenario)
-    modes = {'one at a time': (1, 1), 'micro-batching': (a.max_batch, 1), f'micro-batching, {a.workers} processes': (a.max_batch, a.workers)}  # (max batch, processes)
+    modes = {'one at a time': (1, 1, a.max_concurrency), 'micro-batching': (a.max_batch, 1, a.max_concurrency),  # (max batch, processes, batches in flight in each)
+             f'micro-batching, {a.workers} processes': (a.max_batch, a.workers, a.max_concurrency)}
+    if a.max_concurrency is None: modes[f'micro-batching, {a.workers} processes of 2 batches'] = (a.max_batch, a.workers, 2)  # one process's default in each: why it is not theirs
     bodies = encoded(reqs)
-    servers = {m: run_server(run_dir, a.port + k, b, a.max_wait_ms, a.max_concurrency, env, w) for k, (m, (b, w)) in enumerate(modes.items())}
+    servers = {m: run_server(run_dir, a.port + k, b, a.max_wait_ms, mc, env, w) for k, (m, (b, w, mc)) in enumerate(modes.items())}
     urls = {m: f'http://{HOST}:{a.port + k}' for k, m in enumerate(modes)}
     parts, answers, rss, concurrency = {}, {}, {}, {}
     try:
@@ -248,7 +251,7 @@ def main():
     for (m, c), ps in parts.items():
         lat = [x for _, l in ps for x in l]
         q = statistics.quantiles(lat, n=20)
-        rows.append({'mode': m, 'max_batch': modes[m][0], 'processes': modes[m][1], 'concurrency': c, 'requests': sum(r['requests'] for r, _ in ps),
+        rows.append({'mode': m, 'max_batch': modes[m][0], 'processes': modes[m][1], 'max_concurrency': concurrency[m], 'concurrency': c, 'requests': sum(r['requests'] for r, _ in ps),
                      'errors': sum(r['errors'] for r, _ in ps), 'req_per_s': round(sum(r['requests'] for r, _ in ps) / sum(r['seconds'] for r, _ in ps), 2),
                      'req_per_s_by_round': [r['req_per_s'] for r, _ in ps], 'p50_ms': round(statistics.median(lat) * 1000, 1),
                      'p95_ms': round(q[18] * 1000, 1), 'first_error': next((r['first_error'] for r, _ in ps if r['first_error']), ''),
@@ -272,7 +275,7 @@ def main():
     identical = bool((df.label_differences == 0).all() and (df.max_abs_difference <= a.atol).all())
     result = {**provenance({'scenario': a.scenario, 'run_dir': run_dir, 'requests_per_level': a.requests, 'levels': a.levels,
                              'endpoint': '/predict/files (multipart)', 'samples': [d['id'] for _, d in reqs],
-                             'rounds': a.rounds, 'command': ' '.join([Path(sys.executable).name, *sys.argv]), 'server': {'modes': {m: {'max_batch': b, 'processes': w, 'max_concurrency_per_process': concurrency[m]} for m, (b, w) in modes.items()},
+                             'rounds': a.rounds, 'command': ' '.join([Path(sys.executable).name, *sys.argv]), 'server': {'modes': {m: {'max_batch': b, 'processes': w, 'max_concurrency_per_process': concurrency[m]} for m, (b, w, _) in modes.items()},
                                         'max_wait_ms': a.max_wait_ms, 'OMP_NUM_THREADS': 1},
                              'client': 'asyncio HTTP/1.1 in the benchmark process (one keep-alive connection per concurrent sender), same machine; multipart bodies encoded once before timing',
                              'identical_means': f'same label and every probability within {a.atol} of the no-batching answer at concurrency {lo}'}),

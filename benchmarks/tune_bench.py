@@ -14,9 +14,10 @@ The recipe, so the two comparisons measure one thing each:
 - noise: the best values of the studies, and the config's own, are re-trained on --noise-seeds seeds no trial used
   (identical values are trained once; --noise-processes trainings at a time) and compared per seed: the pruned study's
   best minus the unpruned one's, the mean with its 95% interval. "Equal within noise" means the whole interval lies
-  within +-margin, and the margin is the noise itself: the standard deviation over the seeds of the unpruned study's
-  best values re-trained, how far one configuration's value moves from one training to the next (--margin sets another;
-  the verdict against one validation sample's worth of accuracy, 1/n_valid, is recorded next to it). "Different" means
+  within +-margin, a margin fixed before the run: one validation sample's worth of accuracy, 1/n_valid (--margin sets
+  another). Next to it, as context, the run's own noise: the standard deviation over the seeds of the unpruned study's
+  best values re-trained (a seed also re-draws the validation split, so it is the spread a user re-running that
+  configuration sees), with the verdict that margin would give. "Different" means
   the interval excludes 0; otherwise "inconclusive". No interval (fewer than 2 seeds, or the same difference on every
   seed) gives no verdict (null), except identical best values, which are equal by construction.
 - search vs default: the unpruned study's best values minus the config's own, per seed on the same seeds: whether the
@@ -24,10 +25,12 @@ The recipe, so the two comparisons measure one thing each:
 A smoke check of the script itself (the tiny in-memory data, a minute): add --smoke.
 """
 import argparse, json, multiprocessing, os, shutil, sys, tempfile, time
+
+import torch
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import pandas as pd
+import statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT/'benchmarks'))
@@ -35,7 +38,7 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('MPLBACKEND'
 from provenance import provenance  # noqa: E402
 from mmfusion.core import write_json
 from mmfusion.config import build_splits
-from mmfusion.tune import mean_interval, prepare_search, retrain, tune
+from mmfusion.tune import difference_verdict, mean_interval, prepare_search, retrain, tune
 
 OFF = '1 worker, no pruning'
 SMOKE_SPACE = {'params': {'training.lr': {'type': 'float', 'low': 1.0e-4, 'high': 3.0e-2, 'log': True},
@@ -77,7 +80,7 @@ def retrain_one(config, space, values:dict, seed:int, out:Path, name:str) -> flo
 def retrain_all(a, configs:dict, seeds, out:Path) -> dict:
     "name -> values re-trained on every seed, --noise-processes trainings at a time (each in its own process, 1 thread)"
     jobs = {(n, s): (a.config, a.space, v, s, out, n) for n, v in configs.items() for s in seeds}
-    with ProcessPoolExecutor(a.noise_processes, mp_context=multiprocessing.get_context('spawn')) as ex:
+    with ProcessPoolExecutor(a.noise_processes, mp_context=multiprocessing.get_context('spawn'), initializer=torch.set_num_threads, initargs=(1,)) as ex:
         done = {k: ex.submit(retrain_one, *j) for k, j in jobs.items()}
         got = {k: f.result() for k, f in done.items()}
     return {n: [got[(n, s)] for s in seeds] for n in configs}
@@ -88,26 +91,25 @@ def noise(results:dict, search, seeds, out:Path, a, one_sample:float) -> dict:
     keys = {name: json.dumps(r['best_params'], sort_keys=True) for name, r in results.items()}
     distinct = {k: json.loads(k) for k in dict.fromkeys(keys.values())}
     named = {f"best-{i}": v for i, v in enumerate(distinct.values())}
-    trained = retrain_all(a, {**named, 'default': {}}, seeds, out/'noise')
+    own = results[OFF]['best_trial'] == 0  # trial 0 runs the config's own values: then the search's best is the default
+    trained = retrain_all(a, named if own else {**named, 'default': {}}, seeds, out/'noise')
     by_key = {k: trained[f"best-{i}"] for i, k in enumerate(distinct)}
     sign = 1 if search.direction == 'maximize' else -1
     ref = by_key[keys[OFF]]
-    spread = mean_interval(ref)
-    sd = float(pd.Series(ref).std(ddof=1)) if len(ref) > 1 else None
-    margin = a.margin if a.margin is not None else sd
-    res = {'seeds': list(seeds), 'margin': margin,
-           'margin_rule': '--margin' if a.margin is not None else "the standard deviation over the seeds of the unpruned study's best values re-trained",
-           'one_sample_margin': one_sample, 'reference_spread': {**spread, 'sd': sd},
-           'retrained': {n: by_key[k] for n, k in keys.items()}, 'default_retrained': trained['default']}
+    sd = statistics.stdev(ref) if len(ref) > 1 else None
+    margin = a.margin if a.margin is not None else one_sample
+    res = {'seeds': list(seeds), 'margin': margin, 'margin_rule': '--margin' if a.margin is not None else 'one validation sample (1/n_valid), fixed before the run',
+           'reference_spread': {**mean_interval(ref), 'sd': sd}, 'retrained': {n: by_key[k] for n, k in keys.items()},
+           'default_retrained': ref if own else trained['default']}
     for name, r in results.items():
         if r['pruner'] == 'none': continue
         d = mean_interval([sign * (m - o) for m, o in zip(res['retrained'][name], ref)])  # > 0: the pruned study's best values are better
         same = keys[name] == keys[OFF]
-        res[name] = {'difference': d, 'same_best_values': same, 'verdict': equal_verdict(d, margin, same) if margin else None,
-                     'verdict_one_sample_margin': equal_verdict(d, one_sample, same)}
-    d = mean_interval([sign * (m - o) for m, o in zip(ref, trained['default'])])  # > 0: the search's best values beat the config's own
-    res['search_vs_default'] = {'compared': f"'{OFF}' best values minus the config's own, per seed", 'difference': d,
-                                'verdict': None if d['low'] is None else 'better' if d['low'] > 0 else 'worse' if d['high'] < 0 else 'not shown different'}
+        res[name] = {'difference': d, 'same_best_values': same, 'verdict': equal_verdict(d, margin, same),
+                     'verdict_within_seed_sd': equal_verdict(d, sd, same) if sd is not None or same else None}
+    d = mean_interval([sign * (m - o) for m, o in zip(ref, res['default_retrained'])])  # > 0: the search's best values beat the config's own
+    res['search_vs_default'] = {'compared': f"'{OFF}' best values minus the config's own, per seed", 'difference': d, 'same_values': own,
+                                'verdict': 'the same values' if own else difference_verdict(d)}
     return res
 
 
@@ -118,7 +120,7 @@ def main():
     p.add_argument('--pruners', nargs='+', default=['median', 'hyperband'], choices=['median', 'hyperband'])
     p.add_argument('--noise-seeds', type=int, default=3, help='seeds the best values of each study are re-trained on (0: none)')
     p.add_argument('--noise-processes', type=int, default=2, help='re-trainings run at once, a process each')
-    p.add_argument('--margin', type=float, default=None, help="the equivalence margin of best values (default: the seed-to-seed standard deviation of the unpruned study's best values re-trained)")
+    p.add_argument('--margin', type=float, default=None, help='the equivalence margin of best values (default: one validation sample, 1/n_valid)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--smoke', action='store_true', help='the tiny in-memory data (configs/smoke.yaml), to check the script (written to --out only if given)')
     p.add_argument('--out', default=None, help='the JSON (default benchmarks/results/tune_bench.json)')
@@ -159,7 +161,8 @@ def main():
         nz_text = (f"; re-trained on {len(seeds)} new seeds, pruned best minus unpruned best {d['mean']:+.4g}"
                    + (f" (95% CI {d['low']:+.4g} to {d['high']:+.4g})" if d['low'] is not None else ' (no interval)')
                    + f", margin +-{nz['margin']:.4g}: {pr['noise']['verdict'] or 'no verdict'}"
-                   + f" (one validation sample, +-{nz['one_sample_margin']:.4g}: {pr['noise']['verdict_one_sample_margin'] or 'no verdict'})") if d else ''
+                   + (f" (within the seed-to-seed SD +-{nz['reference_spread']['sd']:.4g}: {pr['noise']['verdict_within_seed_sd'] or 'no verdict'})"
+                      if nz['reference_spread']['sd'] is not None else '')) if d else ''
         print(f"{name}: {pr['epochs_on']} vs {pr['epochs_off']} epochs for {a.trials} trials = {pr['epochs_saved_fraction']:.0%} saved "
               f"(goal >= {pr['goal']:.0%}); best in the study {pr['best_on']:.4f} vs {pr['best_off']:.4f}{nz_text}")
     if nz:

@@ -189,7 +189,7 @@ def _serve_arguments(v):
     v.add_argument('run_dir'); v.add_argument('--host', default='127.0.0.1', help='interface to bind (default: loopback only)')
     v.add_argument('--port', type=int, default=8000); v.add_argument('--checkpoint', default='best', choices=['best', 'last'])
     v.add_argument('--data-root', default=None, help="the training data, when the run has no preprocessing.json (default: the config's data.root)")
-    v.add_argument('--max-bytes', type=int, default=16 << 20, help='largest request accepted'); 
+    v.add_argument('--max-bytes', type=int, default=16 << 20, help='largest request accepted')
     v.add_argument('--max-concurrency', type=int, default=None, help='batches running at once in each process (default: 2 in one process, 1 in each of several)')
     v.add_argument('--max-batch', type=int, default=None, help='concurrent requests gathered into one forward (1: none; default 8)')
     v.add_argument('--max-wait-ms', type=float, default=None, help='how long a batch waits for more requests (default 2)')

@@ -24,8 +24,8 @@ __all__ = ['PARAM_TYPES', 'PARAM_FIELDS', 'SPACE_KEYS', 'HEARTBEAT', 'PRUNERS', 
            'SearchSpace', 'load_space', 'config_value', 'check_param', 'Search', 'prepare_search', 'trial_config',
            'OptunaReport', 'objective', 'best_of', 'open_storage', 'storage_name', 'fail_dead_trials', 'counted',
            'over_budget', 'run_worker', 'trial_reason', 'TrialProgress', 'trials_table', 'markdown_table',
-           'study_plots', 'write_best', 'default_values', 'TuneResult', 'mean_interval', 'retrain',
-           'compare_to_default', 'tune']
+           'study_plots', 'write_best', 'default_values', 'TuneResult', 'mean_interval', 'difference_verdict',
+           'retrain', 'compare_to_default', 'tune']
 
 # %% ../nbs/12_tune.ipynb #f81a8346
 class SpaceError(ValueError):
@@ -478,6 +478,12 @@ def mean_interval(values:Sequence[float], # one value per seed
     h = float(stats.t.ppf((1 + level) / 2, n - 1) * v.std(ddof=1) / n ** 0.5)
     return {'mean': m, 'low': m - h, 'high': m + h, 'n': n}
 
+def difference_verdict(d:Mapping, # a paired difference's `mean_interval` (> 0: better)
+                      ) -> str:
+    "'better' or 'worse' when the interval excludes 0, else 'not shown different'; without an interval, says so"
+    if d['low'] is None: return 'no interval (one seed, or the same difference on every seed)'
+    return 'better' if d['low'] > 0 else 'worse' if d['high'] < 0 else 'not shown different'
+
 def retrain(search:Search, # the checked search
             values:Mapping, # key -> value (e.g. a trial's params; {} for the config's own values)
             seeds:Sequence[int], # training seeds
@@ -498,8 +504,7 @@ def compare_to_default(res:TuneResult, # a finished search
     rows = [{'seed': seed, 'best': b, 'default': d} for seed, b, d in zip(seeds, got['best'], got['default'])]
     sign = 1 if s.direction == 'maximize' else -1
     diff = mean_interval([sign * (r['best'] - r['default']) for r in rows])  # > 0: the best trial's values are better
-    verdict = ('no interval (one seed, or the same difference on every seed)' if diff['low'] is None else
-               'better' if diff['low'] > 0 else 'worse' if diff['high'] < 0 else 'not shown different')
+    verdict = difference_verdict(diff)
     cmp = {'metric': s.metric, 'split': s.valid, 'seeds': list(seeds), 'best_params': best.params, 'runs': rows,
            'best': mean_interval([r['best'] for r in rows]), 'default': mean_interval([r['default'] for r in rows]),
            'difference': diff, 'verdict': verdict}
