@@ -402,6 +402,8 @@ def _cores() -> int:
     "CPU cores this process may run on"
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
+
+# %% ../nbs/10_serve.ipynb #44bccbe6
 def serve(run_dir, # a run folder
           host:str='127.0.0.1', # interface to bind (loopback by default)
           port:int=8000, # TCP port
