@@ -159,7 +159,10 @@ def test_search_finds_a_public_symbol_and_opens_its_page(site, browser):
         try:
             page.goto(f'{url}/index.html', wait_until='load')
             page.locator('label.md-search__icon, .md-search__input').first.click()
-            page.locator('input.md-search__input').fill('SpatialModalityAttention')
+            # Material reads the query on keyup or when its index is ready: wait for the index (slow on busy cores), then type keys
+            page.wait_for_function("() => !document.querySelector('.md-search-result__meta').textContent.includes('Initializing')",
+                                   timeout=120_000)
+            page.locator('input.md-search__input').press_sequentially('SpatialModalityAttention')
             hit = page.locator('.md-search-result__item a', has_text='SpatialModalityAttention').first
             hit.wait_for(timeout=30_000)
             ARTIFACTS.mkdir(exist_ok=True); page.screenshot(path=str(ARTIFACTS/'docs_search.png'))
