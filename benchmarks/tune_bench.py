@@ -4,7 +4,7 @@ between those best values is noise. Writes benchmarks/results/tune_bench.json.
 
 The command to run (on quiet cores: nothing else running; the time a trial takes is in each study's `wall_seconds` and `trials` in benchmarks/results/tune_bench.json):
 
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg .venv/bin/python benchmarks/tune_bench.py --trials 16 --noise-seeds 20 --contention "quiet: nothing else running"
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg .venv/bin/python benchmarks/tune_bench.py --trials 16 --noise-seeds 80 --contention "quiet: nothing else running"
 
 The recipe, so the two comparisons measure one thing each:
 - workers: '1 worker, no pruning' vs '2 workers, no pruning'. Without pruning every trial trains all its epochs, so the

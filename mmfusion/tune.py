@@ -585,6 +585,9 @@ def tune(config:str|Path|Mapping, # a YAML config of any kind the search starts 
     if failed: say(f"warning: {len(failed)} worker process(es) exited with an error (codes {failed}); the study holds what they finished")
     res = _finish(study, search, out, evaluate_best, time.perf_counter() - t0, storage, say)
     if compare_seeds: compare_to_default(res, [search.resolved['seed'] + 1 + i for i in range(compare_seeds)], verbose)
+    elif res.summary['default'] and res.summary['best']['trial'] != res.summary['default']['trial']:
+        say("the best trial beating the config's own values here is no evidence (the best of all trials, on one seed); "
+            "compare_seeds=N (--compare-seeds N) re-trains both on N new seeds")
     return res
 
 # %% ../nbs/12_tune.ipynb #a0393004

@@ -304,3 +304,17 @@ def test_compare_to_default_retrains_both_on_new_seeds_and_finds_a_planted_gain(
     assert all(r['best'] < r['default'] for r in cmp['runs'])
     assert cmp['difference']['mean'] == pytest.approx(sum(r['default'] - r['best'] for r in cmp['runs']) / 3)  # a loss: lower is better
     assert cmp['difference']['low'] > 0 and cmp['verdict'] == 'better'
+
+
+@pytest.mark.parametrize('own,other,hint', [(1.0e-6, 1.0e-2, True), (1.0e-2, 1.0e-6, False)], ids=['search-wins', 'own-wins'])
+def test_a_best_trial_beating_trial_0_is_flagged_as_no_evidence_unless_re_trained(tmp_path, capsys, own, other, hint):
+    "The best of all trials can only be at least trial 0's: when it is another trial, the summary says so and names --compare-seeds"
+    space = {'params': {'training.lr': {'choices': [own, other]}}, 'set': {**TINY, 'training.epochs': 4, 'training.lr': own}, 'metric': 'valid_loss'}
+    out = tmp_path/'study'
+    out.mkdir()
+    optuna.create_study(study_name='smoke', direction='minimize', storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out/'study.journal')))).enqueue_trial({'training.lr': other})
+    res = tune(SMOKE, space, trials=2, out=out, pruner='none', bar=False)  # trial 0: the other lr; trial 1: the config's own
+    assert res.table['default'].tolist() == [False, True]
+    assert (res.summary['best']['params'] == {'training.lr': other}) == hint  # 1e-2 lowers the loss, 1e-6 leaves it where it starts
+    assert ('no evidence' in capsys.readouterr().out) == hint
