@@ -3,11 +3,11 @@ two at once (the machine's own speed-up for two independent trainings, the most 
 `tune` itself with 1 and 2 workers over the same number of trials. Rounds alternate so that drift in the machine's
 speed reaches both. Writes benchmarks/results/two_workers_headroom.json.
 
-Why: benchmarks/tune_bench.py measures 2 workers at 1.45x-1.78x the trials per hour of 1 on this 2-core machine, from
-run to run. This says how much of the gap to 2x is the machine (two trainings at once are each slower than one alone)
+Why: benchmarks/tune_bench.py's ratio of 2 workers to 1 in trials per hour moves from run to run on a 2-core
+machine. This says how much of the gap to 2x is the machine (two trainings at once are each slower than one alone)
 and how much is tune (worker start-up, the shared journal, the last trial running alone).
 
-The command to run (on quiet cores: nothing else running), about 8 minutes:
+The command to run (on quiet cores: nothing else running; each round's seconds are in the JSON):
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 MPLBACKEND=Agg .venv/bin/python benchmarks/two_workers_headroom.py --rounds 3 --trials 4
 """
