@@ -25,12 +25,6 @@ from mmfusion.core import write_json
 from mmfusion.tune import prepare_search, retrain, tune
 
 
-def warm():
-    "Pool initializer: one thread, and the imports done before any training is timed"
-    torch.set_num_threads(1)
-    import mmfusion.tune  # noqa: F401
-
-
 def train_once(config, space, seed:int, out:Path, name:str) -> float:
     "Seconds one training of the config's own values takes in this process"
     t0 = time.perf_counter()
@@ -50,8 +44,8 @@ def main():
     work = Path(tempfile.mkdtemp(prefix='two_workers_headroom-'))
     load_before = os.getloadavg()
     rounds = []
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context('spawn'), initializer=warm) as ex:
-        for f in [ex.submit(time.sleep, 1) for _ in range(2)]: f.result()  # both processes started and warm before any timing
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context('spawn'), initializer=torch.set_num_threads, initargs=(1,)) as ex:
+        for f in [ex.submit(time.sleep, 1) for _ in range(2)]: f.result()  # both processes started (this script's imports re-run in each) before any timing
         for r in range(a.rounds):
             alone = ex.submit(train_once, a.config, a.space, 1, work, f"alone-{r}").result()
             t0 = time.perf_counter()

@@ -16,6 +16,16 @@ SPACE = {'params': {'training.lr': {'type': 'float', 'low': 3.0e-3, 'high': 3.0e
          'set': TINY, 'metric': 'valid_accuracy'}
 
 
+def queued_study(tmp_path, direction:str, *trials:dict) -> Path:
+    "A study folder whose journal already queues `trials` (params each), in order: tune runs them first"
+    out = tmp_path/'study'
+    out.mkdir()
+    study = optuna.create_study(study_name='smoke', direction=direction,
+                                storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out/'study.journal'))))
+    for params in trials: study.enqueue_trial(params)
+    return out
+
+
 def space_file(tmp_path, space=SPACE, name='space.yaml') -> Path:
     p = tmp_path/name
     p.write_text(yaml.safe_dump(space, sort_keys=False))
@@ -65,12 +75,8 @@ def test_a_config_without_validation_split_is_refused_with_the_fix(tmp_path):
 def test_failing_trials_are_recorded_with_their_reason_and_the_study_goes_on(tmp_path):
     space = {'params': {'training.lr': {'type': 'float', 'low': 1.0e-3, 'high': 1.0e+30, 'log': True},
                         'model.fusion.name': {'choices': ['concat', 'no_such_fusion']}}, 'set': TINY, 'metric': 'valid_accuracy'}
-    out = tmp_path/'study'
-    out.mkdir()
-    study = optuna.create_study(study_name='smoke', direction='maximize',
-                                storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out/'study.journal'))))
-    study.enqueue_trial({'training.lr': 1.0e+30, 'model.fusion.name': 'concat'})  # a NaN loss
-    study.enqueue_trial({'training.lr': 1.0e-2, 'model.fusion.name': 'no_such_fusion'})  # an error building the model
+    out = queued_study(tmp_path, 'maximize', {'training.lr': 1.0e+30, 'model.fusion.name': 'concat'},  # a NaN loss
+                       {'training.lr': 1.0e-2, 'model.fusion.name': 'no_such_fusion'})  # an error building the model
     res = tune(SMOKE, space, trials=3, out=out, verbose=False)  # then the config's own values (queued by tune)
     t = res.table.set_index('trial')
     assert t['state'].tolist() == ['fail', 'fail', 'complete']
@@ -207,12 +213,8 @@ def test_the_median_pruner_stops_a_planted_bad_region_and_never_a_good_trial(tmp
     "A learning rate of 1e-6 leaves the validation loss where it starts; 1e-2 lowers it every epoch: the bad trials are pruned early"
     good, bad, epochs = 1.0e-2, 1.0e-6, 6
     space = {'params': {'training.lr': {'choices': [good, bad]}}, 'set': {**TINY, 'training.epochs': epochs}, 'metric': 'valid_loss'}
-    out = tmp_path/'study'
-    out.mkdir()
-    study = optuna.create_study(study_name='smoke', direction='minimize',
-                                storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out/'study.journal'))))
     plan = [good, good, good, bad, good, bad, bad]  # 3 complete trials before the median pruner judges (its startup)
-    for lr in plan: study.enqueue_trial({'training.lr': lr})
+    out = queued_study(tmp_path, 'minimize', *({'training.lr': lr} for lr in plan))
     res = tune(SMOKE, space, trials=len(plan), out=out, pruner='median', baseline=False, verbose=False)
     t = res.table.set_index('trial')
     assert t['training.lr'].tolist() == plan
@@ -287,11 +289,7 @@ def test_compare_to_default_retrains_both_on_new_seeds_and_finds_a_planted_gain(
     "The config's own lr (1e-6) leaves the validation loss where it starts; the search's best (1e-2) lowers it on every new seed"
     good, bad = 1.0e-2, 1.0e-6
     space = {'params': {'training.lr': {'choices': [good, bad]}}, 'set': {**TINY, 'training.epochs': 4, 'training.lr': bad}, 'metric': 'valid_loss'}
-    out = tmp_path/'study'
-    out.mkdir()
-    study = optuna.create_study(study_name='smoke', direction='minimize',
-                                storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out/'study.journal'))))
-    study.enqueue_trial({'training.lr': good})
+    out = queued_study(tmp_path, 'minimize', {'training.lr': good})
     res = tune(SMOKE, space, trials=2, out=out, pruner='none', verbose=False, compare_seeds=3)  # trial 1: the config's own values
     assert res.table['default'].tolist() == [False, True] and res.summary['best']['params'] == {'training.lr': good}
     cmp = json.loads((out/'summary.json').read_text())['comparison']
@@ -310,10 +308,7 @@ def test_compare_to_default_retrains_both_on_new_seeds_and_finds_a_planted_gain(
 def test_a_best_trial_beating_trial_0_is_flagged_as_no_evidence_unless_re_trained(tmp_path, capsys, own, other, hint):
     "The best of all trials can only be at least trial 0's: when it is another trial, the summary says so and names --compare-seeds"
     space = {'params': {'training.lr': {'choices': [own, other]}}, 'set': {**TINY, 'training.epochs': 4, 'training.lr': own}, 'metric': 'valid_loss'}
-    out = tmp_path/'study'
-    out.mkdir()
-    optuna.create_study(study_name='smoke', direction='minimize', storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(out/'study.journal')))).enqueue_trial({'training.lr': other})
+    out = queued_study(tmp_path, 'minimize', {'training.lr': other})
     res = tune(SMOKE, space, trials=2, out=out, pruner='none', bar=False)  # trial 0: the other lr; trial 1: the config's own
     assert res.table['default'].tolist() == [False, True]
     assert (res.summary['best']['params'] == {'training.lr': other}) == hint  # 1e-2 lowers the loss, 1e-6 leaves it where it starts
