@@ -10,7 +10,12 @@ The recipe, so the two comparisons measure one thing each:
 - workers: '1 worker, no pruning' vs '2 workers, no pruning'. Without pruning every trial trains all its epochs, so the
   ratio of trials per hour is the parallel speed-up alone (with pruning on, each arm would prune other trials).
 - pruning: each pruner (median, Hyperband) vs '1 worker, no pruning', one worker each, the same seed, space and number of
-  trials: the epochs trained, and the best validation value reached.
+  trials: the epochs trained, and the best validation value reached. Every study draws its values at random (--sampler
+  random, the default here), so the pruned and unpruned studies try the same values trial by trial (the JSON counts
+  them: `same_values_tried`) and differ only in what the pruner stopped: the best values differ only when the pruner
+  stopped the unpruned study's best trial. TPE (tune's default) learns from the values reported, so a pruned TPE study
+  goes on to try other values than the unpruned one, and one pair of studies then compares two searches' luck as much as
+  the pruner (--sampler tpe measures that instead).
 - noise: the best values of the studies, and the config's own, are re-trained on --noise-seeds seeds no trial used
   (identical values are trained once; --noise-processes trainings at a time) and compared per seed: the pruned study's
   best minus the unpruned one's, the mean with its 95% interval. "Equal within noise" means the whole interval lies
@@ -54,14 +59,15 @@ def studies(pruners) -> dict:
 
 def run_study(name:str, kw:dict, a, out:Path) -> dict:
     t0 = time.perf_counter()
-    res = tune(a.config, a.space, trials=a.trials, out=out/name.replace(' ', '_').replace(',', ''), seed=a.seed, verbose=True, **kw)
+    res = tune(a.config, a.space, trials=a.trials, out=out/name.replace(' ', '_').replace(',', ''), seed=a.seed, sampler=a.sampler, verbose=True, **kw)
     wall = time.perf_counter() - t0
     s = res.summary
     return {'workers': kw['workers'], 'pruner': kw['pruner'], 'trials': len(res.table), 'states': s['trials'],
             'wall_seconds': round(wall, 1), 'trials_per_hour': round(len(res.table) / wall * 3600, 1), 'epochs_total': s['epochs_total'],
             'epochs_per_hour': round(s['epochs_total'] / wall * 3600, 1),
             'best_value': s['best']['value'], 'best_trial': s['best']['trial'], 'best_params': s['best']['params'],
-            'default_value': s['default']['value'] if s['default'] else None}
+            'default_value': s['default']['value'] if s['default'] else None,
+            'values_tried': [{p.key: t[p.key] for p in res.search.space.params} for t in res.table.to_dict('records')]}
 
 
 def equal_verdict(d:dict, margin:float, same:bool) -> str|None:
@@ -88,7 +94,7 @@ def retrain_all(a, configs:dict, seeds, out:Path) -> dict:
 
 def noise(results:dict, search, seeds, out:Path, a, one_sample:float) -> dict:
     "Each study's best values and the config's own re-trained on new seeds (identical values once); per pruned study, its best minus the unpruned one's per seed"
-    keys = {name: json.dumps(r['best_params'], sort_keys=True) for name, r in results.items()}
+    keys = {name: json.dumps(r['best_params'], sort_keys=True) for name, r in results.items() if r['workers'] == 1}  # the compared studies
     distinct = {k: json.loads(k) for k in dict.fromkeys(keys.values())}
     named = {f"best-{i}": v for i, v in enumerate(distinct.values())}
     own = results[OFF]['best_trial'] == 0  # trial 0 runs the config's own values: then the search's best is the default
@@ -122,6 +128,7 @@ def main():
     p.add_argument('--noise-processes', type=int, default=2, help='re-trainings run at once, a process each')
     p.add_argument('--margin', type=float, default=None, help='the equivalence margin of best values (default: one validation sample, 1/n_valid)')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--sampler', default='random', choices=['random', 'tpe'], help="every study's sampler (random: the studies try the same values)")
     p.add_argument('--smoke', action='store_true', help='the tiny in-memory data (configs/smoke.yaml), to check the script (written to --out only if given)')
     p.add_argument('--out', default=None, help='the JSON (default benchmarks/results/tune_bench.json)')
     p.add_argument('--contention', default='', help='a note on other load on the machine during the run')
@@ -138,7 +145,7 @@ def main():
     one, two, off = results[OFF], results['2 workers, no pruning'], results[OFF]
     out = {**provenance({'command': ' '.join([Path(sys.executable).name, *sys.argv]), 'config': os.path.relpath(a.config, ROOT),
                          'space': a.space if isinstance(a.space, dict) else os.path.relpath(a.space, ROOT), 'trials_per_study': a.trials,
-                         'seed': a.seed, 'metric': search.metric, 'direction': search.direction, 'validation_samples': n_valid,
+                         'seed': a.seed, 'sampler': a.sampler, 'metric': search.metric, 'direction': search.direction, 'validation_samples': n_valid,
                          'noise_seeds': seeds, 'noise_processes': a.noise_processes, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS')}),
            'contention': {'note': a.contention or 'not noted', 'load_average_before': [round(x, 2) for x in load_before],
                           'load_average_after': [round(x, 2) for x in os.getloadavg()]},
@@ -149,6 +156,7 @@ def main():
            'pruning_on_vs_off': {name: {'epochs_on': r['epochs_total'], 'epochs_off': off['epochs_total'],
                                         'epochs_saved_fraction': round(1 - r['epochs_total'] / off['epochs_total'], 3), 'goal': 0.4,
                                         'best_on': r['best_value'], 'best_off': off['best_value'],
+                                        'same_values_tried': sum(x == y for x, y in zip(r['values_tried'], off['values_tried'])),
                                         'noise': nz[name] if nz else None}
                                  for name, r in results.items() if r['pruner'] != 'none'},
            'noise': nz}
@@ -164,7 +172,7 @@ def main():
                    + (f" (within the seed-to-seed SD +-{nz['reference_spread']['sd']:.4g}: {pr['noise']['verdict_within_seed_sd'] or 'no verdict'})"
                       if nz['reference_spread']['sd'] is not None else '')) if d else ''
         print(f"{name}: {pr['epochs_on']} vs {pr['epochs_off']} epochs for {a.trials} trials = {pr['epochs_saved_fraction']:.0%} saved "
-              f"(goal >= {pr['goal']:.0%}); best in the study {pr['best_on']:.4f} vs {pr['best_off']:.4f}{nz_text}")
+              f"(goal >= {pr['goal']:.0%}); {pr['same_values_tried']} of {a.trials} trials tried the unpruned study's values; best in the study {pr['best_on']:.4f} vs {pr['best_off']:.4f}{nz_text}")
     if nz:
         d = nz['search_vs_default']['difference']
         print(f"search vs default: unpruned best minus the config's own, re-trained on {len(seeds)} new seeds, {d['mean']:+.4g}"

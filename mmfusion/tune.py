@@ -20,7 +20,7 @@ from .evaluation import write_figure
 from .runs import evaluate, train
 
 # %% auto #0
-__all__ = ['PARAM_TYPES', 'PARAM_FIELDS', 'SPACE_KEYS', 'HEARTBEAT', 'PRUNERS', 'SpaceError', 'Param', 'parse_param',
+__all__ = ['PARAM_TYPES', 'PARAM_FIELDS', 'SPACE_KEYS', 'HEARTBEAT', 'PRUNERS', 'SAMPLERS', 'SpaceError', 'Param', 'parse_param',
            'SearchSpace', 'load_space', 'config_value', 'check_param', 'Search', 'prepare_search', 'trial_config',
            'OptunaReport', 'objective', 'best_of', 'open_storage', 'storage_name', 'fail_dead_trials', 'counted',
            'over_budget', 'run_worker', 'trial_reason', 'TrialProgress', 'trials_table', 'markdown_table',
@@ -314,8 +314,10 @@ def over_budget(trial:optuna.Trial, # a trial just started (it is in the storage
 PRUNERS = {'median': lambda epochs: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, int(epochs) // 3)),
            'hyperband': lambda epochs: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(int(epochs), 1)),
            'none': lambda epochs: optuna.pruners.NopPruner()}  # name -> (epochs of a trial -> Optuna pruner)
+SAMPLERS = {'tpe': lambda seed: optuna.samplers.TPESampler(seed=seed),
+            'random': lambda seed: optuna.samplers.RandomSampler(seed=seed)}  # name -> (seed -> Optuna sampler)
 
-def run_worker(job:Mapping, # what `tune` hands each worker (plain data): config, space, study name, storage, folder, trials, timeout, pruner, seed
+def run_worker(job:Mapping, # what `tune` hands each worker (plain data): config, space, study name, storage, folder, trials, timeout, pruner, sampler, seed
                index:int=0, # this worker's number (its sampler's seed is seed + index)
                callbacks:Sequence[Callable]=(), # Optuna callbacks after each trial (the progress, in-process)
               ) -> int:
@@ -324,7 +326,7 @@ def run_worker(job:Mapping, # what `tune` hands each worker (plain data): config
     s = prepare_search(job['config'], job['space'])
     epochs = config_value(s.resolved, 'training.epochs')
     study = optuna.load_study(study_name=job['study'], storage=open_storage(job['storage'], job['dir']),
-                              sampler=optuna.samplers.TPESampler(seed=job['seed'] + index), pruner=PRUNERS[job['pruner']](epochs))
+                              sampler=SAMPLERS[job['sampler']](job['seed'] + index), pruner=PRUNERS[job['pruner']](epochs))
     t0, n = time.monotonic(), 0
     while len(counted(study.get_trials(deepcopy=False))) < job['trials']:
         if job['timeout'] is not None and time.monotonic() - t0 > job['timeout']: break
@@ -556,6 +558,7 @@ def tune(config:str|Path|Mapping, # a YAML config of any kind the search starts 
          out:str|Path|None=None, # the study folder (default: RUNS_DIR/NAME-tune)
          study_name:str|None=None, # the study's name in the storage (default: the config's name)
          pruner:str='median', # a key of `PRUNERS`: 'median', 'hyperband' or 'none'
+         sampler:str='tpe', # a key of `SAMPLERS`: 'tpe', or 'random' (the same draws whatever trials report)
          seed:int=0, # sampler seed (worker i uses seed + i)
          overrides:Sequence[str]=(), # `key=value` config overrides
          baseline:bool=True, # queue the config's own values as the first trial
@@ -566,6 +569,7 @@ def tune(config:str|Path|Mapping, # a YAML config of any kind the search starts 
     "Search hyperparameters with Optuna: each trial an ordinary run folder scored on the validation split, pruned per epoch, resumable"
     search = prepare_search(config, space, overrides)
     if pruner not in PRUNERS: raise ValueError(f"pruner must be one of {list(PRUNERS)}, got {pruner!r}")
+    if sampler not in SAMPLERS: raise ValueError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
     if trials < 1 or workers < 1: raise ValueError(f"trials and workers must be >= 1, got {trials} and {workers}")
     say = print if verbose else (lambda *a, **k: None)
     name = study_name or search.resolved['name']
@@ -578,7 +582,7 @@ def tune(config:str|Path|Mapping, # a YAML config of any kind the search starts 
         f"{search.metric} ({search.direction[:3]}) on split {search.valid!r}; {workers} worker(s); folder {out}", flush=True)
     progress = TrialProgress(trials, search.metric, search.direction, bar, say)
     progress.update(study, print_lines=False)
-    job = {'config': search.config, 'space': search.space.spec(), 'study': name, 'storage': storage, 'dir': str(out), 'trials': trials, 'timeout': timeout, 'pruner': pruner, 'seed': seed}
+    job = {'config': search.config, 'space': search.space.spec(), 'study': name, 'storage': storage, 'dir': str(out), 'trials': trials, 'timeout': timeout, 'pruner': pruner, 'sampler': sampler, 'seed': seed}
     t0 = time.perf_counter()
     try: failed = _run_workers(job, workers, progress, study)
     finally: progress.update(study); progress.close()
@@ -602,6 +606,7 @@ def _tune_arguments(p):
     p.add_argument('--out', default=None, help='the study folder (default RUNS_DIR/NAME-tune); run again to resume')
     p.add_argument('--study-name', default=None, help="the study's name in the storage (default: the config's name)")
     p.add_argument('--pruner', default='median', choices=list(PRUNERS))
+    p.add_argument('--sampler', default='tpe', choices=list(SAMPLERS), help="how trials' values are drawn (default tpe; random: the same draws whatever trials report)")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE', help='override a config value')
     p.add_argument('--compare-seeds', type=int, default=0, metavar='N',
@@ -610,5 +615,5 @@ def _tune_arguments(p):
 
 @register_command('tune', 'search hyperparameters with Optuna: every trial a run folder scored on validation; table, plots, best.yaml', _tune_arguments)
 def _tune(a):
-    tune(a.config, a.space, a.trials, a.workers, a.storage, a.timeout, a.evaluate_best, a.out, a.study_name, a.pruner, a.seed, a.overrides,
-         compare_seeds=a.compare_seeds, verbose=not a.quiet)
+    tune(a.config, a.space, a.trials, a.workers, a.storage, a.timeout, a.evaluate_best, a.out, a.study_name, a.pruner, sampler=a.sampler,
+         seed=a.seed, overrides=a.overrides, compare_seeds=a.compare_seeds, verbose=not a.quiet)

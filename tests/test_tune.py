@@ -89,6 +89,19 @@ def test_failing_trials_are_recorded_with_their_reason_and_the_study_goes_on(tmp
     for f in ('trials.csv', 'best.yaml', 'summary.json', 'plots/history.png'): assert (out/f).is_file(), f
 
 
+def test_random_sampling_tries_the_same_values_whatever_the_pruner_did(tmp_path):
+    "tune_bench's controlled comparison of pruning: with --sampler random, a pruned study tries the unpruned one's values trial by trial"
+    from mmfusion.cli import main
+    f = space_file(tmp_path)
+    unpruned = tune(SMOKE, f, trials=12, out=tmp_path/'none', pruner='none', sampler='random', verbose=False)
+    main(['tune', str(SMOKE), '--space', str(f), '--trials', '12', '--out', str(tmp_path/'hb'), '--pruner', 'hyperband', '--sampler', 'random', '--quiet'])
+    pruned = pd.read_csv(tmp_path/'hb'/'trials.csv')
+    assert (pruned.state == 'pruned').any()  # the pruner did act
+    cols = ['training.lr', 'model.head.dropout']  # TPE would differ from trial 10 on: it learns from the pruned values
+    pd.testing.assert_frame_equal(pruned[cols], unpruned.table[cols].reset_index(drop=True), check_exact=False, rtol=1e-9)
+    with pytest.raises(ValueError, match=r"sampler must be one of \['tpe', 'random'\], got 'grid'"): tune(SMOKE, f, trials=1, out=tmp_path/'x', sampler='grid')
+
+
 def test_the_objective_is_the_validation_metric_and_best_yaml_is_the_users_config_with_the_best_values(tmp_path):
     res = tune(SMOKE, SPACE, trials=3, out=tmp_path/'study', pruner='none', verbose=False)
     for row in res.table.itertuples():
