@@ -66,6 +66,7 @@ def run_study(name:str, kw:dict, a, out:Path) -> dict:
             'wall_seconds': round(wall, 1), 'trials_per_hour': round(len(res.table) / wall * 3600, 1), 'epochs_total': s['epochs_total'],
             'epochs_per_hour': round(s['epochs_total'] / wall * 3600, 1),
             'best_value': s['best']['value'], 'best_trial': s['best']['trial'], 'best_params': s['best']['params'],
+            'best_is_default': bool(s['default']) and s['best']['trial'] == s['default']['trial'],
             'default_value': s['default']['value'] if s['default'] else None,
             'values_tried': [{p.key: t[p.key] for p in res.search.space.params} for t in res.table.to_dict('records')]}
 
@@ -94,19 +95,19 @@ def retrain_all(a, configs:dict, seeds, out:Path) -> dict:
 
 def noise(results:dict, search, seeds, out:Path, a, one_sample:float) -> dict:
     "Each study's best values and the config's own re-trained on new seeds (identical values once); per pruned study, its best minus the unpruned one's per seed"
-    keys = {name: json.dumps(r['best_params'], sort_keys=True) for name, r in results.items() if r['workers'] == 1}  # the compared studies
-    distinct = {k: json.loads(k) for k in dict.fromkeys(keys.values())}
-    named = {f"best-{i}": v for i, v in enumerate(distinct.values())}
-    own = results[OFF]['best_trial'] == 0  # trial 0 runs the config's own values: then the search's best is the default
-    trained = retrain_all(a, named if own else {**named, 'default': {}}, seeds, out/'noise')
-    by_key = {k: trained[f"best-{i}"] for i, k in enumerate(distinct)}
+    keys = {name: 'default' if r['best_is_default'] else json.dumps(r['best_params'], sort_keys=True)
+            for name, r in results.items() if r['workers'] == 1}  # the compared studies; 'default': the config's own values won
+    distinct = [k for k in dict.fromkeys(keys.values()) if k != 'default']
+    trained = retrain_all(a, {**{f"best-{i}": json.loads(k) for i, k in enumerate(distinct)}, 'default': {}}, seeds, out/'noise')
+    by_key = {'default': trained['default'], **{k: trained[f"best-{i}"] for i, k in enumerate(distinct)}}
+    own = keys[OFF] == 'default'  # the search's best is the config's own values
     sign = 1 if search.direction == 'maximize' else -1
     ref = by_key[keys[OFF]]
     sd = statistics.stdev(ref) if len(ref) > 1 else None
     margin = a.margin if a.margin is not None else one_sample
     res = {'seeds': list(seeds), 'margin': margin, 'margin_rule': '--margin' if a.margin is not None else 'one validation sample (1/n_valid), fixed before the run',
            'reference_spread': {**mean_interval(ref), 'sd': sd}, 'retrained': {n: by_key[k] for n, k in keys.items()},
-           'default_retrained': ref if own else trained['default']}
+           'default_retrained': trained['default']}
     for name, r in results.items():
         if r['pruner'] == 'none': continue
         d = mean_interval([sign * (m - o) for m, o in zip(res['retrained'][name], ref)])  # > 0: the pruned study's best values are better
