@@ -16,7 +16,7 @@ The recipe, so the two comparisons measure one thing each:
   stopped the unpruned study's best trial. TPE (tune's default) learns from the values reported, so a pruned TPE study
   goes on to try other values than the unpruned one, and one pair of studies then compares two searches' luck as much as
   the pruner (--sampler tpe measures that instead).
-- noise: the best values of the studies, and the config's own, are re-trained on --noise-seeds seeds no trial used
+- noise: the one-worker studies' best values, and the config's own, are re-trained on --noise-seeds seeds no trial used
   (identical values are trained once; --noise-processes trainings at a time) and compared per seed: the pruned study's
   best minus the unpruned one's, the mean with its 95% interval. "Equal within noise" means the whole interval lies
   within +-margin, a margin fixed before the run: one validation sample's worth of accuracy, 1/n_valid (--margin sets
@@ -68,7 +68,8 @@ def run_study(name:str, kw:dict, a, out:Path) -> dict:
             'best_value': s['best']['value'], 'best_trial': s['best']['trial'], 'best_params': s['best']['params'],
             'best_is_default': bool(s['default']) and s['best']['trial'] == s['default']['trial'],
             'default_value': s['default']['value'] if s['default'] else None,
-            'values_tried': [{p.key: t[p.key] for p in res.search.space.params} for t in res.table.to_dict('records')]}
+            'values_tried': [{p.key: t[p.key] for p in res.search.space.params if t.get(p.key) is not None and t[p.key] == t[p.key]}  # NaN: inactive
+                             for t in res.table.to_dict('records')]}
 
 
 def equal_verdict(d:dict, margin:float, same:bool) -> str|None:
@@ -94,7 +95,7 @@ def retrain_all(a, configs:dict, seeds, out:Path) -> dict:
 
 
 def noise(results:dict, search, seeds, out:Path, a, one_sample:float) -> dict:
-    "Each study's best values and the config's own re-trained on new seeds (identical values once); per pruned study, its best minus the unpruned one's per seed"
+    "The one-worker studies' best values and the config's own re-trained on new seeds (identical values once); per pruned study, its best minus the unpruned one's per seed"
     keys = {name: 'default' if r['best_is_default'] else json.dumps(r['best_params'], sort_keys=True)
             for name, r in results.items() if r['workers'] == 1}  # the compared studies; 'default': the config's own values won
     distinct = [k for k in dict.fromkeys(keys.values()) if k != 'default']

@@ -97,7 +97,7 @@ def test_random_sampling_tries_the_same_values_whatever_the_pruner_did(tmp_path)
     main(['tune', str(SMOKE), '--space', str(f), '--trials', '12', '--out', str(tmp_path/'hb'), '--pruner', 'hyperband', '--sampler', 'random', '--quiet'])
     pruned = pd.read_csv(tmp_path/'hb'/'trials.csv')
     assert (pruned.state == 'pruned').any()  # the pruner did act
-    cols = ['training.lr', 'model.head.dropout']  # TPE would differ from trial 10 on: it learns from the pruned values
+    cols = ['training.lr', 'model.head.dropout']  # TPE would differ after its random start-up trials: it learns from the pruned values
     pd.testing.assert_frame_equal(pruned[cols], unpruned.table[cols].reset_index(drop=True), check_exact=False, rtol=1e-9)
     with pytest.raises(ValueError, match=r"sampler must be one of \['tpe', 'random'\], got 'grid'"): tune(SMOKE, f, trials=1, out=tmp_path/'x', sampler='grid')
 
