@@ -43,7 +43,7 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('MPLBACKEND'
 from provenance import provenance  # noqa: E402
 from mmfusion.core import write_json
 from mmfusion.config import build_splits
-from mmfusion.tune import difference_verdict, mean_interval, prepare_search, retrain, tune
+from mmfusion.tune import SAMPLERS, difference_verdict, mean_interval, prepare_search, retrain, tune
 
 OFF = '1 worker, no pruning'
 SMOKE_SPACE = {'params': {'training.lr': {'type': 'float', 'low': 1.0e-4, 'high': 3.0e-2, 'log': True},
@@ -130,7 +130,7 @@ def main():
     p.add_argument('--noise-processes', type=int, default=2, help='re-trainings run at once, a process each')
     p.add_argument('--margin', type=float, default=None, help='the equivalence margin of best values (default: one validation sample, 1/n_valid)')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--sampler', default='random', choices=['random', 'tpe'], help="every study's sampler (random: the studies try the same values)")
+    p.add_argument('--sampler', default='random', choices=list(SAMPLERS), help="every study's sampler (random: the studies try the same values)")
     p.add_argument('--smoke', action='store_true', help='the tiny in-memory data (configs/smoke.yaml), to check the script (written to --out only if given)')
     p.add_argument('--out', default=None, help='the JSON (default benchmarks/results/tune_bench.json)')
     p.add_argument('--contention', default='', help='a note on other load on the machine during the run')
