@@ -1575,4 +1575,5 @@ d = { 'settings': { 'branch': 'main',
                                'mmfusion.tune.trial_reason': ('tune.html#trial_reason', 'mmfusion/tune.py'),
                                'mmfusion.tune.trials_table': ('tune.html#trials_table', 'mmfusion/tune.py'),
                                'mmfusion.tune.tune': ('tune.html#tune', 'mmfusion/tune.py'),
+                               'mmfusion.tune.workers_starting': ('tune.html#workers_starting', 'mmfusion/tune.py'),
                                'mmfusion.tune.write_best': ('tune.html#write_best', 'mmfusion/tune.py')}}}

@@ -23,9 +23,9 @@ from .runs import evaluate, train
 __all__ = ['PARAM_TYPES', 'PARAM_FIELDS', 'SPACE_KEYS', 'HEARTBEAT', 'PRUNERS', 'SAMPLERS', 'SpaceError', 'Param', 'parse_param',
            'SearchSpace', 'load_space', 'config_value', 'check_param', 'Search', 'prepare_search', 'trial_config',
            'OptunaReport', 'objective', 'best_of', 'open_storage', 'storage_name', 'fail_dead_trials', 'counted',
-           'over_budget', 'run_worker', 'trial_reason', 'TrialProgress', 'trials_table', 'markdown_table',
-           'study_plots', 'write_best', 'default_values', 'TuneResult', 'mean_interval', 'difference_verdict',
-           'retrain', 'compare_to_default', 'tune']
+           'over_budget', 'run_worker', 'workers_starting', 'trial_reason', 'TrialProgress', 'trials_table',
+           'markdown_table', 'study_plots', 'write_best', 'default_values', 'TuneResult', 'mean_interval',
+           'difference_verdict', 'retrain', 'compare_to_default', 'tune']
 
 # %% ../nbs/12_tune.ipynb #f81a8346
 class SpaceError(ValueError):
@@ -320,6 +320,7 @@ SAMPLERS = {'tpe': lambda seed: optuna.samplers.TPESampler(seed=seed),
 def run_worker(job:Mapping, # what `tune` hands each worker (plain data): config, space, study name, storage, folder, trials, timeout, pruner, sampler, seed
                index:int=0, # this worker's number (its sampler's seed is seed + index)
                callbacks:Sequence[Callable]=(), # Optuna callbacks after each trial (the progress, in-process)
+               reserve:Callable[[], int]=lambda: 0, # how many of the trials left to keep for workers still starting (`tune`: `workers_starting`)
               ) -> int:
     "Run trials of the study until it holds `job['trials']` counted trials or `job['timeout']` seconds have passed; the trials run here"
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -328,11 +329,21 @@ def run_worker(job:Mapping, # what `tune` hands each worker (plain data): config
     study = optuna.load_study(study_name=job['study'], storage=open_storage(job['storage'], job['dir']),
                               sampler=SAMPLERS[job['sampler']](job['seed'] + index), pruner=PRUNERS[job['pruner']](epochs))
     t0, n = time.monotonic(), 0
-    while len(counted(study.get_trials(deepcopy=False))) < job['trials']:
+    while (done := len(counted(study.get_trials(deepcopy=False)))) < job['trials']:
         if job['timeout'] is not None and time.monotonic() - t0 > job['timeout']: break
+        if done >= job['trials'] - reserve(): time.sleep(0.5); continue  # the trials left are kept for the workers still starting
         study.optimize(lambda t: objective(t, s, job['dir'], job['trials']), n_trials=1, catch=(Exception,), callbacks=list(callbacks))
         n += 1
     return n
+
+# %% ../nbs/12_tune.ipynb #rsv0002
+def workers_starting(trials:Sequence, # the study's trials
+                     procs:Sequence[subprocess.Popen], # the worker processes this process started
+                    ) -> int:
+    "How many of `procs` are still running and have not yet started a trial (no trial names them as its worker)"
+    started = {t.user_attrs.get('worker') for t in trials}
+    host = socket.gethostname()
+    return sum(p.poll() is None and f"{host}:{p.pid}" not in started for p in procs)
 
 # %% ../nbs/12_tune.ipynb #ae162de1
 def trial_reason(t:optuna.trial.FrozenTrial, study:optuna.Study|None=None) -> str:
@@ -457,11 +468,11 @@ def _start(search:Search, storage, out:Path, name:str, baseline:bool) -> optuna.
     return study
 
 def _run_workers(job:Mapping, workers:int, progress:TrialProgress, study:optuna.Study) -> list:
-    "Run worker 0 in this process (the progress updates as each of its trials ends, then every second until the others are done) and the others as `python -c` processes given the job as JSON; the exit codes of those that failed"
+    "Run worker 0 in this process (keeping a trial for each other worker until it starts one; the progress updates as each of its trials ends, then every second until the others are done) and the others as `python -c` processes given the job as JSON; the exit codes of those that failed"
     code = "import json, sys; from mmfusion.tune import run_worker; run_worker(json.loads(sys.argv[1]), int(sys.argv[2]))"
     procs = [subprocess.Popen([sys.executable, '-c', code, json.dumps(job, default=str), str(i)]) for i in range(1, workers)]
     try:  # this process is already warm (torch imported, search checked): one process start fewer per study
-        run_worker(job, 0, [progress])
+        run_worker(job, 0, [progress], reserve=lambda: workers_starting(study.get_trials(deepcopy=False), procs))
         while any(p.poll() is None for p in procs): progress.update(study); time.sleep(1)
     except BaseException:
         for p in procs: p.terminate()
