@@ -231,12 +231,12 @@ def objective(trial:optuna.Trial, # the trial Optuna asks for
               budget:int|None=None, # the study's trials in all: a trial beyond it is recorded as skipped, and nothing runs
              ) -> float:
     "One trial: train a run with the trial's values and return its best validation `metric`"
+    trial.set_user_attr('worker', f"{socket.gethostname()}:{os.getpid()}")  # first: the trial names its worker from the start
     if budget is not None and over_budget(trial, budget):
         trial.set_user_attr('skipped', f"over the budget of {budget} trials: another worker took the last one first; nothing ran")
         raise RuntimeError(trial.user_attrs['skipped'])
     values = search.space.sample(trial)
     name = f"trial-{trial.number:03d}"
-    trial.set_user_attr('worker', f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr('run_dir', str(Path(study_dir)/'trials'/name))
     report = OptunaReport(trial, search.metric)
     try:
@@ -320,7 +320,7 @@ SAMPLERS = {'tpe': lambda seed: optuna.samplers.TPESampler(seed=seed),
 def run_worker(job:Mapping, # what `tune` hands each worker (plain data): config, space, study name, storage, folder, trials, timeout, pruner, sampler, seed
                index:int=0, # this worker's number (its sampler's seed is seed + index)
                callbacks:Sequence[Callable]=(), # Optuna callbacks after each trial (the progress, in-process)
-               reserve:Callable[[], int]=lambda: 0, # how many of the trials left to keep for workers still starting (`tune`: `workers_starting`)
+               reserve:Callable[[], int]|None=None, # how many of the trials left to keep for workers still starting (`tune`: `workers_starting`)
               ) -> int:
     "Run trials of the study until it holds `job['trials']` counted trials or `job['timeout']` seconds have passed; the trials run here"
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -329,9 +329,11 @@ def run_worker(job:Mapping, # what `tune` hands each worker (plain data): config
     study = optuna.load_study(study_name=job['study'], storage=open_storage(job['storage'], job['dir']),
                               sampler=SAMPLERS[job['sampler']](job['seed'] + index), pruner=PRUNERS[job['pruner']](epochs))
     t0, n = time.monotonic(), 0
-    while (done := len(counted(study.get_trials(deepcopy=False)))) < job['trials']:
+    while True:
+        kept = reserve() if reserve else 0  # read before counting: a worker that starts a trial in between is counted and still kept for (one wait too many, never a trial too many)
+        if (done := len(counted(study.get_trials(deepcopy=False)))) >= job['trials']: break
         if job['timeout'] is not None and time.monotonic() - t0 > job['timeout']: break
-        if done >= job['trials'] - reserve(): time.sleep(0.5); continue  # the trials left are kept for the workers still starting
+        if done >= job['trials'] - kept: time.sleep(0.5); continue  # the trials left are kept for the workers still starting
         study.optimize(lambda t: objective(t, s, job['dir'], job['trials']), n_trials=1, catch=(Exception,), callbacks=list(callbacks))
         n += 1
     return n
@@ -472,7 +474,10 @@ def _run_workers(job:Mapping, workers:int, progress:TrialProgress, study:optuna.
     code = "import json, sys; from mmfusion.tune import run_worker; run_worker(json.loads(sys.argv[1]), int(sys.argv[2]))"
     procs = [subprocess.Popen([sys.executable, '-c', code, json.dumps(job, default=str), str(i)]) for i in range(1, workers)]
     try:  # this process is already warm (torch imported, search checked): one process start fewer per study
-        run_worker(job, 0, [progress], reserve=lambda: workers_starting(study.get_trials(deepcopy=False), procs))
+        def keep():  # while worker 0 waits, the others' trials are printed too
+            progress.update(study)
+            return workers_starting(study.get_trials(deepcopy=False), procs)
+        run_worker(job, 0, [progress], reserve=keep if procs else None)
         while any(p.poll() is None for p in procs): progress.update(study); time.sleep(1)
     except BaseException:
         for p in procs: p.terminate()

@@ -207,6 +207,23 @@ def test_two_workers_on_the_journal_file_run_exactly_the_budget(tmp_path):
     assert len({t.user_attrs['worker'] for t in ran}) == 2  # the second worker ran trials too, however fast the first was
 
 
+def test_worker_0_waits_rather_than_take_a_trial_kept_for_a_starting_worker(tmp_path):
+    "With one trial kept, run_worker runs until one is left, waits while it is kept, and takes it once nothing is kept"
+    from mmfusion.tune import counted, open_storage, run_worker
+    out = tmp_path/'study'
+    tune(SMOKE, SPACE, trials=1, out=out, pruner='none', verbose=False)  # the study, with trial 0 done
+    study = optuna.load_study(study_name='smoke', storage=open_storage(None, out))
+    seen = []
+    def reserve():  # one trial kept for the first 4 looks, as for a worker that starts late
+        seen.append(len(counted(study.get_trials(deepcopy=False))))
+        return 1 if len(seen) <= 4 else 0
+    s = prepare_search(SMOKE, SPACE)
+    job = {'config': s.config, 'space': s.space.spec(), 'study': 'smoke', 'storage': None, 'dir': str(out), 'trials': 3,
+           'timeout': None, 'pruner': 'none', 'sampler': 'tpe', 'seed': 0}
+    assert run_worker(job, 0, reserve=reserve) == 2
+    assert seen == [1, 2, 2, 2, 2, 3]  # ran trial 1, waited 3 looks with the last trial kept, then ran it
+
+
 def test_a_trial_started_beyond_the_budget_runs_nothing(tmp_path):
     "Two workers both saw room for the last trial: the one that started second is skipped, trains nothing and is not counted"
     from mmfusion.tune import objective, open_storage
